@@ -1,0 +1,92 @@
+"""Which implementation runs each quantized op: the PyTorch reference or the CUDA kernel.
+
+The choice is made once, up front, for a whole model (``select_backend``), recorded, and printed by
+the tools. A kernel backend is only created when quamba-kernels can run; asking for it otherwise
+raises. Ops without a kernel yet (the INT8 GEMMs) run their exact reference on the same device and
+say so in ``implementations()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quamba_layers import reference_ops as ops
+
+
+class Backend:
+    """The reference backend: every op is its ``reference_ops`` definition."""
+
+    name = "reference"
+
+    def implementations(self) -> dict[str, str]:
+        ref = "reference (PyTorch)"
+        return {
+            "rmsnorm": ref,
+            "gemm": ref,
+            "conv1d": ref,
+            "ssm_int8": ref,
+            "ssm_sim": ref,
+            "hadamard": ref,
+        }
+
+    def rmsnorm(self, x, residual, weight, eps, out_scale, rounding):
+        return ops.rmsnorm(x, residual, weight, eps, out_scale, rounding)
+
+    def w8a8_linear(self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16):
+        return ops.w8a8_linear(x_q, w_q, s_x, s_w, s_out, rounding, out_dtype)
+
+    def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
+        return ops.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding)
+
+    def selective_scan_int8(self, *args, state_rounding="half_away"):
+        """INT8 inputs -> (y float16 (B, L, E), INT8 state snapshot (B, E, N))."""
+        return ops.selective_scan_int8(*args, state_rounding=state_rounding)
+
+    def selective_scan_sim(self, *args):
+        return ops.selective_scan(*args)
+
+    def hadamard(self, x, scale, out_scale, rounding):
+        return ops.hadamard(x, scale, out_scale, rounding)
+
+
+_REFERENCE = Backend()
+
+
+def reference_backend() -> Backend:
+    return _REFERENCE
+
+
+def kernels_status() -> tuple[bool, str]:
+    """(usable, reason) for quamba-kernels on this machine."""
+    try:
+        import quamba_kernels
+    except ImportError:
+        return False, "quamba-kernels is not installed (pip install 'quamba-layers[kernels]')"
+    return quamba_kernels.available()
+
+
+def select_backend(device: torch.device | str, prefer: str = "auto") -> Backend:
+    """The backend for a model on ``device``.
+
+    prefer: "auto" (kernels on CUDA when usable, else the reference), "reference", or "kernel"
+    (fails with the reason when the kernels cannot run).
+    """
+    device = torch.device(device)
+    if prefer not in {"auto", "reference", "kernel"}:
+        raise ValueError(f"backend must be 'auto', 'reference' or 'kernel', got {prefer!r}")
+    if prefer == "reference":
+        return reference_backend()
+    usable, reason = kernels_status()
+    if device.type != "cuda":
+        if prefer == "kernel":
+            raise RuntimeError(
+                f"kernel backend requested for a model on {device}: kernels need CUDA"
+            )
+        return reference_backend()
+    if not usable:
+        if prefer == "kernel":
+            raise RuntimeError(f"kernel backend requested but unavailable: {reason}")
+        return reference_backend()
+    from quamba_layers.quant.kernel_backend import KernelBackend
+
+    return KernelBackend()

@@ -1,0 +1,525 @@
+"""The W8A8 Mamba-1 model (Quamba1) whose every quantized op is a call into ``reference_ops``
+(or, on CUDA with quamba-kernels, the kernel of the same semantics).
+
+Tensor data attributes (all buffers, saved in checkpoints):
+- int8 weights in (out_features, in_features) layout: ``in_proj_weight`` (2E, D), ``x_proj_weight``
+  (R+2N, E), ``dt_proj_weight`` (E, R), ``out_proj_weight`` (D, E); ``conv_weight`` (E, K),
+  ``conv_bias`` (E); ``A_log`` (E, N), ``D`` (E), ``dt_bias`` (E);
+- float32 0-d scales: weight scales ``s_w_in, s_w_x, s_w_dt, s_w_out, s_w_conv, s_b_conv, s_A, s_D,
+  s_dtb`` and activation scales ``s_in`` (norm out), ``s_xz`` (in_proj out), ``s_u`` (conv out),
+  ``s_xo`` (x_proj out), ``s_dt`` (dt_proj out), ``s_had`` (Hadamard out), ``s_h`` (SSM state).
+Activations between in_proj and the scan are sequence-last (B, E, L).
+
+What each stage does is set by a :class:`~quamba_layers.datapath.Datapath` (the precision mode);
+the layers never look at mode names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quamba_layers import reference_ops as ops
+from quamba_layers.datapath import Datapath
+from quamba_layers.quant.backends import Backend, reference_backend
+
+SCALE_NAMES = (
+    "s_in",
+    "s_xz",
+    "s_u",
+    "s_xo",
+    "s_dt",
+    "s_had",
+    "s_h",
+    "s_w_in",
+    "s_w_x",
+    "s_w_dt",
+    "s_w_out",
+    "s_w_conv",
+    "s_b_conv",
+    "s_A",
+    "s_D",
+    "s_dtb",
+)
+
+
+@dataclass(frozen=True)
+class QuantizedConfig:
+    """Shape and structure of a W8A8 model (the float model's config plus quantization facts)."""
+
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    padded_vocab_size: int
+    d_inner: int
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    rms_norm_eps: float
+    online_hadamard: bool
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "d_model": self.d_model,
+            "n_layer": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "d_inner": self.d_inner,
+            "d_state": self.d_state,
+            "d_conv": self.d_conv,
+            "dt_rank": self.dt_rank,
+            "rms_norm_eps": self.rms_norm_eps,
+            "online_hadamard": self.online_hadamard,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantizedConfig:
+        keys = cls.__dataclass_fields__.keys() - {"extra"}
+        missing = sorted(k for k in keys if k not in data)
+        if missing:
+            raise ValueError(f"quantized model config lacks {missing}")
+        return cls(**{k: data[k] for k in keys})
+
+
+# Upstream Quamba1 (mode 0): INT8 conv output and INT8 scan. quamba_modes sets the others.
+DEFAULT_DATAPATH = Datapath(conv_output="int8", ssm_input="int8", ssm_impl="kernel_int8")
+
+
+def _scale_buffer() -> torch.Tensor:
+    # Placeholder until calibration or a checkpoint fills it; NaN makes a forgotten scale fail loudly.
+    return torch.tensor(float("nan"), dtype=torch.float32)
+
+
+class W8A8Mixer(nn.Module):
+    """Quantized Mamba-1 mixer: int8 in (B, L, D), float16 out (B, L, D)."""
+
+    def __init__(self, cfg: QuantizedConfig) -> None:
+        super().__init__()
+        e, d, n, r, k = cfg.d_inner, cfg.d_model, cfg.d_state, cfg.dt_rank, cfg.d_conv
+        self.cfg = cfg
+        i8 = torch.int8
+        self.register_buffer("in_proj_weight", torch.zeros(2 * e, d, dtype=i8))
+        self.register_buffer("conv_weight", torch.zeros(e, k, dtype=i8))
+        self.register_buffer("conv_bias", torch.zeros(e, dtype=i8))
+        self.register_buffer("x_proj_weight", torch.zeros(r + 2 * n, e, dtype=i8))
+        self.register_buffer("dt_proj_weight", torch.zeros(e, r, dtype=i8))
+        self.register_buffer("A_log", torch.zeros(e, n, dtype=i8))
+        self.register_buffer("D", torch.zeros(e, dtype=i8))
+        self.register_buffer("dt_bias", torch.zeros(e, dtype=i8))
+        self.register_buffer("out_proj_weight", torch.zeros(d, e, dtype=i8))
+        for name in SCALE_NAMES:
+            self.register_buffer(name, _scale_buffer())
+        self.datapath = DEFAULT_DATAPATH
+        self.backend: Backend = reference_backend()
+        self._scales: dict[str, float] | None = None
+        self.probe = None  # callable(stage_name, tensor) set by stage probes
+        self.capture_state = False  # prefill for decoding: keep the final conv/SSM state
+        self.last_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- scales -------------------------------------------------------------------------------
+    def scales(self) -> dict[str, float]:
+        """Scales as Python floats (exact float32 values), validated once and cached."""
+        if self._scales is None:
+            values = {name: float(getattr(self, name)) for name in SCALE_NAMES}
+            bad = {k: v for k, v in values.items() if not (v > 0.0 and math.isfinite(v))}
+            if bad:
+                raise ValueError(
+                    "invalid quantization scales (each must be finite and > 0): "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+                )
+            self._scales = values
+        return self._scales
+
+    def invalidate_scales(self) -> None:
+        self._scales = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._scales = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _probe(self, stage: str, value: torch.Tensor) -> None:
+        if self.probe is not None:
+            self.probe(stage, value)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x_q: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.scales()
+        dp = self.datapath
+        rnd = dp.rounding
+        e = self.cfg.d_inner
+
+        # in_proj (INT8 GEMM) -> x, z, sequence-last
+        if dp.conv_input == "int8_static":
+            xz_q = self.backend.w8a8_linear(
+                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], s["s_xz"], rnd.gemm
+            )
+            x_q_conv = xz_q[..., :e].transpose(1, 2).contiguous()
+            z_q = xz_q[..., e:].transpose(1, 2).contiguous()
+            s_conv_in: float | torch.Tensor = s["s_xz"]
+            z = ops.dequantize(z_q, s["s_xz"]) if dp.gate == "fp32" else None
+        else:  # int8_dynamic (mode 3): FP in_proj output, per-sequence dynamic scale
+            xz = self.backend.w8a8_linear(
+                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], None, rnd.gemm, torch.float32
+            )
+            x_fp = xz[..., :e].transpose(1, 2).contiguous()
+            z = xz[..., e:].transpose(1, 2).contiguous()
+            z_q = None
+            s_conv_in = dynamic_scale_per_sequence(x_fp, seq_lens)
+            x_q_conv = quantize_per_sequence(x_fp, s_conv_in, rnd.requant)
+        self._probe("conv_in", x_q_conv)
+
+        # causal conv1d + SiLU
+        conv_args = (
+            s_conv_in,
+            self.conv_weight,
+            s["s_w_conv"],
+            self.conv_bias,
+            s["s_b_conv"],
+        )
+        if dp.conv_output == "fp32":
+            v = self.backend.conv1d_int8(x_q_conv, *conv_args, None, rnd.conv)
+            u_codes = None
+            self._probe("conv_out", v)
+        else:
+            u_codes = self.backend.conv1d_int8(x_q_conv, *conv_args, s["s_u"], rnd.conv)
+            v = ops.dequantize(u_codes, s["s_u"]) if dp.conv_output == "fp32_grid" else None
+            self._probe("conv_out", v if v is not None else u_codes)
+
+        # x_proj input: INT8 codes (the conv's, or Q8 of the float conv output)
+        if u_codes is not None:
+            xproj_in = u_codes
+        else:
+            xproj_in = ops.quantize_int8(v, s["s_u"], rnd.requant)
+        self._probe("x_proj_in", xproj_in)
+
+        # x_proj, dt_proj (INT8 GEMMs)
+        xdbl_q = self.backend.w8a8_linear(
+            xproj_in.transpose(1, 2), self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm
+        )
+        r, n = self.cfg.dt_rank, self.cfg.d_state
+        dtr_q = xdbl_q[..., :r]
+        b_q = xdbl_q[..., r : r + n].transpose(1, 2).contiguous()
+        c_q = xdbl_q[..., r + n :].transpose(1, 2).contiguous()
+        dt_q = self.backend.w8a8_linear(
+            dtr_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm
+        )
+        dt_q = dt_q.transpose(1, 2).contiguous()
+
+        # SSM input u
+        if dp.ssm_input == "int8":
+            u_in = u_codes
+        elif dp.ssm_input == "fp32_grid":
+            u_in = v if v is not None else ops.dequantize(u_codes, s["s_u"])
+        elif dp.ssm_input == "requant_int8":
+            source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
+            u_in = ops.quantize_int8(source, s["s_u"], rnd.requant)
+        else:  # fp32 (true, unclipped)
+            u_in = v
+        self._probe("ssm_in", u_in)
+
+        y, h_last = self._scan(u_in, dt_q, b_q, c_q, z_q, z)
+        self._probe("ssm_out", y)
+        if self.capture_state:
+            self.last_state = self._prefill_state(x_q_conv, h_last, seq_lens)
+
+        # online Hadamard -> INT8, out_proj -> FP16
+        if self.cfg.online_hadamard:
+            yh_q = self.backend.hadamard(y, 1.0 / math.sqrt(e), s["s_had"], rnd.hadamard)
+        else:
+            yh_q = ops.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
+        self._probe("out_proj_in", yh_q)
+        out = self.backend.w8a8_linear(
+            yh_q, self.out_proj_weight, s["s_had"], s["s_w_out"], None, rnd.gemm, torch.float16
+        )
+        self._probe("out_proj_out", out)
+        return out
+
+    def _prefill_state(self, x_q_conv, h_last, seq_lens):
+        """INT8 decode state after a prefill: last K-1 conv input codes, Q8(h_last, s_h)."""
+        if seq_lens is not None and bool((seq_lens != x_q_conv.shape[-1]).any()):
+            raise ValueError(
+                "decoding after a padded prefill is not supported: prefill equal lengths"
+            )
+        if x_q_conv.dtype != torch.int8:
+            raise ValueError("decoding needs INT8 conv inputs")
+        k = self.cfg.d_conv
+        conv_state = torch.nn.functional.pad(x_q_conv, (k - 1, 0))[..., -(k - 1) :].contiguous()
+        if h_last.dtype == torch.int8:
+            ssm_state = h_last
+        else:
+            s_h = self.scales()["s_h"]
+            ssm_state = ops.quantize_int8(h_last, s_h, self.datapath.rounding.ssm_state)
+        return conv_state, ssm_state
+
+    @torch.no_grad()
+    def step(self, x_q_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decode token: int8 (B, D) in, float16 (B, D) out, and the new INT8 states.
+
+        The conv state holds INT8 input codes; the SSM state is INT8 on grid s_h, requantized after
+        every step (upstream's decode semantics). Prefill keeps the state in float32 instead, so
+        decode drifts slightly from prefill (see the package README).
+        """
+        s = self.scales()
+        dp = self.datapath
+        rnd = dp.rounding
+        if dp.conv_input != "int8_static" or dp.gate != "int8":
+            raise ValueError(
+                "token-by-token decoding needs static INT8 conv input and gate (modes other than 3)"
+            )
+        e, r, n = self.cfg.d_inner, self.cfg.dt_rank, self.cfg.d_state
+        xz_q = self.backend.w8a8_linear(
+            x_q_t, self.in_proj_weight, s["s_in"], s["s_w_in"], s["s_xz"], rnd.gemm
+        )
+        x_t, z_t = xz_q[:, :e].contiguous(), xz_q[:, e:].contiguous()
+        conv_out_scale = None if dp.conv_output == "fp32" else s["s_u"]
+        conv_out, conv_state = ops.conv1d_int8_update(
+            x_t, conv_state, s["s_xz"], self.conv_weight, s["s_w_conv"], self.conv_bias,
+            s["s_b_conv"], conv_out_scale, rnd.conv,
+        )  # fmt: skip
+        if conv_out.dtype == torch.int8:
+            u_codes, v = conv_out, None
+        else:
+            u_codes, v = None, conv_out
+        xproj_in = u_codes if u_codes is not None else ops.quantize_int8(v, s["s_u"], rnd.requant)
+        xdbl_q = self.backend.w8a8_linear(
+            xproj_in, self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm
+        )
+        dt_q = self.backend.w8a8_linear(
+            xdbl_q[:, :r], self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm
+        )
+        b_q, c_q = xdbl_q[:, r : r + n].contiguous(), xdbl_q[:, r + n :].contiguous()
+        if dp.ssm_input == "int8":
+            u_in = u_codes
+        elif dp.ssm_input == "fp32_grid":
+            u_in = ops.dequantize(u_codes, s["s_u"])
+        elif dp.ssm_input == "requant_int8":
+            source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
+            u_in = ops.quantize_int8(source, s["s_u"], rnd.requant)
+        else:
+            u_in = v
+        y, ssm_state = ops.selective_scan_step(
+            ssm_state, u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
+            s["s_xo"], self.D, s["s_D"], z_t, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
+            state_rounding=rnd.ssm_state,
+        )  # fmt: skip
+        if self.cfg.online_hadamard:
+            yh_q = self.backend.hadamard(y, 1.0 / math.sqrt(e), s["s_had"], rnd.hadamard)
+        else:
+            yh_q = ops.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
+        out = self.backend.w8a8_linear(
+            yh_q, self.out_proj_weight, s["s_had"], s["s_w_out"], None, rnd.gemm, torch.float16
+        )
+        return out, conv_state, ssm_state
+
+    def _scan(self, u_in, dt_q, b_q, c_q, z_q, z_fp):
+        """The selective scan in the implementation the datapath names.
+
+        Returns (y float16 (B, L, E), the final state: INT8 snapshot (kernel) or float32 h).
+        """
+        s = self.scales()
+        impl = self.datapath.ssm_impl
+        int8_inputs = u_in.dtype == torch.int8 and z_q is not None
+        if impl == "kernel_int8" and int8_inputs:
+            return self.backend.selective_scan_int8(
+                u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
+                s["s_xo"], self.D, s["s_D"], z_q, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
+                state_rounding=self.datapath.rounding.ssm_state,
+            )  # fmt: skip
+        # Reference semantics: dequantize every input in float32, then the sequential scan.
+        u = ops.dequantize(u_in, s["s_u"]) if u_in.dtype == torch.int8 else u_in
+        z = z_fp if z_fp is not None else ops.dequantize(z_q, s["s_xz"])
+        args = (
+            u,
+            ops.dequantize(dt_q, s["s_dt"]),
+            -torch.exp(ops.dequantize(self.A_log, s["s_A"])),
+            ops.dequantize(b_q, s["s_xo"]),
+            ops.dequantize(c_q, s["s_xo"]),
+            ops.dequantize(self.D, s["s_D"]),
+            z,
+            ops.dequantize(self.dt_bias, s["s_dtb"]),
+        )
+        if impl == "sim_kernel":
+            y, h_last = self.backend.selective_scan_sim(*args)
+        else:
+            y, h_last = ops.selective_scan(*args)
+        return y.to(torch.float16), h_last
+
+
+def quantize_per_sequence(x: torch.Tensor, scales: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Q8 of (B, E, L) float32 with one float32 scale per sequence (IEEE division, site rule)."""
+    quotient = x / scales[:, None, None]
+    return torch.clamp(ops.round_with(quotient, rounding), -128.0, 127.0).to(torch.int8)
+
+
+def dynamic_scale_per_sequence(x: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """max|x| / 127 over each sequence's real positions (B,) float32; 1.0 where the max is 0.
+
+    Taken per sequence (not per batch) so a result never depends on what shares the batch, and
+    only over the first ``seq_lens[b]`` positions so right padding does not change it.
+    """
+    mag = x.abs()
+    if seq_lens is not None:
+        positions = torch.arange(x.shape[-1], device=x.device)
+        mag = torch.where(positions[None, None, :] < seq_lens[:, None, None].to(x.device), mag, 0.0)
+    peak = mag.amax(dim=(1, 2)).to(torch.float32)
+    scale = peak / 127.0
+    return torch.where(peak > 0, scale, torch.ones_like(scale))
+
+
+class QRMSNorm(nn.Module):
+    """Residual add + RMSNorm (weight folded into in_proj, so 1) -> INT8 with ``s_in``."""
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(d_model, dtype=torch.float32))
+
+    def forward(self, hidden, residual, s_in: float, rounding: str, backend: Backend):
+        return backend.rmsnorm(hidden, residual, self.weight, self.eps, s_in, rounding)
+
+
+class QBlock(nn.Module):
+    def __init__(self, cfg: QuantizedConfig) -> None:
+        super().__init__()
+        self.norm = QRMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mixer = W8A8Mixer(cfg)
+
+    def forward(self, hidden, residual, seq_lens=None):
+        mixer = self.mixer
+        x_q, residual = self.norm(
+            hidden, residual, mixer.scales()["s_in"], mixer.datapath.rounding.norm, mixer.backend
+        )
+        mixer._probe("norm_out", x_q)
+        return mixer(x_q, seq_lens), residual
+
+
+class QuantizedBackbone(nn.Module):
+    def __init__(self, cfg: QuantizedConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, dtype=torch.float16)
+        self.embedding.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(QBlock(cfg) for _ in range(cfg.n_layer))
+        # Final norm: FP, weight folded into lm_head (so 1), residual stream in float32.
+        self.register_buffer("norm_f_weight", torch.ones(cfg.d_model, dtype=torch.float32))
+
+
+@dataclass
+class QuantizedOutput:
+    logits: torch.Tensor
+
+
+class QuantizedMambaLM(nn.Module):
+    """Quamba1 W8A8 Mamba-1 LM: FP16 embedding and lm_head, INT8 blocks, FP32 residual stream."""
+
+    def __init__(self, cfg: QuantizedConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = QuantizedBackbone(cfg)
+        self.register_buffer(
+            "lm_head_weight", torch.zeros(cfg.padded_vocab_size, cfg.d_model, dtype=torch.float16)
+        )
+        self.provenance: dict = {}
+
+    @property
+    def mixers(self) -> list[W8A8Mixer]:
+        return [block.mixer for block in self.backbone.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight.device
+
+    def set_datapath(self, datapath: Datapath, backend: Backend | None = None) -> None:
+        """Route every layer through ``datapath`` (validated once, up front)."""
+        datapath.validate()
+        for mixer in self.mixers:
+            mixer.datapath = datapath
+            if backend is not None:
+                mixer.backend = backend
+
+    @property
+    def datapath(self) -> Datapath:
+        return self.mixers[0].datapath
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None):
+        """Token ids (B, L) -> ``.logits`` (B, L, padded vocab) float32."""
+        hidden = self.backbone.embedding(input_ids).float()
+        residual = None
+        for block in self.backbone.layers:
+            hidden, residual = block(hidden, residual, seq_lens)
+        return QuantizedOutput(logits=self._head(hidden.float() + residual))
+
+    def _head(self, residual: torch.Tensor) -> torch.Tensor:
+        normed, _ = ops.rmsnorm(
+            residual, None, self.backbone.norm_f_weight, self.cfg.rms_norm_eps, None
+        )
+        # FP16 lm_head: fp16 operands, float32 accumulation (the same on CPU and GPU).
+        return normed.to(torch.float16).float() @ self.lm_head_weight.float().t()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor):
+        """Full forward that also returns the INT8 decode state of every layer."""
+        for mixer in self.mixers:
+            mixer.capture_state = True
+        try:
+            logits = self.forward(input_ids).logits
+            state = [mixer.last_state for mixer in self.mixers]
+        finally:
+            for mixer in self.mixers:
+                mixer.capture_state = False
+                mixer.last_state = None
+        return logits, state
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, state: list):
+        """One token per sequence (B,) -> logits (B, V) and the new state (INT8 conv/SSM)."""
+        hidden = self.backbone.embedding(token_ids).float()
+        residual = None
+        new_state = []
+        for block, (conv_state, ssm_state) in zip(self.backbone.layers, state):
+            mixer = block.mixer
+            x_q, residual = block.norm(
+                hidden, residual, mixer.scales()["s_in"], mixer.datapath.rounding.norm,
+                mixer.backend,
+            )  # fmt: skip
+            hidden, conv_state, ssm_state = mixer.step(x_q, conv_state, ssm_state)
+            new_state.append((conv_state, ssm_state))
+        return self._head(hidden.float() + residual), new_state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation; deterministic for a given seed."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        logits, state = self.prefill(input_ids)
+        next_logits = logits[:, -1, : self.cfg.vocab_size]
+        tokens = [input_ids]
+        for _ in range(max_new_tokens):
+            nxt = _pick(next_logits, temperature, top_k, generator)
+            tokens.append(nxt[:, None])
+            step_logits, state = self.step(nxt, state)
+            next_logits = step_logits[:, : self.cfg.vocab_size]
+        return torch.cat(tokens, dim=1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)

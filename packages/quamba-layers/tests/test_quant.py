@@ -25,7 +25,9 @@ from quamba_layers.quant.observers import quantile_linear
 
 
 def small_model(d_model=64, n_layer=2, vocab=300, seed=0) -> MambaLM:
-    return MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab), seed=seed).eval()
+    return MambaLM(
+        MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab), seed=seed
+    ).eval()
 
 
 def calib(vocab=300, n=4, length=32, seed=1) -> CalibrationSet:
@@ -236,3 +238,16 @@ def test_generate_is_deterministic(model_and_quantized):
     assert torch.equal(greedy, qmodel.generate(prompt, 6))
     sampled = qmodel.generate(prompt, 6, temperature=1.0, top_k=20, seed=11)
     assert torch.equal(sampled, qmodel.generate(prompt, 6, temperature=1.0, top_k=20, seed=11))
+
+
+def test_head_to_toe_variant_reloads_bit_identical(tmp_path):
+    model = small_model()
+    recipe = QuantRecipe(quantize_embedding=True, quantize_lm_head=True)
+    qmodel = quantize(model, calib(), recipe, progress=False)
+    assert qmodel.cfg.embedding == "int8" and qmodel.cfg.lm_head == "int8"
+    assert qmodel.lm_head_weight.dtype == torch.int8
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    out = qmodel(x).logits
+    assert rel_err(out, model(x).logits.float()) < 0.15
+    save_quantized(qmodel, tmp_path / "h2t")
+    assert torch.equal(load_quantized(tmp_path / "h2t")(x).logits, out)

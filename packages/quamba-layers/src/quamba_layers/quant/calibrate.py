@@ -51,7 +51,10 @@ def calibrate(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[dict]:
-    """Observe every site over ``samples`` (S, L) token ids; returns per-layer observers."""
+    """Observe every site over ``samples`` (S, L) token ids.
+
+    Returns (per-layer observers, the lm_head:input observer).
+    """
     device = torch.device(device)
     f32 = torch.float32
     layers = [
@@ -63,6 +66,7 @@ def calibrate(
     h_online_t = rotated.online_matrix(d_inner).t().to(device, f32)
     ones = torch.ones(embedding.shape[1], device=device, dtype=f32)
     observers = make_observers(recipe, len(layers))
+    lm_head_observer = MinMaxObserver()  # lm_head:input, used when the lm_head is quantized
     iterator = tqdm(samples, desc="calibrating", unit="sample", disable=not progress)
     for ids in iterator:
         residual = embedding[ids.to(device)][None]  # (1, L, D)
@@ -96,4 +100,7 @@ def calibrate(
             y_h = y @ h_online_t
             obs["s_had"].update(y_h)
             residual = residual + y_h @ weights["out_proj"].t()
-    return observers
+        if recipe.quantize_lm_head:
+            final, _ = ops.rmsnorm(residual, None, ones, rotated.eps, None)
+            lm_head_observer.update(final)
+    return observers, lm_head_observer

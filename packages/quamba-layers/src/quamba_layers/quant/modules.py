@@ -60,7 +60,16 @@ class QuantizedConfig:
     dt_rank: int
     rms_norm_eps: float
     online_hadamard: bool
+    # Upstream's "head-to-toe" options: "fp16" (Quamba1 default) or "int8" (per-row scales for the
+    # embedding; static W8A8 with an INT8 final norm for lm_head).
+    embedding: str = "fp16"
+    lm_head: str = "fp16"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "lm_head"):
+            if getattr(self, name) not in ("fp16", "int8"):
+                raise ValueError(f"{name} must be 'fp16' or 'int8', got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -74,11 +83,14 @@ class QuantizedConfig:
             "dt_rank": self.dt_rank,
             "rms_norm_eps": self.rms_norm_eps,
             "online_hadamard": self.online_hadamard,
+            "embedding": self.embedding,
+            "lm_head": self.lm_head,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantizedConfig:
         keys = cls.__dataclass_fields__.keys() - {"extra"}
+        data = {"embedding": "fp16", "lm_head": "fp16", **data}
         missing = sorted(k for k in keys if k not in data)
         if missing:
             raise ValueError(f"quantized model config lacks {missing}")
@@ -400,11 +412,23 @@ class QBlock(nn.Module):
 class QuantizedBackbone(nn.Module):
     def __init__(self, cfg: QuantizedConfig) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, dtype=torch.float16)
-        self.embedding.weight.requires_grad_(False)
+        v, d = cfg.padded_vocab_size, cfg.d_model
+        if cfg.embedding == "fp16":
+            self.register_buffer("embedding_weight", torch.zeros(v, d, dtype=torch.float16))
+        else:  # W8O16: int8 rows, one float16 scale per row
+            self.register_buffer("embedding_weight", torch.zeros(v, d, dtype=torch.int8))
+            self.register_buffer("embedding_scales", torch.ones(v, dtype=torch.float16))
         self.layers = nn.ModuleList(QBlock(cfg) for _ in range(cfg.n_layer))
-        # Final norm: FP, weight folded into lm_head (so 1), residual stream in float32.
-        self.register_buffer("norm_f_weight", torch.ones(cfg.d_model, dtype=torch.float32))
+        # Final norm weight (folded into lm_head by our pipeline, so 1); residual stream float32.
+        self.register_buffer("norm_f_weight", torch.ones(d, dtype=torch.float32))
+        self.embedding_kind = cfg.embedding
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> float32 (B, L, D) via float16 rows (dequantized in float32 for int8)."""
+        rows = self.embedding_weight[input_ids]
+        if self.embedding_kind == "int8":
+            rows = (rows.float() * self.embedding_scales[input_ids].float()[..., None]).half()
+        return rows.float()
 
 
 @dataclass
@@ -419,9 +443,13 @@ class QuantizedMambaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = QuantizedBackbone(cfg)
-        self.register_buffer(
-            "lm_head_weight", torch.zeros(cfg.padded_vocab_size, cfg.d_model, dtype=torch.float16)
-        )
+        v, d = cfg.padded_vocab_size, cfg.d_model
+        if cfg.lm_head == "fp16":
+            self.register_buffer("lm_head_weight", torch.zeros(v, d, dtype=torch.float16))
+        else:  # W8A8B16O16: INT8 final norm (s_lm_in), INT8 weight (s_w_lm), float16 logits
+            self.register_buffer("lm_head_weight", torch.zeros(v, d, dtype=torch.int8))
+            self.register_buffer("s_lm_in", _scale_buffer())
+            self.register_buffer("s_w_lm", _scale_buffer())
         self.provenance: dict = {}
 
     @property
@@ -447,16 +475,25 @@ class QuantizedMambaLM(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None):
         """Token ids (B, L) -> ``.logits`` (B, L, padded vocab) float32."""
-        hidden = self.backbone.embedding(input_ids).float()
+        hidden = self.backbone.embed(input_ids)
         residual = None
         for block in self.backbone.layers:
             hidden, residual = block(hidden, residual, seq_lens)
         return QuantizedOutput(logits=self._head(hidden.float() + residual))
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
-        normed, _ = ops.rmsnorm(
-            residual, None, self.backbone.norm_f_weight, self.cfg.rms_norm_eps, None
-        )
+        eps, weight = self.cfg.rms_norm_eps, self.backbone.norm_f_weight
+        if self.cfg.lm_head == "int8":
+            s_in, s_w = float(self.s_lm_in), float(self.s_w_lm)
+            for name, value in (("s_lm_in", s_in), ("s_w_lm", s_w)):
+                if not (value > 0 and math.isfinite(value)):
+                    raise ValueError(f"invalid lm_head scale {name}={value} (must be finite, > 0)")
+            rounding = self.datapath.rounding
+            q, _ = ops.rmsnorm(residual, None, weight, eps, s_in, rounding.norm)
+            return ops.w8a8_linear(
+                q, self.lm_head_weight, s_in, s_w, None, rounding.gemm, torch.float16
+            ).float()
+        normed, _ = ops.rmsnorm(residual, None, weight, eps, None)
         # FP16 lm_head: fp16 operands, float32 accumulation (the same on CPU and GPU).
         return normed.to(torch.float16).float() @ self.lm_head_weight.float().t()
 
@@ -477,7 +514,7 @@ class QuantizedMambaLM(nn.Module):
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, state: list):
         """One token per sequence (B,) -> logits (B, V) and the new state (INT8 conv/SSM)."""
-        hidden = self.backbone.embedding(token_ids).float()
+        hidden = self.backbone.embed(token_ids)
         residual = None
         new_state = []
         for block, (conv_state, ssm_state) in zip(self.backbone.layers, state):

@@ -20,7 +20,14 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return ops.quantize_int8(w.to(torch.float32), scale, "half_even"), scale
 
 
-def quantized_config_for(model, hadamard: bool) -> QuantizedConfig:
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8 with float16 row scales (upstream's W8O16 embedding)."""
+    scales = (w.abs().amax(dim=1).clamp(min=MIN_BATCH_MAX) / 127.0).to(torch.float16)
+    codes = ops.round_half_even(w.float() / scales.float()[:, None]).clamp(-128, 127)
+    return codes.to(torch.int8), scales
+
+
+def quantized_config_for(model, recipe: QuantRecipe) -> QuantizedConfig:
     cfg = model.config
     return QuantizedConfig(
         d_model=cfg.d_model,
@@ -32,7 +39,9 @@ def quantized_config_for(model, hadamard: bool) -> QuantizedConfig:
         d_conv=cfg.d_conv,
         dt_rank=cfg.resolved_dt_rank,
         rms_norm_eps=cfg.rms_norm_eps,
-        online_hadamard=hadamard,
+        online_hadamard=recipe.hadamard,
+        embedding="int8" if recipe.quantize_embedding else "fp16",
+        lm_head="int8" if recipe.quantize_lm_head else "fp16",
     )
 
 
@@ -58,12 +67,26 @@ def quantize(
     if samples.shape[0] < recipe.num_samples or samples.shape[1] < recipe.seq_len:
         recipe = recipe.with_calibration(samples.shape[0], samples.shape[1])
     rotated = rotate_model(model, hadamard=recipe.hadamard)
-    observers = calibrate(rotated, samples, recipe, device=device, progress=progress)
+    observers, lm_head_observer = calibrate(
+        rotated, samples, recipe, device=device, progress=progress
+    )
 
-    qcfg = quantized_config_for(model, recipe.hadamard)
+    qcfg = quantized_config_for(model, recipe)
     qmodel = QuantizedMambaLM(qcfg)
-    qmodel.backbone.embedding.weight.copy_(rotated.embedding.to(torch.float16))
-    qmodel.lm_head_weight.copy_(rotated.lm_head.to(torch.float16))
+    backbone = qmodel.backbone
+    if recipe.quantize_embedding:
+        codes, row_scales = quantize_rows(rotated.embedding)
+        backbone.embedding_weight.copy_(codes)
+        backbone.embedding_scales.copy_(row_scales)
+    else:
+        backbone.embedding_weight.copy_(rotated.embedding.to(torch.float16))
+    if recipe.quantize_lm_head:
+        codes, scale = quantize_weight(rotated.lm_head)
+        qmodel.lm_head_weight.copy_(codes)
+        qmodel.s_w_lm.fill_(scale)
+        qmodel.s_lm_in.fill_(lm_head_observer.scale())
+    else:
+        qmodel.lm_head_weight.copy_(rotated.lm_head.to(torch.float16))
     for mixer, layer, obs in zip(qmodel.mixers, rotated.layers, observers):
         for target, source_w, scale_name in (
             ("in_proj_weight", layer.in_proj, "s_w_in"),

@@ -16,6 +16,7 @@ class QuantRecipe:
         quantiles); None = min-max everywhere.
     momentum: EMA momentum of the percentile observer.
     num_samples, seq_len: calibration set size (samples x tokens), taken in file order.
+    quantize_embedding, quantize_lm_head: upstream's head-to-toe options (off for Quamba1).
     """
 
     name: str = "quamba"
@@ -24,6 +25,8 @@ class QuantRecipe:
     momentum: float = 0.01
     num_samples: int = 512
     seq_len: int = 512
+    quantize_embedding: bool = False
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.percentile_alpha is not None and not 0.0 < self.percentile_alpha <= 1.0:

@@ -327,6 +327,15 @@ class W8A8Mixer(nn.Module):
         )
         return out, conv_state, ssm_state
 
+    def _scan_implementation(self, impl: str, int8_inputs: bool) -> str:
+        """What runs the scan, e.g. "ssm_int8: reference (PyTorch)" (recorded by stage probes)."""
+        table = self.backend.implementations()
+        if impl == "kernel_int8" and int8_inputs:
+            return f"ssm_int8: {table['ssm_int8']}"
+        if impl == "sim_kernel":
+            return f"ssm_sim: {table['ssm_sim']}"
+        return "ssm_reference: reference (PyTorch)"
+
     def _scan(self, u_in, dt_q, b_q, c_q, z_q, z_fp):
         """The selective scan in the implementation the datapath names.
 
@@ -335,6 +344,7 @@ class W8A8Mixer(nn.Module):
         s = self.scales()
         impl = self.datapath.ssm_impl
         int8_inputs = u_in.dtype == torch.int8 and z_q is not None
+        self._probe("ssm_impl", self._scan_implementation(impl, int8_inputs))
         if impl == "kernel_int8" and int8_inputs:
             return self.backend.selective_scan_int8(
                 u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,

@@ -86,9 +86,21 @@ def byte_stream(texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def sample_rows(stream: torch.Tensor, rows: int, length: int, rng: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, stream.numel() - length - 1, (rows,), generator=rng)
-    return torch.stack([stream[s : s + length + 1] for s in starts.tolist()])
+def sample_rows(
+    stream: torch.Tensor, rows: int, length: int, rng: torch.Generator, starts=None
+) -> torch.Tensor:
+    """Random windows of length+1; with ``starts``, windows begin at one of those positions."""
+    if starts is None:
+        picked = torch.randint(0, stream.numel() - length - 1, (rows,), generator=rng)
+    else:
+        picked = starts[torch.randint(0, starts.numel(), (rows,), generator=rng)]
+    return torch.stack([stream[s : s + length + 1] for s in picked.tolist()])
+
+
+def document_starts(stream: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions right after an end-of-text id (and 0) with a full window after them."""
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), (stream == EOS).nonzero()[:, 0] + 1])
+    return starts[starts < stream.numel() - length - 1]
 
 
 def batch_loss(logits: torch.Tensor, rows: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-docs", type=int, default=60000)
     parser.add_argument("--max-minutes", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="start from these weights (a saved tiny model)")
     args = parser.parse_args(argv)
 
     corpora_dir = args.data_dir / "corpora"
@@ -148,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = torch.Generator().manual_seed(args.seed)
 
     task_train = byte_stream(training_documents(args.train_docs, seed=args.seed))
+    # Task windows start at a document start, so the entity to recall is inside the window.
+    task_starts = document_starts(task_train, args.seq_len)
     task_held = byte_stream(training_documents(2000, seed=args.seed + 1000))
     corpus_train, corpus_held = [], []
     for name in CORPORA:
@@ -161,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         d_model=args.d_model, n_layer=args.n_layer, vocab_size=ByteTokenizer.vocab_size
     )
     model = MambaLM(config, seed=args.seed).to(device)
+    if args.init is not None:
+        from quamba_layers.loading import load_model
+
+        model = load_model(args.init, dtype=torch.float32).to(device)
+        print(f"initialised from {args.init}")
     vocab = config.vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: d_model={config.d_model} n_layer={config.n_layer} params={n_params / 1e6:.2f}M")
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in bar:
         rows = torch.cat(
             [
-                sample_rows(task_train, task_rows, args.seq_len, rng),
+                sample_rows(task_train, task_rows, args.seq_len, rng, task_starts),
                 sample_rows(corpus_train_stream, args.batch - task_rows, args.seq_len, rng),
             ]
         ).to(device)
@@ -232,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     save_model(model, args.out, layout="mamba_ssm", safetensors=True)
     ByteTokenizer().save(args.out)
     record = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out")},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("data_dir", "out")
+        },
         "params": n_params,
         "train_seconds": round(train_seconds, 1),
         "steps_done": log[-1]["step"] + 1,

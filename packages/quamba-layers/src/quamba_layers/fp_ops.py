@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quamba_layers import reference_ops
+
 __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
@@ -177,36 +179,19 @@ def selective_scan_ref(
     _check_shape("delta_bias", delta_bias, (channels,))
     _check_shape("initial_state", initial_state, (batch, channels, n_state))
 
-    u32 = u.float()
-    delta32 = delta.float()
-    if delta_bias is not None:
-        delta32 = delta32 + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta32 = softplus_ref(delta32)
-    A32 = A.float()
-    B32 = B.float()
-    C32 = C.float()
-
-    if initial_state is None:
-        h = u32.new_zeros(batch, channels, n_state)
-    else:
-        h = initial_state.float()
-    outputs = []
-    for t in range(length):
-        delta_t = delta32[:, :, t, None]  # (B, E, 1)
-        dA = torch.exp(delta_t * A32)
-        dBu = (delta_t * B32[:, None, :, t]) * u32[:, :, t, None]
-        h = dA * h + dBu
-        outputs.append(pairwise_sum_last(h * C32[:, None, :, t]))
-    if outputs:
-        y = torch.stack(outputs, dim=-1)  # (B, E, L)
-    else:
-        y = u32.new_zeros(batch, channels, 0)
-    if D is not None:
-        y = y + u32 * D.float()[:, None]
-    if z is not None:
-        y = y * silu_ref(z.float())
-    y = y.transpose(1, 2).contiguous()
+    # The same sequential algorithm as the quantized reference (one implementation of the scan).
+    y, h = reference_ops.selective_scan(
+        u.float().contiguous(),
+        delta.float().contiguous(),
+        A.float(),
+        B.float().contiguous(),
+        C.float().contiguous(),
+        None if D is None else D.float(),
+        None if z is None else z.float().contiguous(),
+        None if delta_bias is None else delta_bias.float(),
+        initial_state=None if initial_state is None else initial_state.float(),
+        delta_softplus=delta_softplus,
+    )
     if return_last_state:
         return y, h
     return y

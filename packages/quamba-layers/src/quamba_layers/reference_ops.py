@@ -271,6 +271,18 @@ def rmsnorm(
     return y, r
 
 
+# |partial sums| <= K * 128 * 128; float32 holds every integer below 2^24 exactly.
+_FLOAT32_EXACT_K = (1 << 24) // (128 * 128)
+
+
+def exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``x_q @ w_q^T`` of int8 operands, exactly: float32 when K*128*128 <= 2^24 (every partial
+    sum is an exactly representable integer, whatever the summation order), else float64."""
+    if w_q.shape[1] <= _FLOAT32_EXACT_K:
+        return torch.matmul(x_q.float(), w_q.float().t())
+    return torch.matmul(x_q.double(), w_q.double().t())
+
+
 def w8a8_linear(
     x_q: torch.Tensor,
     w_q: torch.Tensor,
@@ -306,7 +318,7 @@ def w8a8_linear(
     if s_out is None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float16, float32 or bfloat16, got {out_dtype}")
 
-    acc = torch.matmul(x_q.double(), w_q.double().t())
+    acc = exact_int8_matmul(x_q, w_q)
     v = acc.float() * _f32(scale, x_q.device)
     if s_out is not None:
         return _q8(v, _f32(s_out, x_q.device), rule)
@@ -459,6 +471,10 @@ def conv1d_int8_update(
 # --------------------------------------------------------------------------------------------
 
 
+# Time steps per chunk of the scan: bounded so a chunk's (T, B, E, N) buffers stay ~64 MiB.
+_SCAN_CHUNK_ELEMENTS = 1 << 24
+
+
 def _softplus(delta: torch.Tensor) -> torch.Tensor:
     """``log1p(exp(delta))`` where ``delta <= 20``, else ``delta`` (float32)."""
     # exp overflows to inf only where the branch is not taken; where() discards those values.
@@ -504,6 +520,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None,
     *,
     initial_state: torch.Tensor | None = None,
+    delta_softplus: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 selective scan, sequential in t; returns ``(y (B, L, E), h_last (B, E, N))``.
 
@@ -525,7 +542,8 @@ def selective_scan(
     n = A.shape[1]
 
     delta = delta_raw + delta_bias[:, None] if delta_bias is not None else delta_raw
-    delta = _softplus(delta)
+    if delta_softplus:  # False only for the plain (non-Mamba) scan semantics of fp_ops
+        delta = _softplus(delta)
     # Time-major copies so that every step reads contiguous (B, E) / (B, N) slices.
     delta_tm = delta.permute(2, 0, 1).contiguous()
     u_tm = u.permute(2, 0, 1).contiguous()
@@ -536,14 +554,21 @@ def selective_scan(
         h = torch.zeros(batch, e, n, dtype=torch.float32, device=u.device)
     else:
         h = initial_state.clone()
+    # Elementwise work is done for a chunk of time steps at once (the same float32 operations on
+    # the same values, so the same bits); only the recurrence itself runs step by step.
+    chunk = max(1, min(length, _SCAN_CHUNK_ELEMENTS // max(1, batch * e * n)))
     ys = []
-    for t in range(length):
-        delta_t = delta_tm[t][..., None]
-        d_a = torch.exp(delta_t * A)
-        d_bu = (delta_t * b_tm[t][:, None, :]) * u_tm[t][..., None]
-        h = d_a * h + d_bu
-        ys.append(pairwise_sum(h * c_tm[t][:, None, :]))
-    y = torch.stack(ys, dim=1) if ys else u.new_zeros(batch, 0, e)  # (B, L, E)
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        delta_c = delta_tm[start:stop][..., None]  # (T, B, E, 1)
+        d_a = torch.exp(delta_c * A)
+        d_bu = (delta_c * b_tm[start:stop][:, :, None, :]) * u_tm[start:stop][..., None]
+        states = torch.empty_like(d_a)
+        for i in range(stop - start):
+            h = d_a[i] * h + d_bu[i]
+            states[i] = h
+        ys.append(pairwise_sum(states * c_tm[start:stop][:, :, None, :]))  # (T, B, E)
+    y = torch.cat(ys).permute(1, 0, 2) if ys else u.new_zeros(batch, 0, e)  # (B, L, E)
 
     u_le = u.transpose(1, 2)
     if D is not None:

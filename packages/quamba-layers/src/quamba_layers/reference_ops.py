@@ -471,8 +471,8 @@ def conv1d_int8_update(
 # --------------------------------------------------------------------------------------------
 
 
-# Time steps per chunk of the scan: bounded so a chunk's (T, B, E, N) buffers stay ~64 MiB.
-_SCAN_CHUNK_ELEMENTS = 1 << 24
+# Time steps per chunk of the scan: a chunk's (T, B, E, N) buffers stay ~16 MiB (cache-sized).
+_SCAN_CHUNK_ELEMENTS = 1 << 22
 
 
 def _softplus(delta: torch.Tensor) -> torch.Tensor:
@@ -565,8 +565,9 @@ def selective_scan(
         d_bu = (delta_c * b_tm[start:stop][:, :, None, :]) * u_tm[start:stop][..., None]
         states = torch.empty_like(d_a)
         for i in range(stop - start):
-            h = d_a[i] * h + d_bu[i]
-            states[i] = h
+            # h = dA * h + dBu, written in place: the product is rounded, then the sum.
+            torch.mul(d_a[i], h, out=states[i])
+            h = states[i].add_(d_bu[i])
         ys.append(pairwise_sum(states * c_tm[start:stop][:, :, None, :]))  # (T, B, E)
     y = torch.cat(ys).permute(1, 0, 2) if ys else u.new_zeros(batch, 0, e)  # (B, L, E)
 

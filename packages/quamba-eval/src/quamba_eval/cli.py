@@ -145,7 +145,18 @@ def _resolve_modes(args, *, include_reference: bool = True):
     from quamba_layers.quant import kernels_status, select_backend
     from quamba_modes import check_against_cli, get_mode, parse_modes, resolve_mode
 
-    name, warning = check_against_cli(args.mode, os.environ, default="0")
+    if args.mode is not None and ("," in args.mode or args.mode.strip().lower() == "all"):
+        # A list: the legacy variables may only name one of its modes.
+        listed = [m.name for m in parse_modes(args.mode)]
+        env_mode, warning = check_against_cli(None, os.environ)
+        if env_mode is not None and env_mode not in listed:
+            raise UsageError(
+                f"--mode {args.mode} does not include mode {env_mode}, which the seed-system "
+                "environment variables select; unset them or add it to --mode"
+            )
+        name = args.mode
+    else:
+        name, warning = check_against_cli(args.mode, os.environ, default="0")
     if warning:
         print(f"quamba-eval: warning: {warning}", file=sys.stderr)
     device = torch.device(args.device)
@@ -301,9 +312,7 @@ def _fidelity_texts(task_manager, tasks, n_docs: int) -> list[str]:
     """The first documents of the first task (context and target), for KL / top-1 agreement."""
     if n_docs <= 0 or not tasks:
         return []
-    from lm_eval.tasks import get_task_dict
-
-    task = get_task_dict([tasks[0]], task_manager)[tasks[0]]
+    task = task_manager.load([tasks[0]])["tasks"][tasks[0]]
     docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
     texts = []
     for doc in docs:
@@ -394,6 +403,16 @@ def _compare_windows(args, tokenizer):
 
 
 # -- quantize -------------------------------------------------------------------------------
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """Keep the tokenizer next to the checkpoint so it evaluates offline."""
+    from quamba_layers.io_utils import atomic_write
+
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(directory)
+    elif hasattr(tokenizer, "tokenizer"):  # HFTokenizer wraps tokenizers.Tokenizer
+        atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.tokenizer.save(tmp))
+
+
 def cmd_quantize(args) -> int:
     from quamba_layers.quant import save_quantized
 
@@ -403,7 +422,8 @@ def cmd_quantize(args) -> int:
     if bundle.quantized is None:
         raise UsageError(f"{args.model} is not a float checkpoint")
     out = save_quantized(bundle.quantized, args.output)
-    print(f"wrote W8A8 checkpoint {out} (recipe {args.recipe})")
+    _save_tokenizer(bundle.tokenizer, out)
+    print(f"wrote W8A8 checkpoint {out} (recipe {args.recipe}) with its tokenizer")
     return 0
 
 

@@ -5,14 +5,25 @@ The compiled module ``quamba_kernels._C`` is built with nanobind and takes tenso
 ``QUAMBA_KERNELS_BUILD=0``) or present but unusable (no GPU or driver). :func:`available` says which,
 and every wrapper raises :class:`KernelsUnavailable` with that reason instead of crashing.
 
-Every wrapper takes torch CUDA tensors, allocates nothing the caller passed in, launches on the
-current torch stream and has a pure-PyTorch reference in ``quamba_layers.reference_ops``.
+Every wrapper takes torch CUDA tensors, checks them, allocates outputs with torch (or takes them
+preallocated), launches on the current torch stream, and has a pure-PyTorch reference in
+``quamba_layers.reference_ops`` / ``quamba_layers.fp_ops``.
 """
 
 from __future__ import annotations
 
 from quamba_kernels._loader import KernelsUnavailable, available, build_info, require
+from quamba_kernels.conv1d import (
+    causal_conv1d,
+    causal_conv1d_update,
+    conv1d_int8,
+    conv1d_int8_update,
+)
+from quamba_kernels.hadamard import hadamard
 from quamba_kernels.quantize import quantize_int8
+from quamba_kernels.rmsnorm import rmsnorm
+from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
+from quamba_kernels.scan_step import selective_scan_step_int8, selective_state_update
 
 __version__ = "0.1.0"
 
@@ -21,6 +32,17 @@ __all__ = [
     "__version__",
     "available",
     "build_info",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "conv1d_int8",
+    "conv1d_int8_update",
+    "hadamard",
     "quantize_int8",
     "require",
+    "rmsnorm",
+    "selective_scan",
+    "selective_scan_int8",
+    "selective_scan_sim",
+    "selective_scan_step_int8",
+    "selective_state_update",
 ]

@@ -1,42 +1,120 @@
-"""Argument checks shared by the wrappers: clear Python errors before anything reaches the kernel."""
+"""Argument checks shared by the wrappers: clear Python errors before anything reaches the kernel.
+
+Order of the checks in every wrapper: types, dtypes, shapes, scales and options first (they need
+no GPU, so they are testable anywhere), then ``require()`` (KernelsUnavailable where the kernels
+cannot run), then the devices (every tensor on one CUDA device), then the launch.
+
+Scales follow ``quamba_layers.reference_ops``: a Python float (or a 1-element tensor), finite and
+> 0, rounded to float32 once; a product of two scales is formed in float64 and rounded once.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+import struct
 
 ROUNDING_CODES = {"half_away": 0, "half_even": 1}
 
 
 def rounding_code(rounding: str) -> int:
+    """0 for "half_away", 1 for "half_even"; ValueError for anything else."""
     try:
         return ROUNDING_CODES[rounding]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"rounding must be one of {sorted(ROUNDING_CODES)}, got {rounding!r}"
         ) from None
 
 
-def check_tensor(name: str, t, dtype, *, ndim: int | None = None) -> None:
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, t, dtypes, *, ndim: int | None = None) -> None:
+    """Type, dtype (one dtype or a tuple), contiguity and rank; the device is checked later."""
     import torch
 
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got one on {t.device}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    accepted = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if t.dtype not in accepted:
+        names = " or ".join(dtype_name(d) for d in accepted)
+        raise TypeError(f"{name} must have dtype {names}, got {dtype_name(t.dtype)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
-def check_scale(name: str, value: float) -> float:
+def check_optional(name: str, t, dtypes, *, ndim: int | None = None) -> None:
+    if t is not None:
+        check_tensor(name, t, dtypes, ndim=ndim)
+
+
+def check_shape(name: str, t, shape: tuple[int, ...], meaning: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_cuda(**tensors) -> None:
+    """Every given tensor (None skipped) is a CUDA tensor, all on one device."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor, got one on {t.device}")
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on the same CUDA device, got {where}")
+
+
+def float32_value(value: float) -> float:
+    """The float32 nearest to ``value`` (round to nearest even), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def scale64(name: str, value) -> float:
+    """A checked scale as float64: finite, > 0 and representable as a positive float32."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a single per-tensor scale (a float), "
+                f"got a tensor of shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite float > 0, got {type(value).__name__}")
     value = float(value)
-    if not (value > 0.0 and value < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be a finite float > 0 (a per-tensor scale), got {value}")
+    value32 = float32_value(value)
+    if not (math.isfinite(value32) and value32 > 0.0):
+        raise ValueError(f"{name}={value} is not representable as a positive finite float32")
     return value
 
 
+def scale32(name: str, value) -> float:
+    """A checked scale rounded to float32 (returned as the Python float of that float32)."""
+    return float32_value(scale64(name, value))
+
+
+def check_scale(name: str, value) -> float:
+    """Alias of scale32 (kept for the first wrappers)."""
+    return scale32(name, value)
+
+
 def current_stream(device) -> int:
+    """The raw handle of torch's current CUDA stream on ``device`` (an int for the binding)."""
     import torch
 
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:  # 0.1 µs instead of 4 µs for the public path
+        return raw(index)
     return torch.cuda.current_stream(device).cuda_stream

@@ -235,6 +235,15 @@ def resolve_mode(
                     "the kernel backend or use ssm_impl 'reference' (--ssm-impl reference)"
                 )
             datapath = datapath.with_ssm_impl(kernel)
+        elif (
+            ssm_impl is None
+            and datapath.ssm_impl == "reference"
+            and kernels_usable
+            and backend["ssm_sim"].startswith("kernel")
+        ):
+            # The GPU simulation scan is bit-identical to the sequential reference, so it is the
+            # same semantics at kernel speed; --ssm-impl reference forces the PyTorch loop.
+            datapath = datapath.with_ssm_impl("sim_kernel")
     except DatapathError as exc:
         raise ModeError(f"mode {mode.name}: {exc}") from None
 

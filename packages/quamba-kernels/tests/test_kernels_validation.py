@@ -1,0 +1,334 @@
+"""Argument validation of the kernel wrappers; runs anywhere (no GPU needed).
+
+Every wrapper checks types, dtypes, shapes, scales and options before it asks for the compiled
+module, so misuse raises TypeError/ValueError with a message naming the argument on any machine.
+A well-formed call on CPU tensors raises KernelsUnavailable where the kernels cannot run, and a
+ValueError asking for CUDA tensors where they can.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+import torch
+
+from quamba_kernels import KernelsUnavailable, available
+from quamba_kernels._torch import float32_value, rounding_code, scale32, scale64
+from quamba_kernels.conv1d import (
+    causal_conv1d,
+    causal_conv1d_update,
+    conv1d_int8,
+    conv1d_int8_update,
+)
+from quamba_kernels.hadamard import base_matrix, hadamard, hadamard_factors
+from quamba_kernels.quantize import quantize_int8
+from quamba_kernels.rmsnorm import rmsnorm
+from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
+from quamba_kernels.scan_step import selective_scan_step_int8, selective_state_update
+
+I8 = torch.int8
+F16 = torch.float16
+F32 = torch.float32
+
+
+def _i8(*shape):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    return torch.randint(-128, 128, shape, generator=g, dtype=I8)
+
+
+def _f(*shape, dtype=F32):
+    g = torch.Generator().manual_seed(sum(shape) + 7 * len(shape))
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _expect_unavailable_or_cuda_error(call):
+    """A well-formed call on CPU tensors: KernelsUnavailable here, or a CUDA-tensor ValueError."""
+    ok, reason = available()
+    if ok:
+        with pytest.raises(ValueError, match="CUDA tensor"):
+            call()
+    else:
+        assert reason
+        with pytest.raises(KernelsUnavailable, match=r"\w"):
+            call()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers of _torch.py
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rounding_codes():
+    assert rounding_code("half_away") == 0
+    assert rounding_code("half_even") == 1
+    for bad in ("nearest", None, 0, "HALF_AWAY"):
+        with pytest.raises(ValueError, match="rounding must be one of"):
+            rounding_code(bad)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_value_matches_torch_rounding(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.exp(torch.randn(500, generator=g, dtype=torch.float64) * 20)
+    for v in values.tolist():
+        assert float32_value(v) == float(torch.tensor(v, dtype=F32))
+        assert struct.pack("f", float32_value(v)) == struct.pack("f", float(torch.tensor(v)))
+
+
+@pytest.mark.parametrize(
+    "value,error",
+    [
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (math.inf, ValueError),
+        (math.nan, ValueError),
+        (1e-50, ValueError),  # underflows to 0 in float32
+        (1e39, ValueError),  # overflows float32
+        (True, TypeError),
+        ("0.1", TypeError),
+        (torch.tensor([0.1, 0.2]), ValueError),
+    ],
+)
+def test_scale_checks(value, error):
+    with pytest.raises(error, match="s_x"):
+        scale64("s_x", value)
+
+
+def test_scale32_rounds_once_and_accepts_one_element_tensors():
+    assert scale32("s", 0.1) == float(torch.tensor(0.1, dtype=F32))
+    assert scale64("s", 0.1) == 0.1
+    assert scale32("s", torch.tensor([0.25])) == 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# Hadamard sizes and matrices
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,factors", [(1, (1, 1)), (64, (1, 64)), (768, (12, 64)), (5120, (20, 256)), (8192, (1, 8192))]
+)
+def test_hadamard_factors(n, factors):
+    assert hadamard_factors(n) == factors
+
+
+@pytest.mark.parametrize("n", [0, 3, 24 * 3, 28, 40 * 3, 10240, 16384])
+def test_hadamard_factors_refuses_unsupported_sizes(n):
+    with pytest.raises(ValueError, match="unsupported Hadamard size"):
+        hadamard_factors(n)
+
+
+@pytest.mark.parametrize("m", [1, 12, 20])
+def test_base_matrix_is_the_layers_matrix(m):
+    from quamba_layers.hadamard import hadamard_matrix
+
+    h = torch.tensor(base_matrix(m), dtype=torch.float64)
+    assert torch.equal(h, hadamard_matrix(m))
+    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# conv1d
+# ------------------------------------------------------------------------------------------------
+
+
+def test_conv1d_int8_validation():
+    x, w, b = _i8(2, 6, 9), _i8(6, 4), _i8(6)
+    with pytest.raises(TypeError, match=r"x_q must be a torch\.Tensor"):
+        conv1d_int8(x.numpy(), 0.1, w, 0.1, b, 0.1, 0.2)
+    with pytest.raises(TypeError, match="x_q must have dtype int8"):
+        conv1d_int8(x.float(), 0.1, w, 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match="x_q must have 3 dimensions"):
+        conv1d_int8(x[0], 0.1, w, 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match="contiguous"):
+        conv1d_int8(x.transpose(0, 1), 0.1, _i8(2, 4), 0.1, None, 0.1, 0.2)
+    with pytest.raises(ValueError, match="w_q must have shape"):
+        conv1d_int8(x, 0.1, _i8(5, 4), 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match="conv width K = 5"):
+        conv1d_int8(x, 0.1, _i8(6, 5), 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match="conv width K = 1"):
+        conv1d_int8(x, 0.1, _i8(6, 1), 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match="b_q must have shape"):
+        conv1d_int8(x, 0.1, w, 0.1, _i8(7), 0.1, 0.2)
+    with pytest.raises(ValueError, match="s_out"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, -1.0)
+    with pytest.raises(ValueError, match="rounding"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, 0.2, "up")
+    with pytest.raises(ValueError, match="s_x must have shape"):
+        conv1d_int8(x, torch.ones(3), w, 0.1, b, 0.1, 0.2)
+    with pytest.raises(TypeError, match="s_x must have dtype float32"):
+        conv1d_int8(x, torch.ones(2, dtype=torch.float64), w, 0.1, b, 0.1, 0.2)
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, None, out=torch.empty(2, 6, 9, dtype=I8))
+    with pytest.raises(ValueError, match="out must have shape"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, 0.2, out=torch.empty(2, 6, 8, dtype=I8))
+    _expect_unavailable_or_cuda_error(lambda: conv1d_int8(x, 0.1, w, 0.1, b, 0.1, 0.2))
+    _expect_unavailable_or_cuda_error(lambda: conv1d_int8(x, torch.ones(2), w, 0.1, b, 0.1, None))
+
+
+def test_conv1d_int8_update_validation():
+    x, w = _i8(2, 6), _i8(6, 3)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        conv1d_int8_update(x, _i8(2, 6, 3), 0.1, w, 0.1, None, 1.0, 0.2)
+    with pytest.raises(TypeError, match="conv_state must have dtype int8"):
+        conv1d_int8_update(x, _f(2, 6, 2), 0.1, w, 0.1, None, 1.0, 0.2)
+    _expect_unavailable_or_cuda_error(
+        lambda: conv1d_int8_update(x, _i8(2, 6, 2), 0.1, w, 0.1, None, 1.0, 0.2)
+    )
+
+
+def test_causal_conv1d_validation():
+    x, w, b = _f(2, 6, 9, dtype=F16), _f(6, 4, dtype=F16), _f(6, dtype=F16)
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, w, b, activation="relu")
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        causal_conv1d(x, w.bfloat16(), b)
+    with pytest.raises(TypeError, match="bias must have dtype float16"):
+        causal_conv1d(x, w, b.float())
+    with pytest.raises(TypeError, match="x must have dtype"):
+        causal_conv1d(x.double(), w, b)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        causal_conv1d_update(x[:, :, 0].contiguous(), _f(2, 6, 4, dtype=F16), w, b)
+    _expect_unavailable_or_cuda_error(lambda: causal_conv1d(x, w.float(), b.float()))
+    _expect_unavailable_or_cuda_error(
+        lambda: causal_conv1d_update(x[:, :, 0].contiguous(), _f(2, 6, 3, dtype=F16), w, b)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# rmsnorm, hadamard, quantize
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rmsnorm_validation():
+    x, res, w = _f(3, 8, 64, dtype=F16), _f(3, 8, 64), _f(64)
+    with pytest.raises(TypeError, match="residual must have dtype float32"):
+        rmsnorm(x, res.half(), w, 1e-5, 0.1)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        rmsnorm(x, _f(3, 8, 63), w, 1e-5, 0.1)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rmsnorm(x, res, _f(63), 1e-5, 0.1)
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        rmsnorm(x, res, w.bfloat16(), 1e-5, 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        rmsnorm(x, res, w, -1.0, 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        rmsnorm(x, res, w, math.nan, 0.1)
+    with pytest.raises(ValueError, match="larger than the kernel's limit"):
+        rmsnorm(_f(1, 16392, dtype=F16), None, None, 1e-5, 0.1)
+    with pytest.raises(TypeError, match="out_dtype"):
+        rmsnorm(x, res, w, 1e-5, out_dtype=I8)
+    with pytest.raises(TypeError, match="out must have dtype int8"):
+        rmsnorm(x, res, w, 1e-5, 0.1, out=torch.empty(3, 8, 64))
+    _expect_unavailable_or_cuda_error(lambda: rmsnorm(x, res, w, 1e-5, 0.1))
+    _expect_unavailable_or_cuda_error(lambda: rmsnorm(x, None, None, 1e-5, out_dtype=F16))
+
+
+def test_hadamard_validation():
+    x = _f(4, 768, dtype=F16)
+    with pytest.raises(ValueError, match="unsupported Hadamard size 28"):
+        hadamard(_f(4, 28), 0.2)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hadamard(_i8(4, 64), 0.125)
+    with pytest.raises(ValueError, match="scale"):
+        hadamard(x, 0.0)
+    with pytest.raises(ValueError, match="out_scale"):
+        hadamard(x, 0.03, math.inf)
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        hadamard(x, 0.03, 0.1, out=torch.empty(4, 767, dtype=I8))
+    _expect_unavailable_or_cuda_error(lambda: hadamard(x, 1 / math.sqrt(768), 0.03))
+
+
+def test_quantize_validation():
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        quantize_int8(_f(5, dtype=F16), 0.1)
+    with pytest.raises(ValueError, match="out must have shape"):
+        quantize_int8(_f(5), 0.1, out=torch.empty(4, dtype=I8))
+    _expect_unavailable_or_cuda_error(lambda: quantize_int8(_f(5), 0.1))
+
+
+# ------------------------------------------------------------------------------------------------
+# scans
+# ------------------------------------------------------------------------------------------------
+
+
+def _int8_scan_args(batch=2, e=6, length=5, n=16, s_h=0.1):
+    return (
+        _i8(batch, e, length), 0.02, _i8(batch, e, length), 0.02, _i8(e, n), 0.02,
+        _i8(batch, n, length), 0.02, _i8(batch, n, length), 0.02, _i8(e), 0.01,
+        _i8(batch, e, length), 0.03, _i8(e), 0.04, s_h,
+    )  # fmt: skip
+
+
+def test_selective_scan_int8_validation():
+    args = list(_int8_scan_args())
+    bad = list(args)
+    bad[2] = _i8(2, 6, 4)
+    with pytest.raises(ValueError, match="dt_q must have shape"):
+        selective_scan_int8(*bad)
+    bad = list(args)
+    bad[6] = _i8(2, 17, 5)
+    with pytest.raises(ValueError, match="B_q must have shape"):
+        selective_scan_int8(*bad)
+    too_big = list(_int8_scan_args(n=65))
+    with pytest.raises(ValueError, match="d_state N"):
+        selective_scan_int8(*too_big)
+    bad = list(args)
+    bad[0] = _f(2, 6, 5, dtype=F16)
+    with pytest.raises(TypeError, match="u_q must have dtype"):
+        selective_scan_int8(*bad)
+    bad = list(args)
+    bad[16] = 0.0
+    with pytest.raises(ValueError, match="s_h"):
+        selective_scan_int8(*bad)
+    with pytest.raises(ValueError, match="rounding"):
+        selective_scan_int8(*args, state_rounding="floor")
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*args))
+    # Optional parts may be None, their scales are then not inspected.
+    optional = list(args)
+    optional[10], optional[11], optional[12], optional[13] = None, None, None, None
+    optional[0] = _f(2, 6, 5)  # float32 u: s_u ignored
+    optional[1] = "ignored"
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*optional))
+
+
+def test_selective_scan_sim_and_float_validation():
+    u, A, B = _f(2, 6, 5), -_f(6, 16).abs(), _f(2, 16, 5)
+    with pytest.raises(TypeError, match="u must have dtype float32"):
+        selective_scan_sim(u.half(), u, A, B, B, None, None, None)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        selective_scan_sim(u, u, A, B, B, None, None, None, initial_state=_f(2, 6, 15))
+    with pytest.raises(ValueError, match="D must have shape"):
+        selective_scan_sim(u, u, A, B, B, _f(5), None, None)
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_sim(u, u, A, B, B, None, None, None))
+    h = u.half()
+    with pytest.raises(TypeError, match="A must have dtype float32"):
+        selective_scan(h, h, A.half(), B.half(), B.half())
+    with pytest.raises(TypeError, match="delta must have dtype float16"):
+        selective_scan(h, u, A, B.half(), B.half())
+    with pytest.raises(ValueError, match="exact"):
+        selective_scan(u, u, A, B, B)
+    _expect_unavailable_or_cuda_error(lambda: selective_scan(h, h, A, B.half(), B.half()))
+
+
+def test_selective_scan_step_validation():
+    args = _int8_scan_args(length=1)
+    step = [
+        t[..., 0].contiguous() if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in args
+    ]
+    state = _i8(2, 6, 16)
+    with pytest.raises(ValueError, match="state_q must have shape"):
+        selective_scan_step_int8(_i8(2, 6, 8), *step)
+    with pytest.raises(TypeError, match="state_q must have dtype int8"):
+        selective_scan_step_int8(state.float(), *step)
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_step_int8(state, *step))
+    x, A, b = _f(2, 6, dtype=F16), -_f(6, 16).abs(), _f(2, 16, dtype=F16)
+    with pytest.raises(TypeError, match="state must have x's dtype"):
+        selective_state_update(_f(2, 6, 16, dtype=torch.bfloat16), x, x, A, b, b)
+    with pytest.raises(ValueError, match="state must have shape"):
+        selective_state_update(_f(2, 6, 17, dtype=F16), x, x, A, b, b)
+    _expect_unavailable_or_cuda_error(
+        lambda: selective_state_update(_f(2, 6, 16, dtype=F16), x, x, A, b, b)
+    )

@@ -1,23 +1,36 @@
 // nanobind module quamba_kernels._C. Validation only: every array is .noconvert() (never silently
 // copied), outputs are passed in, every launch takes the caller's stream, runs on the array's device
-// with the GIL released, and checks the launch error.
+// with the GIL released, and checks the launch error. The checks here repeat the Python wrappers'
+// on purpose: a direct call with wrong shapes raises instead of reading out of bounds.
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include "conv1d.h"
+#include "elem_type.h"
+#include "hadamard.h"
 #include "quantize.h"
+#include "rmsnorm.h"
+#include "scan.h"
 
 namespace nb = nanobind;
+using quamba::ElemType;
 
 namespace {
 
 template <typename T>
 using CudaArray = nb::ndarray<T, nb::device::cuda, nb::c_contig>;
+using AnyArray = nb::ndarray<nb::device::cuda, nb::c_contig>;
+using OptArray = std::optional<AnyArray>;
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -26,7 +39,23 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-void use_device_of(int device_id) { check_cuda(cudaSetDevice(device_id), "cudaSetDevice"); }
+// Makes the array's device current for the call and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device_id) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device_id) check_cuda(cudaSetDevice(device_id), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = previous_;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 int device_count() {
   int n = 0;
@@ -46,16 +75,518 @@ std::string device_error() {
   return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
 }
 
+cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// ---- argument checks ----
+
+ElemType elem_type_of(const AnyArray& a, const std::string& name) {
+  const nb::dlpack::dtype dt = a.dtype();
+  if (dt.lanes == 1) {
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && dt.bits == 8) {
+      return ElemType::Int8;
+    }
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16) {
+      return ElemType::Float16;
+    }
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16) {
+      return ElemType::BFloat16;
+    }
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 32) {
+      return ElemType::Float32;
+    }
+  }
+  throw nb::type_error((name + " must be int8, float16, bfloat16 or float32").c_str());
+}
+
+void expect_type(const AnyArray& a, const std::string& name, ElemType want) {
+  const ElemType got = elem_type_of(a, name);
+  if (got != want) {
+    throw nb::type_error((name + " must be " + quamba::elem_type_name(want) + ", got " +
+                          quamba::elem_type_name(got))
+                             .c_str());
+  }
+}
+
+std::string shape_str(const AnyArray& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void expect_shape(const AnyArray& a, const std::string& name, const std::vector<int64_t>& shape) {
+  bool ok = a.ndim() == shape.size();
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = static_cast<int64_t>(a.shape(i)) == shape[i];
+  if (!ok) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+      if (i) want += ", ";
+      want += std::to_string(shape[i]);
+    }
+    want += shape.size() == 1 ? ",)" : ")";
+    throw std::invalid_argument(name + " must have shape " + want + ", got " + shape_str(a));
+  }
+}
+
+void expect_ndim(const AnyArray& a, const std::string& name, size_t ndim) {
+  if (a.ndim() != ndim) {
+    throw std::invalid_argument(name + " must have " + std::to_string(ndim) +
+                                " dimensions, got shape " + shape_str(a));
+  }
+}
+
+void expect_same_shape(const AnyArray& a, const std::string& name, const AnyArray& ref,
+                       const std::string& ref_name) {
+  bool ok = a.ndim() == ref.ndim();
+  for (size_t i = 0; ok && i < a.ndim(); ++i) ok = a.shape(i) == ref.shape(i);
+  if (!ok) {
+    throw std::invalid_argument(name + " must have the shape of " + ref_name + " " +
+                                shape_str(ref) + ", got " + shape_str(a));
+  }
+}
+
+// All arrays on one device; returns it.
+int common_device(std::initializer_list<const AnyArray*> arrays) {
+  int device = -1;
+  for (const AnyArray* a : arrays) {
+    if (a == nullptr) continue;
+    if (device < 0) device = a->device_id();
+    else if (a->device_id() != device) {
+      throw std::invalid_argument("all tensors must be on the same CUDA device");
+    }
+  }
+  return device;
+}
+
+const AnyArray* opt_ptr(const OptArray& a) { return a ? &*a : nullptr; }
+const void* opt_data(const OptArray& a) { return a ? a->data() : nullptr; }
+void* opt_mut_data(OptArray& a) { return a ? a->data() : nullptr; }
+
+void expect_scale(float value, const char* name) {
+  if (!(value > 0.0f) || std::isinf(value)) {
+    throw std::invalid_argument(std::string(name) + " must be a finite float > 0");
+  }
+}
+
+void expect_rounding(int rounding) {
+  if (rounding != 0 && rounding != 1) {
+    throw std::invalid_argument("rounding must be 0 (half_away) or 1 (half_even)");
+  }
+}
+
+// ---- quantize ----
+
 void quantize_int8(CudaArray<const float> x, CudaArray<int8_t> out, float scale, int rounding,
                    std::uintptr_t stream) {
   if (x.size() != out.size()) throw std::invalid_argument("x and out must have the same number of elements");
   if (x.device_id() != out.device_id()) throw std::invalid_argument("x and out must be on the same device");
-  if (!(scale > 0.0f) || scale == INFINITY) throw std::invalid_argument("scale must be finite and > 0");
-  if (rounding != 0 && rounding != 1) throw std::invalid_argument("rounding must be 0 (half_away) or 1 (half_even)");
-  use_device_of(x.device_id());
+  expect_scale(scale, "scale");
+  expect_rounding(rounding);
+  DeviceGuard guard(x.device_id());
   check_cuda(quamba::launch_quantize_int8(x.data(), out.data(), static_cast<int64_t>(x.size()), scale,
-                                          rounding, reinterpret_cast<cudaStream_t>(stream)),
+                                          rounding, as_stream(stream)),
              "quantize_int8 launch");
+}
+
+// ---- conv1d ----
+
+// Shared checks of prefill (x (B, E, L)) and update (x (B, E), state (B, E, K-1)).
+quamba::Conv1dArgs conv_args(const AnyArray& x, const AnyArray& weight, const OptArray& bias,
+                             const AnyArray& out, double s_x, const OptArray& s_x_per_seq,
+                             double s_w, double s_b, float out_scale, int rounding, bool silu) {
+  quamba::Conv1dArgs a;
+  a.x_type = elem_type_of(x, "x");
+  a.batch = static_cast<int64_t>(x.shape(0));
+  a.dim = static_cast<int64_t>(x.shape(1));
+  expect_ndim(weight, "weight", 2);
+  if (static_cast<int64_t>(weight.shape(0)) != a.dim) {
+    throw std::invalid_argument("weight must have shape (E, K) with E = x.shape[1], got " +
+                                shape_str(weight));
+  }
+  a.width = static_cast<int>(weight.shape(1));
+  if (a.width < 2 || a.width > 4) {
+    throw std::invalid_argument("conv width K = weight.shape[1] must be 2, 3 or 4, got " +
+                                std::to_string(a.width));
+  }
+  a.weight_type = elem_type_of(weight, "weight");
+  a.out_type = elem_type_of(out, "out");
+  if (a.x_type == ElemType::Int8) {
+    expect_type(weight, "weight", ElemType::Int8);
+    if (bias) {
+      expect_type(*bias, "bias", ElemType::Int8);
+      expect_shape(*bias, "bias", {a.dim});
+    }
+    if (a.out_type != ElemType::Int8 && a.out_type != ElemType::Float32) {
+      throw nb::type_error("out must be int8 or float32 for int8 x");
+    }
+    if (s_x_per_seq) {
+      expect_type(*s_x_per_seq, "s_x", ElemType::Float32);
+      expect_shape(*s_x_per_seq, "s_x", {a.batch});
+    } else if (!(s_x > 0.0) || std::isinf(s_x)) {
+      throw std::invalid_argument("s_x must be a finite float > 0");
+    }
+    if (!(s_w > 0.0) || std::isinf(s_w)) throw std::invalid_argument("s_w must be a finite float > 0");
+    if (bias && (!(s_b > 0.0) || std::isinf(s_b))) {
+      throw std::invalid_argument("s_b must be a finite float > 0");
+    }
+    if (a.out_type == ElemType::Int8) expect_scale(out_scale, "out_scale");
+  } else {
+    if (a.weight_type != a.x_type && a.weight_type != ElemType::Float32) {
+      throw nb::type_error("weight must have x's dtype or float32");
+    }
+    if (bias) {
+      expect_type(*bias, "bias", a.weight_type);
+      expect_shape(*bias, "bias", {a.dim});
+    }
+    if (a.out_type != a.x_type) throw nb::type_error("out must have x's dtype");
+  }
+  expect_rounding(rounding);
+  a.x = x.data();
+  a.weight = weight.data();
+  a.bias = opt_data(bias);
+  a.s_x = s_x;
+  a.s_x_per_seq = s_x_per_seq ? static_cast<const float*>(s_x_per_seq->data()) : nullptr;
+  a.s_w = s_w;
+  a.s_b = s_b;
+  a.out = out.data();
+  a.out_scale = out_scale;
+  a.rounding = rounding;
+  a.silu = silu;
+  return a;
+}
+
+void conv1d_fwd(AnyArray x, AnyArray weight, OptArray bias, AnyArray out, double s_x,
+                OptArray s_x_per_seq, double s_w, double s_b, float out_scale, int rounding,
+                bool silu, std::uintptr_t stream) {
+  expect_ndim(x, "x", 3);
+  quamba::Conv1dArgs a =
+      conv_args(x, weight, bias, out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
+  a.seqlen = static_cast<int64_t>(x.shape(2));
+  expect_same_shape(out, "out", x, "x");
+  const int device = common_device({&x, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq)});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_conv1d_fwd(a, as_stream(stream)), "conv1d_fwd launch");
+}
+
+void conv1d_update(AnyArray x, AnyArray state, AnyArray weight, OptArray bias, AnyArray out,
+                   double s_x, OptArray s_x_per_seq, double s_w, double s_b, float out_scale,
+                   int rounding, bool silu, std::uintptr_t stream) {
+  expect_ndim(x, "x", 2);
+  quamba::Conv1dArgs a =
+      conv_args(x, weight, bias, out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
+  expect_type(state, "conv_state", a.x_type);
+  expect_shape(state, "conv_state", {a.batch, a.dim, a.width - 1});
+  expect_same_shape(out, "out", x, "x");
+  a.state = state.data();
+  const int device =
+      common_device({&x, &state, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq)});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_conv1d_update(a, as_stream(stream)), "conv1d_update launch");
+}
+
+// ---- rmsnorm ----
+
+void rmsnorm(AnyArray x, OptArray residual, OptArray weight, AnyArray out, OptArray residual_out,
+             float eps, float out_scale, int rounding, std::uintptr_t stream) {
+  if (x.ndim() < 1 || x.shape(x.ndim() - 1) == 0) {
+    throw std::invalid_argument("x must have a non-empty last axis (D)");
+  }
+  quamba::RmsNormArgs a;
+  a.x_type = elem_type_of(x, "x");
+  if (a.x_type == ElemType::Int8) throw nb::type_error("x must be float16, bfloat16 or float32");
+  a.dim = static_cast<int64_t>(x.shape(x.ndim() - 1));
+  a.rows = static_cast<int64_t>(x.size()) / a.dim;
+  if (a.dim > quamba::kRmsNormMaxDim) {
+    throw std::invalid_argument("D = x.shape[-1] must be at most " +
+                                std::to_string(quamba::kRmsNormMaxDim));
+  }
+  if (residual) {
+    expect_type(*residual, "residual", ElemType::Float32);
+    expect_same_shape(*residual, "residual", x, "x");
+  }
+  if (residual_out) {
+    expect_type(*residual_out, "residual_out", ElemType::Float32);
+    expect_same_shape(*residual_out, "residual_out", x, "x");
+  }
+  if (weight) {
+    a.weight_type = elem_type_of(*weight, "weight");
+    if (a.weight_type != a.x_type && a.weight_type != ElemType::Float32) {
+      throw nb::type_error("weight must have x's dtype or float32");
+    }
+    expect_shape(*weight, "weight", {a.dim});
+  }
+  a.out_type = elem_type_of(out, "out");
+  expect_same_shape(out, "out", x, "x");
+  if (a.out_type == ElemType::Int8) expect_scale(out_scale, "out_scale");
+  if (!(eps >= 0.0f) || std::isinf(eps)) throw std::invalid_argument("eps must be a finite float >= 0");
+  expect_rounding(rounding);
+  a.x = x.data();
+  a.residual = residual ? static_cast<const float*>(residual->data()) : nullptr;
+  a.weight = opt_data(weight);
+  a.out = out.data();
+  a.residual_out = residual_out ? static_cast<float*>(residual_out->data()) : nullptr;
+  a.eps = eps;
+  a.out_scale = out_scale;
+  a.rounding = rounding;
+  const int device =
+      common_device({&x, opt_ptr(residual), opt_ptr(weight), &out, opt_ptr(residual_out)});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_rmsnorm(a, as_stream(stream)), "rmsnorm launch");
+}
+
+// ---- hadamard ----
+
+void hadamard(AnyArray x, AnyArray out, OptArray h_m, int m, float scale, float out_scale,
+              int rounding, std::uintptr_t stream) {
+  if (x.ndim() < 1 || x.shape(x.ndim() - 1) == 0) {
+    throw std::invalid_argument("x must have a non-empty last axis (n)");
+  }
+  quamba::HadamardArgs a;
+  a.x_type = elem_type_of(x, "x");
+  if (a.x_type == ElemType::Int8) throw nb::type_error("x must be float16, bfloat16 or float32");
+  a.out_type = elem_type_of(out, "out");
+  expect_same_shape(out, "out", x, "x");
+  a.n = static_cast<int64_t>(x.shape(x.ndim() - 1));
+  a.rows = static_cast<int64_t>(x.size()) / a.n;
+  if (m != 1 && m != 12 && m != 20) throw std::invalid_argument("m must be 1, 12 or 20");
+  const int64_t p = a.n / m;
+  if (a.n % m != 0 || (p & (p - 1)) != 0 || a.n > quamba::kHadamardMaxSize) {
+    throw std::invalid_argument("n = x.shape[-1] must be m * 2^k <= 8192 for m in {1, 12, 20}, got " +
+                                std::to_string(a.n) + " with m = " + std::to_string(m));
+  }
+  if (m > 1) {
+    if (!h_m) throw std::invalid_argument("h_m (the m x m matrix) is required for m > 1");
+    expect_type(*h_m, "h_m", ElemType::Float32);
+    expect_shape(*h_m, "h_m", {m, m});
+  }
+  if (p >= 8) {
+    const auto aligned = [](const void* ptr, int bytes) {
+      return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+    };
+    if (!aligned(x.data(), 8 * quamba::elem_size(a.x_type)) ||
+        !aligned(out.data(), 8 * quamba::elem_size(a.out_type))) {
+      throw std::invalid_argument("x and out must start at an address aligned to 8 elements");
+    }
+  }
+  expect_scale(scale, "scale");
+  if (a.out_type == ElemType::Int8) expect_scale(out_scale, "out_scale");
+  expect_rounding(rounding);
+  a.x = x.data();
+  a.out = out.data();
+  a.h_m = h_m ? static_cast<const float*>(h_m->data()) : nullptr;
+  a.m = m;
+  a.scale = scale;
+  a.out_scale = out_scale;
+  a.rounding = rounding;
+  const int device = common_device({&x, &out, opt_ptr(h_m)});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_hadamard(a, as_stream(stream)), "hadamard launch");
+}
+
+// ---- selective scan ----
+
+// Parameters A (E, N), D (E,), delta_bias (E,): all float32, or all int8 codes.
+void scan_params(quamba::ScanArgs& a, const AnyArray& A, const OptArray& D,
+                 const OptArray& delta_bias) {
+  expect_ndim(A, "A", 2);
+  if (static_cast<int64_t>(A.shape(0)) != a.dim) {
+    throw std::invalid_argument("A must have shape (E, N) with E = " + std::to_string(a.dim) +
+                                ", got " + shape_str(A));
+  }
+  a.dstate = static_cast<int64_t>(A.shape(1));
+  if (a.dstate < 1 || a.dstate > quamba::kScanMaxState) {
+    throw std::invalid_argument("d_state N = A.shape[1] must be in 1.." +
+                                std::to_string(quamba::kScanMaxState) + ", got " +
+                                std::to_string(a.dstate));
+  }
+  a.param_type = elem_type_of(A, "A");
+  if (a.param_type != ElemType::Int8 && a.param_type != ElemType::Float32) {
+    throw nb::type_error("A must be float32 (A) or int8 (A_log codes)");
+  }
+  if (D) {
+    expect_type(*D, "D", a.param_type);
+    expect_shape(*D, "D", {a.dim});
+  }
+  if (delta_bias) {
+    expect_type(*delta_bias, "delta_bias", a.param_type);
+    expect_shape(*delta_bias, "delta_bias", {a.dim});
+  }
+  a.A = A.data();
+  a.D = opt_data(D);
+  a.delta_bias = opt_data(delta_bias);
+}
+
+void selective_scan(AnyArray u, AnyArray delta, AnyArray A, AnyArray B, AnyArray C, OptArray D,
+                    OptArray z, OptArray delta_bias, OptArray initial_state, AnyArray out,
+                    OptArray last_state, OptArray state_q, float u_scale, float delta_scale,
+                    float A_scale, float B_scale, float C_scale, float D_scale, float z_scale,
+                    float delta_bias_scale, float state_scale, int state_rounding, bool softplus,
+                    bool exact, std::uintptr_t stream) {
+  quamba::ScanArgs a;
+  expect_ndim(u, "u", 3);
+  a.batch = static_cast<int64_t>(u.shape(0));
+  a.dim = static_cast<int64_t>(u.shape(1));
+  a.seqlen = static_cast<int64_t>(u.shape(2));
+  if (a.batch > 65535) throw std::invalid_argument("batch must be at most 65535");
+  a.u_type = elem_type_of(u, "u");
+  a.x_type = elem_type_of(delta, "delta");
+  expect_same_shape(delta, "delta", u, "u");
+  scan_params(a, A, D, delta_bias);
+  expect_type(B, "B", a.x_type);
+  expect_type(C, "C", a.x_type);
+  expect_shape(B, "B", {a.batch, a.dstate, a.seqlen});
+  expect_shape(C, "C", {a.batch, a.dstate, a.seqlen});
+  if (z) {
+    expect_type(*z, "z", a.x_type);
+    expect_same_shape(*z, "z", u, "u");
+  }
+  if (initial_state) {
+    expect_type(*initial_state, "initial_state", ElemType::Float32);
+    expect_shape(*initial_state, "initial_state", {a.batch, a.dim, a.dstate});
+  }
+  a.out_type = elem_type_of(out, "out");
+  expect_shape(out, "out", {a.batch, a.seqlen, a.dim});
+  if (last_state) {
+    expect_type(*last_state, "last_state", ElemType::Float32);
+    expect_shape(*last_state, "last_state", {a.batch, a.dim, a.dstate});
+  }
+  if (state_q) {
+    expect_type(*state_q, "state_q", ElemType::Int8);
+    expect_shape(*state_q, "state_q", {a.batch, a.dim, a.dstate});
+    expect_scale(state_scale, "state_scale");
+  }
+  const bool int8_inputs = a.x_type == ElemType::Int8;
+  if (int8_inputs) {
+    if (a.u_type != ElemType::Int8 && a.u_type != ElemType::Float32) {
+      throw nb::type_error("u must be int8 or float32 with int8 delta/B/C/z");
+    }
+    if (a.out_type != ElemType::Float16) throw nb::type_error("out must be float16 for int8 inputs");
+    if (a.u_type == ElemType::Int8) expect_scale(u_scale, "u_scale");
+    expect_scale(delta_scale, "delta_scale");
+    expect_scale(B_scale, "B_scale");
+    expect_scale(C_scale, "C_scale");
+    if (z) expect_scale(z_scale, "z_scale");
+  } else {
+    if (a.u_type != a.x_type || a.out_type != a.x_type) {
+      throw nb::type_error("u, delta, B, C, z and out must share one float dtype");
+    }
+    if (a.x_type == ElemType::Float32 && !exact) {
+      throw std::invalid_argument("the float32 scan is exact only (exact=True)");
+    }
+  }
+  if (a.param_type == ElemType::Int8) {
+    expect_scale(A_scale, "A_scale");
+    if (D) expect_scale(D_scale, "D_scale");
+    if (delta_bias) expect_scale(delta_bias_scale, "delta_bias_scale");
+  }
+  expect_rounding(state_rounding);
+  a.u = u.data();
+  a.delta = delta.data();
+  a.z = opt_data(z);
+  a.B = B.data();
+  a.C = C.data();
+  a.u_scale = u_scale;
+  a.delta_scale = delta_scale;
+  a.z_scale = z_scale;
+  a.B_scale = B_scale;
+  a.C_scale = C_scale;
+  a.A_scale = A_scale;
+  a.D_scale = D_scale;
+  a.delta_bias_scale = delta_bias_scale;
+  a.softplus = softplus;
+  a.initial_state = initial_state ? static_cast<const float*>(initial_state->data()) : nullptr;
+  a.out = out.data();
+  a.last_state = last_state ? static_cast<float*>(last_state->data()) : nullptr;
+  a.state_q = state_q ? static_cast<int8_t*>(state_q->data()) : nullptr;
+  a.state_scale = state_scale;
+  a.state_rounding = state_rounding;
+  a.exact = exact;
+  const int device = common_device({&u, &delta, &A, &B, &C, opt_ptr(D), opt_ptr(z),
+                                    opt_ptr(delta_bias), opt_ptr(initial_state), &out,
+                                    opt_ptr(last_state), opt_ptr(state_q)});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_selective_scan(a, as_stream(stream)), "selective_scan launch");
+}
+
+void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A, AnyArray B,
+                         AnyArray C, OptArray D, OptArray z, OptArray delta_bias, AnyArray out,
+                         float u_scale, float delta_scale, float A_scale, float B_scale,
+                         float C_scale, float D_scale, float z_scale, float delta_bias_scale,
+                         float state_scale, int state_rounding, bool softplus,
+                         std::uintptr_t stream) {
+  quamba::ScanArgs a;
+  expect_ndim(u, "u", 2);
+  a.batch = static_cast<int64_t>(u.shape(0));
+  a.dim = static_cast<int64_t>(u.shape(1));
+  a.seqlen = 1;
+  if (a.batch > 65535) throw std::invalid_argument("batch must be at most 65535");
+  a.u_type = elem_type_of(u, "u");
+  a.x_type = elem_type_of(delta, "delta");
+  expect_same_shape(delta, "delta", u, "u");
+  scan_params(a, A, D, delta_bias);
+  expect_type(B, "B", a.x_type);
+  expect_type(C, "C", a.x_type);
+  expect_shape(B, "B", {a.batch, a.dstate});
+  expect_shape(C, "C", {a.batch, a.dstate});
+  if (z) {
+    expect_type(*z, "z", a.x_type);
+    expect_same_shape(*z, "z", u, "u");
+  }
+  a.state_type = elem_type_of(state, "state");
+  expect_shape(state, "state", {a.batch, a.dim, a.dstate});
+  a.out_type = elem_type_of(out, "out");
+  expect_same_shape(out, "out", u, "u");
+  if (a.state_type == ElemType::Int8) {
+    if (a.x_type != ElemType::Int8) throw nb::type_error("an int8 state needs int8 delta/B/C/z");
+    if (a.u_type != ElemType::Int8 && a.u_type != ElemType::Float32) {
+      throw nb::type_error("u must be int8 or float32 with an int8 state");
+    }
+    if (a.out_type != ElemType::Float16) throw nb::type_error("out must be float16 for int8 inputs");
+    expect_scale(state_scale, "state_scale");
+    if (a.u_type == ElemType::Int8) expect_scale(u_scale, "u_scale");
+    expect_scale(delta_scale, "delta_scale");
+    expect_scale(B_scale, "B_scale");
+    expect_scale(C_scale, "C_scale");
+    if (z) expect_scale(z_scale, "z_scale");
+  } else {
+    if (a.x_type == ElemType::Int8 || a.u_type != a.x_type || a.out_type != a.x_type) {
+      throw nb::type_error("a float state needs u, delta, B, C, z and out of one float dtype");
+    }
+    if (a.state_type != a.x_type && a.state_type != ElemType::Float32) {
+      throw nb::type_error("state must have u's dtype or float32");
+    }
+  }
+  if (a.param_type == ElemType::Int8) {
+    expect_scale(A_scale, "A_scale");
+    if (D) expect_scale(D_scale, "D_scale");
+    if (delta_bias) expect_scale(delta_bias_scale, "delta_bias_scale");
+  }
+  expect_rounding(state_rounding);
+  a.state = state.data();
+  a.u = u.data();
+  a.delta = delta.data();
+  a.z = opt_data(z);
+  a.B = B.data();
+  a.C = C.data();
+  a.u_scale = u_scale;
+  a.delta_scale = delta_scale;
+  a.z_scale = z_scale;
+  a.B_scale = B_scale;
+  a.C_scale = C_scale;
+  a.A_scale = A_scale;
+  a.D_scale = D_scale;
+  a.delta_bias_scale = delta_bias_scale;
+  a.softplus = softplus;
+  a.out = out.data();
+  a.state_scale = state_scale;
+  a.state_rounding = state_rounding;
+  a.exact = true;
+  const int device = common_device({&state, &u, &delta, &A, &B, &C, opt_ptr(D), opt_ptr(z),
+                                    opt_ptr(delta_bias), &out});
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_selective_scan_step(a, as_stream(stream)), "selective_scan_step launch");
 }
 
 }  // namespace
@@ -64,10 +595,54 @@ NB_MODULE(_C, m) {
   m.doc() = "CUDA kernels of quamba-kernels (bound with nanobind, tensors via DLPack).";
   m.attr("__version__") = QUAMBA_KERNELS_VERSION;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.attr("scan_max_state") = quamba::kScanMaxState;
+  m.attr("hadamard_max_size") = quamba::kHadamardMaxSize;
+  m.attr("rmsnorm_max_dim") = quamba::kRmsNormMaxDim;
   m.def("device_count", &device_count, "Number of CUDA devices the runtime sees (0 when none).");
   m.def("device_error", &device_error, "Why no CUDA device can be used, or '' when one can.");
   m.def("quantize_int8", &quantize_int8, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("rounding"), nb::arg("stream"),
         nb::call_guard<nb::gil_scoped_release>(),
         "out = clamp(round(x / scale), -128, 127) for float32 x and int8 out.");
+  m.def("conv1d_fwd", &conv1d_fwd, nb::arg("x").noconvert(), nb::arg("weight").noconvert(),
+        nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("s_x"),
+        nb::arg("s_x_per_seq").noconvert().none(), nb::arg("s_w"), nb::arg("s_b"),
+        nb::arg("out_scale"), nb::arg("rounding"), nb::arg("silu"), nb::arg("stream"),
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Causal depthwise conv1d + bias + SiLU, x (B, E, L) -> out (B, E, L).");
+  m.def("conv1d_update", &conv1d_update, nb::arg("x").noconvert(), nb::arg("state").noconvert(),
+        nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
+        nb::arg("out").noconvert(), nb::arg("s_x"), nb::arg("s_x_per_seq").noconvert().none(),
+        nb::arg("s_w"), nb::arg("s_b"), nb::arg("out_scale"), nb::arg("rounding"),
+        nb::arg("silu"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "One decode step of conv1d_fwd; state (B, E, K-1) is shifted in place.");
+  m.def("rmsnorm", &rmsnorm, nb::arg("x").noconvert(), nb::arg("residual").noconvert().none(),
+        nb::arg("weight").noconvert().none(), nb::arg("out").noconvert(),
+        nb::arg("residual_out").noconvert().none(), nb::arg("eps"), nb::arg("out_scale"),
+        nb::arg("rounding"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "Residual add + RMSNorm over the last axis.");
+  m.def("hadamard", &hadamard, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
+        nb::arg("h_m").noconvert().none(), nb::arg("m"), nb::arg("scale"), nb::arg("out_scale"),
+        nb::arg("rounding"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "Fast Hadamard transform of the last axis (n = m * 2^k).");
+  m.def("selective_scan", &selective_scan, nb::arg("u").noconvert(), nb::arg("delta").noconvert(),
+        nb::arg("A").noconvert(), nb::arg("B").noconvert(), nb::arg("C").noconvert(),
+        nb::arg("D").noconvert().none(), nb::arg("z").noconvert().none(),
+        nb::arg("delta_bias").noconvert().none(), nb::arg("initial_state").noconvert().none(),
+        nb::arg("out").noconvert(), nb::arg("last_state").noconvert().none(),
+        nb::arg("state_q").noconvert().none(), nb::arg("u_scale"), nb::arg("delta_scale"),
+        nb::arg("A_scale"), nb::arg("B_scale"), nb::arg("C_scale"), nb::arg("D_scale"),
+        nb::arg("z_scale"), nb::arg("delta_bias_scale"), nb::arg("state_scale"),
+        nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("exact"), nb::arg("stream"),
+        nb::call_guard<nb::gil_scoped_release>(), "Selective scan (prefill).");
+  m.def("selective_scan_step", &selective_scan_step, nb::arg("state").noconvert(),
+        nb::arg("u").noconvert(), nb::arg("delta").noconvert(), nb::arg("A").noconvert(),
+        nb::arg("B").noconvert(), nb::arg("C").noconvert(), nb::arg("D").noconvert().none(),
+        nb::arg("z").noconvert().none(), nb::arg("delta_bias").noconvert().none(),
+        nb::arg("out").noconvert(), nb::arg("u_scale"), nb::arg("delta_scale"),
+        nb::arg("A_scale"), nb::arg("B_scale"), nb::arg("C_scale"), nb::arg("D_scale"),
+        nb::arg("z_scale"), nb::arg("delta_bias_scale"), nb::arg("state_scale"),
+        nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("stream"),
+        nb::call_guard<nb::gil_scoped_release>(),
+        "One selective-scan decode step; the state (B, E, N) is updated in place.");
 }

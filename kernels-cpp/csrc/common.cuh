@@ -1,5 +1,7 @@
 #pragma once
 #include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace quamba {
@@ -19,6 +21,115 @@ __device__ __forceinline__ int8_t saturate_int8(float r) {
 // Q8(v, s): IEEE division (no fast-math reciprocal) before the rounding decision.
 __device__ __forceinline__ int8_t quantize_int8(float v, float scale, Rounding rule) {
   return saturate_int8(round_with(__fdiv_rn(v, scale), rule));
+}
+
+// The same Q8 codes as quantize_int8, cheaper: q = RN(v * inv_scale) with inv_scale = RN(1/scale)
+// is within a relative 2^-23 (two ulps) of v / scale. Both rounding rules change their result only
+// at k + 0.5, so q rounds like the exact quotient unless q lies within two ulps of such a boundary;
+// there (and for |q| >= 2^22, inf, NaN) the IEEE division decides.
+__device__ __forceinline__ int8_t quantize_int8_fast(float v, float scale, float inv_scale,
+                                                     Rounding rule) {
+  const float q = __fmul_rn(v, inv_scale);
+  const float aq = fabsf(q);
+  const float distance = fabsf(aq - floorf(aq) - 0.5f);  // exact below 2^23
+  if (!(aq < 4194304.0f) || distance <= aq * 2.4e-7f) return quantize_int8(v, scale, rule);
+  return saturate_int8(round_with(q, rule));
+}
+
+// ---- element conversions (all exact or round-to-nearest-even) ----
+__device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Dequantization exactly as the reference writes it: q.float() * float32(scale), one rounding.
+// Float inputs are used as they are (the caller passes no scale for them).
+template <typename T>
+__device__ __forceinline__ float dequant(T v, float scale) {
+  return to_float(v);
+}
+template <>
+__device__ __forceinline__ float dequant<int8_t>(int8_t v, float scale) {
+  return __fmul_rn(static_cast<float>(v), scale);
+}
+
+// SiLU as the references evaluate it: v / (1 + exp(-v)), every operation rounded on its own,
+// accurate expf (libdevice, the same function torch's CUDA exp calls).
+__device__ __forceinline__ float silu_exact(float v) {
+  return __fdiv_rn(v, __fadd_rn(1.0f, expf(-v)));
+}
+
+// softplus with the references' threshold: log1p(exp(v)) for v <= 20, v above.
+__device__ __forceinline__ float softplus_exact(float v) { return v <= 20.0f ? log1pf(expf(v)) : v; }
+
+// ---- 8-element vector access (16-byte loads for 2-byte types, 8 for int8, 2x16 for float) ----
+template <typename T>
+struct Vec8;
+template <>
+struct Vec8<int8_t> {
+  using Storage = uint2;
+};
+template <>
+struct Vec8<__half> {
+  using Storage = uint4;
+};
+template <>
+struct Vec8<__nv_bfloat16> {
+  using Storage = uint4;
+};
+template <>
+struct Vec8<float> {
+  struct alignas(32) Storage {
+    float4 a, b;
+  };
+};
+
+// Loads 8 consecutive elements starting at p (which must be aligned to sizeof(T) * 8 when kAligned).
+template <typename T, bool kAligned>
+__device__ __forceinline__ void load8(const T* p, float (&out)[8]) {
+  if constexpr (kAligned) {
+    typename Vec8<T>::Storage raw = *reinterpret_cast<const typename Vec8<T>::Storage*>(p);
+    const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float(elems[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float(p[i]);
+  }
+}
+
+template <typename T, bool kAligned>
+__device__ __forceinline__ void store8(T* p, const T (&v)[8]) {
+  if constexpr (kAligned) {
+    typename Vec8<T>::Storage raw;
+    T* elems = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) elems[i] = v[i];
+    *reinterpret_cast<typename Vec8<T>::Storage*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = v[i];
+  }
+}
+
+inline bool is_aligned(const void* p, int bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
+}
+
+// Grid-size helper: at most 2^31 - 1 blocks in x.
+inline unsigned int blocks_for(int64_t work, int per_block) {
+  return static_cast<unsigned int>((work + per_block - 1) / per_block);
 }
 
 }  // namespace quamba

@@ -5,9 +5,10 @@ namespace quamba {
 
 __global__ void quantize_int8_kernel(const float* __restrict__ x, int8_t* __restrict__ out, int64_t n,
                                      float scale, Rounding rule) {
+  const float inv_scale = __frcp_rn(scale);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = quantize_int8(x[i], scale, rule);
+    out[i] = quantize_int8_fast(x[i], scale, inv_scale, rule);
   }
 }
 

@@ -15,16 +15,35 @@ from quamba_modes.probes import StageProbe, on_int8_grid
 QUANTIZED = [name for name, mode in REGISTRY.items() if mode.datapath is not None]
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _random_setup():
     """A random model whose conv outputs exceed 127*s_u (percentile scales clip outliers)."""
-    torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=64, n_layer=3, vocab_size=257), seed=4).eval()
     g = torch.Generator().manual_seed(2)
     calib = CalibrationSet(torch.randint(0, 257, (4, 48), generator=g))
-    qmodel = quantize(model, calib, progress=False)
     tokens = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(3))
-    return model, qmodel, tokens
+    return model, quantize(model, calib, progress=False), tokens
+
+
+def _bundled_setup():
+    """The bundled tiny model on real text: real activations, real outliers."""
+    from quamba_eval import builtin_task
+    from quamba_eval.models import bundled_model_dir
+    from quamba_layers import ByteTokenizer, load_model
+    from quamba_layers.quant import calibration_set_from_texts
+
+    model = load_model(bundled_model_dir())
+    tok = ByteTokenizer()
+    calib = calibration_set_from_texts(builtin_task.training_documents(16, seed=0), tok, 4, 128)
+    docs = [d["text"] for d in builtin_task.generate_documents(3)]
+    length = min(len(tok.encode(d)) for d in docs)
+    tokens = torch.tensor([tok.encode(d)[:length] for d in docs])
+    return model, quantize(model, calib, progress=False), tokens
+
+
+@pytest.fixture(scope="module", params=["random", "bundled"])
+def setup(request):
+    torch.manual_seed(0)
+    return _random_setup() if request.param == "random" else _bundled_setup()
 
 
 def run(qmodel, mode_name, tokens, rounding=None, layers=None):

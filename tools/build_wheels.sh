@@ -129,6 +129,10 @@ PY
 }
 
 if [ -n "$stage_only" ]; then
+  # Never clear a directory that holds something: the stage is rebuilt from scratch.
+  if [ -e "$stage_only" ] && [ -n "$(ls -A "$stage_only")" ]; then
+    die "--stage-only needs a new or empty directory, '$stage_only' is not empty"
+  fi
   version=$(stage_package "$stage_only")
   echo "staged $dist_name $version in $stage_only"
   exit 0

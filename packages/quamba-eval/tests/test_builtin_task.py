@@ -4,62 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from types import SimpleNamespace
 
 import lm_eval
 import pytest
-import torch
 
 from quamba_eval import builtin_task
 from quamba_eval.lm import QuambaLM
 from quamba_eval.tasks import build_task_manager
+from quamba_eval.testing import ByteTokenizer, TinyCausalLM
 
 # sha256 of write_task_file(path) with the defaults (n=500, seed=1234): a reproducibility contract.
 DEFAULT_FILE_SHA256 = "1dfe975a307bcc1623e350ae210e5967c4c917fd863ec06912c74348851a7fcd"
-EOS = 256
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on small shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class ByteTokenizer:
-    """Stand-in tokenizer: UTF-8 bytes are ids 0..255, EOS is 256."""
-
-    eos_token_id = EOS
-    vocab_size = 257
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class TinyCausalLM(torch.nn.Module):
-    """Stand-in causal LM: embedding + causal depthwise conv (K=4) + ReLU + head, seeded."""
-
-    def __init__(self, seed=0, vocab=260, dim=16, width=4):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.emb = torch.nn.Parameter(torch.randint(-3, 4, (vocab, dim), generator=g).float())
-        self.conv = torch.nn.Parameter(torch.randint(-2, 3, (dim, width), generator=g).float())
-        self.head = torch.nn.Parameter(torch.randint(-3, 4, (vocab, dim), generator=g).float())
-
-    def forward(self, input_ids, seq_lens=None):
-        length = input_ids.shape[1]
-        x = self.emb[input_ids]
-        y = torch.zeros_like(x)
-        width = self.conv.shape[1]
-        for k in range(width):
-            shifted = torch.nn.functional.pad(x, (0, 0, width - 1 - k, 0))[:, :length]
-            y = y + shifted * self.conv[:, k]
-        return SimpleNamespace(logits=(torch.relu(y) @ self.head.T) * 2.0**-5)
 
 
 @pytest.mark.parametrize(("n", "seed"), [(40, 0), (40, 7), (120, 1234)])

@@ -9,64 +9,17 @@ import json
 import os
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import lm_eval
 import pytest
-import torch
 from lm_eval.tasks import TaskManager
 
 from quamba_eval.lm import QuambaLM
 from quamba_eval.tasks import LM_EVAL_TASKS_DIR, build_task_manager, offline_mode
+from quamba_eval.testing import ByteTokenizer, TinyCausalLM
 
-EOS = 256
 LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on small shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class ByteTokenizer:
-    """Stand-in tokenizer: UTF-8 bytes are ids 0..255, EOS is 256."""
-
-    eos_token_id = EOS
-    vocab_size = 257
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class TinyCausalLM(torch.nn.Module):
-    """Stand-in causal LM with small-integer random weights (exact float32 arithmetic):
-    embedding + bounded running sum + causal depthwise conv (K=4) + ReLU + linear head."""
-
-    def __init__(self, seed=0, vocab=260, dim=16, width=4):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.emb = torch.nn.Parameter(torch.randint(-3, 4, (vocab, dim), generator=g).float())
-        self.conv = torch.nn.Parameter(torch.randint(-2, 3, (dim, width), generator=g).float())
-        self.head = torch.nn.Parameter(torch.randint(-3, 4, (vocab, dim), generator=g).float())
-
-    def forward(self, input_ids, seq_lens=None):
-        length = input_ids.shape[1]
-        x = self.emb[input_ids]
-        x = x + torch.remainder(x.cumsum(dim=1), 7.0) - 3.0
-        y = torch.zeros_like(x)
-        width = self.conv.shape[1]
-        for k in range(width):
-            shifted = torch.nn.functional.pad(x, (0, 0, width - 1 - k, 0))[:, :length]
-            y = y + shifted * self.conv[:, k]
-        return SimpleNamespace(logits=(torch.relu(y) @ self.head.T) * 2.0**-5)
 
 
 def _data_dir() -> Path:

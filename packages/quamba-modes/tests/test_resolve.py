@@ -46,14 +46,18 @@ OPS = {"rmsnorm", "gemm", "conv1d", "ssm", "hadamard"}
 def test_gpu_with_kernels_runs_the_declared_datapath(name):
     resolved = resolve_mode(name, **GPU)
     assert isinstance(resolved, ResolvedMode)
-    assert resolved.datapath == get_mode(name).datapath
+    declared = get_mode(name).datapath
     assert resolved.notes == ()
     assert set(resolved.implementations) == OPS
     ssm = resolved.implementations["ssm"]
     if DECLARED_SSM[name] == "kernel_int8":
+        assert resolved.datapath == declared
         assert ssm == "kernel (quamba_kernels): kernel_int8, INT8 selective scan"
-    else:  # the reference scan is the reference on every backend
-        assert ssm == "reference (PyTorch): reference, sequential float32 scan"
+    else:  # the reference scan runs as the GPU scan that is bit-identical to it
+        assert resolved.datapath == declared.with_ssm_impl("sim_kernel")
+        assert ssm == (
+            "kernel (quamba_kernels): sim_kernel, scan bit-identical to the sequential reference"
+        )
     assert resolved.implementations["conv1d"] == "kernel (quamba_kernels)"
 
 
@@ -129,6 +133,8 @@ def test_rounding_override_changes_every_site_and_nothing_else(name, rule):
     resolved = resolve_mode(name, rounding=rule, **GPU)
     declared = get_mode(name).datapath.to_dict()
     final = resolved.datapath.to_dict()
+    if declared["ssm_impl"] == "reference":  # on the GPU: the bit-identical simulation kernel
+        declared["ssm_impl"] = "sim_kernel"
     assert _without(final, "rounding") == _without(declared, "rounding")
     assert set(final["rounding"]) == set(declared["rounding"])
     assert set(final["rounding"].values()) == {rule}

@@ -563,11 +563,19 @@ def selective_scan(
         delta_c = delta_tm[start:stop][..., None]  # (T, B, E, 1)
         d_a = torch.exp(delta_c * A)
         d_bu = (delta_c * b_tm[start:stop][:, :, None, :]) * u_tm[start:stop][..., None]
-        states = torch.empty_like(d_a)
-        for i in range(stop - start):
-            # h = dA * h + dBu, written in place: the product is rounded, then the sum.
-            torch.mul(d_a[i], h, out=states[i])
-            h = states[i].add_(d_bu[i])
+        if torch.is_grad_enabled() and (d_a.requires_grad or h.requires_grad):
+            # Differentiable path (same operations, same bits): no writes into a buffer.
+            steps = []
+            for i in range(stop - start):
+                h = d_a[i] * h + d_bu[i]
+                steps.append(h)
+            states = torch.stack(steps)
+        else:
+            states = torch.empty_like(d_a)
+            for i in range(stop - start):
+                # h = dA * h + dBu, written in place: the product is rounded, then the sum.
+                torch.mul(d_a[i], h, out=states[i])
+                h = states[i].add_(d_bu[i])
         ys.append(pairwise_sum(states * c_tm[start:stop][:, :, None, :]))  # (T, B, E)
     y = torch.cat(ys).permute(1, 0, 2) if ys else u.new_zeros(batch, 0, e)  # (B, L, E)
 

@@ -81,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--max-length", type=int, default=2048)
     g.add_argument("--output", type=Path, help="write results.json, report.md, samples")
-    g.add_argument("--fidelity-docs", type=int, default=64, help="documents for KL/top-1 (0: off)")
+    g.add_argument("--fidelity-docs", type=int, default=32, help="documents for KL/top-1 (0: off)")
+    g.add_argument(
+        "--builtin-docs",
+        type=int,
+        default=300,
+        help="size of the generated builtin_recall task (keeps the default run under a minute)",
+    )
 
     modes = sub.add_parser("modes", help="print the table of modes")
     modes.add_argument("--json", action="store_true", help="the mode descriptions as JSON")
@@ -219,7 +225,7 @@ def cmd_run(args) -> int:
 
     started = time.perf_counter()
     runner.set_determinism(args.seed)
-    runner.quiet_lm_eval()
+    runner.prepare_lm_eval()
     reference, resolved, backend, device = _resolve_modes(args)
     limit = args.limit
     run_warnings = []
@@ -251,7 +257,9 @@ def cmd_run(args) -> int:
     lm_tasks = [t for t in task_names if not t.startswith("ppl:")]
     task_manager, resolved_tasks, data_provenance = (None, [], {})
     if lm_tasks:
-        task_manager, resolved_tasks, data_provenance = build_task_manager(lm_tasks, args.data_dir)
+        task_manager, resolved_tasks, data_provenance = build_task_manager(
+            lm_tasks, args.data_dir, builtin_n_docs=args.builtin_docs
+        )
 
     run = runner.Run(reference=reference, tasks=resolved_tasks, limit=limit, warnings=run_warnings)
     run.provenance = runner.provenance(

@@ -9,6 +9,7 @@ and a plain-words verdict says whether a difference is detectable at this sample
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -60,9 +61,20 @@ def set_determinism(seed: int) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def quiet_lm_eval() -> None:
+def prepare_lm_eval() -> None:
+    """Quiet lm-eval's logging, and compile each of its Jinja prompt templates once.
+
+    lm-eval renders every document's prompt with ``env.from_string(template)``, recompiling the
+    same template thousands of times (~6 s for 500 documents on 2 cores). Compiled templates are
+    stateless, so caching them by their source text changes nothing but the time.
+    """
     for name in ("lm_eval", "lm-eval", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import lm_eval.utils
+
+    env = lm_eval.utils.env
+    if not hasattr(env.from_string, "cache_info"):
+        env.from_string = functools.lru_cache(maxsize=512)(env.from_string)
 
 
 def _per_sample(samples: list[dict], metric: str) -> list[float] | None:

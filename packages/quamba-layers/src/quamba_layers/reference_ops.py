@@ -275,12 +275,16 @@ def rmsnorm(
 _FLOAT32_EXACT_K = (1 << 24) // (128 * 128)
 
 
+def _exact_dtype(k: int) -> torch.dtype:
+    """float32 when sums of k int8 x int8 products stay below 2^24 (every partial sum is then an
+    exactly representable integer, whatever the summation order), else float64."""
+    return torch.float32 if k <= _FLOAT32_EXACT_K else torch.float64
+
+
 def exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """``x_q @ w_q^T`` of int8 operands, exactly: float32 when K*128*128 <= 2^24 (every partial
-    sum is an exactly representable integer, whatever the summation order), else float64."""
-    if w_q.shape[1] <= _FLOAT32_EXACT_K:
-        return torch.matmul(x_q.float(), w_q.float().t())
-    return torch.matmul(x_q.double(), w_q.double().t())
+    """``x_q @ w_q^T`` of int8 operands, exactly (see ``_exact_dtype``)."""
+    exact = _exact_dtype(w_q.shape[1])
+    return torch.matmul(x_q.to(exact), w_q.to(exact).t())
 
 
 def w8a8_linear(
@@ -417,9 +421,10 @@ def conv1d_int8(
     s_out = None if s_out is None else _scale32("s_out", s_out)
 
     k = w_q.shape[1]
-    x_padded = torch.nn.functional.pad(x_q.double(), (k - 1, 0))
-    w = w_q.double()
-    acc = torch.zeros(batch, e, length, dtype=torch.float64, device=x_q.device)
+    exact = _exact_dtype(k)  # integer products and sums are exact in this dtype
+    x_padded = torch.nn.functional.pad(x_q.to(exact), (k - 1, 0))
+    w = w_q.to(exact)
+    acc = torch.zeros(batch, e, length, dtype=exact, device=x_q.device)
     for tap in range(k):
         acc = acc + w[None, :, tap, None] * x_padded[:, :, tap : tap + length]
     return _conv_epilogue(acc, in_scale, bias, s_out, rule)
@@ -461,7 +466,8 @@ def conv1d_int8_update(
     s_out = None if s_out is None else _scale32("s_out", s_out)
 
     window = torch.cat((conv_state, x_q_t[:, :, None]), dim=2)
-    acc = (window.double() * w_q.double()[None]).sum(dim=-1)  # exact: small integers
+    exact = _exact_dtype(k)
+    acc = (window.to(exact) * w_q.to(exact)[None]).sum(dim=-1)  # exact: small integers
     out = _conv_epilogue(acc, in_scale, bias, s_out, rule)
     return out, window[:, :, 1:].contiguous()
 

@@ -118,3 +118,26 @@ def current_stream(device) -> int:
     if raw is not None:  # 0.1 µs instead of 4 µs for the public path
         return raw(index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def output_spec(x, out_scale, out_dtype, out):
+    """(out_scale, out_dtype) of an op that writes INT8 codes with ``out_scale`` or a float tensor
+    otherwise (float32 by default), and the check of a preallocated ``out`` of x's shape."""
+    import torch
+
+    if out_scale is not None:
+        out_scale = scale32("out_scale", out_scale)
+        if out_dtype not in (None, torch.int8):
+            raise ValueError("out_dtype must be None or torch.int8 when out_scale is given")
+        out_dtype = torch.int8
+    else:
+        out_dtype = torch.float32 if out_dtype is None else out_dtype
+        if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(
+                f"out_dtype must be float32, float16 or bfloat16 without out_scale, got {out_dtype}"
+            )
+    if out is not None:
+        check_tensor("out", out, out_dtype)
+        if out.shape != x.shape:
+            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    return out_scale, out_dtype

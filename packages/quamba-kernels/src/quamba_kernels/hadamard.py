@@ -18,6 +18,7 @@ from quamba_kernels._torch import (
     check_cuda,
     check_tensor,
     current_stream,
+    output_spec,
     rounding_code,
     scale32,
 )
@@ -98,21 +99,7 @@ def hadamard(x, scale, out_scale=None, rounding: str = "half_away", *, out_dtype
     m, p = hadamard_factors(int(x.shape[-1]))
     scale = scale32("scale", scale)
     code = rounding_code(rounding)
-    if out_scale is not None:
-        out_scale = scale32("out_scale", out_scale)
-        if out_dtype not in (None, torch.int8):
-            raise ValueError("out_dtype must be None or torch.int8 when out_scale is given")
-        out_dtype = torch.int8
-    else:
-        out_dtype = torch.float32 if out_dtype is None else out_dtype
-        if out_dtype not in floats:
-            raise TypeError(
-                f"out_dtype must be float32, float16 or bfloat16 without out_scale, got {out_dtype}"
-            )
-    if out is not None:
-        check_tensor("out", out, out_dtype)
-        if out.shape != x.shape:
-            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    out_scale, out_dtype = output_spec(x, out_scale, out_dtype, out)
 
     module = require()
     check_cuda(x=x, out=out)

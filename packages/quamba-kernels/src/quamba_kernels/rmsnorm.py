@@ -21,8 +21,8 @@ from quamba_kernels._torch import (
     current_stream,
     dtype_name,
     float32_value,
+    output_spec,
     rounding_code,
-    scale32,
 )
 
 __all__ = ["rmsnorm"]
@@ -78,21 +78,7 @@ def rmsnorm(
     if eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     code = rounding_code(rounding)
-    if out_scale is not None:
-        out_scale = scale32("out_scale", out_scale)
-        if out_dtype not in (None, torch.int8):
-            raise ValueError("out_dtype must be None or torch.int8 when out_scale is given")
-        out_dtype = torch.int8
-    else:
-        out_dtype = torch.float32 if out_dtype is None else out_dtype
-        if out_dtype not in floats:
-            raise TypeError(
-                f"out_dtype must be float32, float16 or bfloat16 without out_scale, got {out_dtype}"
-            )
-    if out is not None:
-        check_tensor("out", out, out_dtype)
-        if out.shape != x.shape:
-            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    out_scale, out_dtype = output_spec(x, out_scale, out_dtype, out)
     if residual_out is not None:
         check_tensor("residual_out", residual_out, torch.float32)
         if residual_out.shape != x.shape:

@@ -47,7 +47,7 @@ def print_table(run: Run, summary: dict, console=None) -> None:
     console = console or Console()
     table = Table(title=f"modes against the {run.reference} reference", show_lines=False)
     for column in ("task", "metric", "mode", "value (95% CI)", f"vs {run.reference}"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows(run, summary):
         table.add_row(*row[:5])
     console.print(table)

@@ -388,7 +388,8 @@ def dynamic_scale_per_sequence(x: torch.Tensor, seq_lens: torch.Tensor | None) -
         positions = torch.arange(x.shape[-1], device=x.device)
         mag = torch.where(positions[None, None, :] < seq_lens[:, None, None].to(x.device), mag, 0.0)
     peak = mag.amax(dim=(1, 2)).to(torch.float32)
-    scale = peak / 127.0
+    # A tensor divisor keeps the division IEEE on CUDA (a Python float becomes a reciprocal).
+    scale = peak / torch.tensor(127.0, dtype=torch.float32, device=peak.device)
     return torch.where(peak > 0, scale, torch.ones_like(scale))
 
 

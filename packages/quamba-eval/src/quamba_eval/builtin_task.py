@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from quamba_layers.io_utils import atomic_write_bytes
 
 __all__ = [
     "BUILTIN_TASK_NAME",
@@ -238,15 +239,6 @@ def write_task_file(
 
     The bytes depend only on (n, seed). The file is written atomically (temporary file + rename).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = task_file_bytes(n, seed)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), payload)
     return hashlib.sha256(payload).hexdigest()

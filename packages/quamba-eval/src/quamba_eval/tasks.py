@@ -49,7 +49,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,7 @@ import yaml
 from lm_eval.tasks import TaskManager
 
 from quamba_eval import builtin_task
+from quamba_layers.io_utils import atomic_write_bytes
 
 __all__ = [
     "LM_EVAL_TASKS_DIR",
@@ -210,14 +210,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.read_bytes() == payload:
         return  # unchanged: keep the mtime, so the datasets cache stays valid
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, payload)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

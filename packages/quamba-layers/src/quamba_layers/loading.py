@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import MambaConfig
+from .io_utils import atomic_write, atomic_write_text
 from .model import MambaLM
 
 __all__ = [
@@ -482,22 +482,6 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; accepted layouts: {LAYOUTS}")
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same directory, then os.replace (never half a file)."""
-    # A fresh name beside the target: the same filesystem, so os.replace is atomic.
-    temp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temp_name)
-        # Some writers (safetensors) create owner-only files: give the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_model(
     model: MambaLM,
     directory: str | os.PathLike,
@@ -535,19 +519,17 @@ def save_model(
         from safetensors.torch import save_file
 
         weights_name = SAFETENSORS_NAME
-        _atomic_write(
+        atomic_write(
             directory / weights_name,
             lambda name: save_file(tensors, name, metadata={"format": "pt"}),
         )
     else:
         weights_name = BIN_NAME
-        _atomic_write(directory / weights_name, lambda name: torch.save(tensors, name))
+        atomic_write(directory / weights_name, lambda name: torch.save(tensors, name))
     for stale in _WEIGHT_NAMES:
         if stale != weights_name:
             (directory / stale).unlink(missing_ok=True)
 
     config_text = json.dumps(config_to_dict(config, layout, dtype=model.dtype), indent=2) + "\n"
-    _atomic_write(
-        directory / CONFIG_NAME, lambda name: Path(name).write_text(config_text, encoding="utf-8")
-    )
+    atomic_write_text(directory / CONFIG_NAME, config_text)
     return directory

@@ -67,24 +67,8 @@ esac
 dist_name="quamba-kernels-cu$cuda_major"
 wheel_stem="quamba_kernels_cu$cuda_major"
 
-# A Python interpreter of one version: what uv finds (managed or on PATH), else a pyenv install
-# that is not on PATH (pyenv shims of versions that are not selected make uv's search fail).
-find_python() {
-  local want="$1" found
-  if found=$(uv python find --system --no-python-downloads "$want" 2>/dev/null); then
-    echo "$found"
-    return 0
-  fi
-  if command -v pyenv >/dev/null 2>&1; then
-    for found in "$(pyenv root)/versions/$want".*/bin/python"$want"; do
-      if [ -x "$found" ]; then
-        echo "$found"
-        return 0
-      fi
-    done
-  fi
-  return 1
-}
+# find_python VERSION: see tools/lib.sh
+source tools/lib.sh  # the working directory is the repository root (cd above)
 
 host_python=$(find_python 3.11 || find_python 3.12 || command -v python3) ||
   die "no Python interpreter found"

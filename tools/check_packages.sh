@@ -61,25 +61,8 @@ logged() {
   fi
 }
 
-# A Python interpreter of one version: what uv finds (managed or on PATH, never a virtual
-# environment), else a pyenv install that is not on PATH (pyenv shims of versions that are not
-# selected make uv's search fail).
-find_python() {
-  local want="$1" found
-  if found=$(uv python find --system --no-python-downloads "$want" 2>/dev/null); then
-    echo "$found"
-    return 0
-  fi
-  if command -v pyenv >/dev/null 2>&1; then
-    for found in "$(pyenv root)/versions/$want".*/bin/python"$want"; do
-      if [ -x "$found" ]; then
-        echo "$found"
-        return 0
-      fi
-    done
-  fi
-  return 1
-}
+# find_python VERSION: see tools/lib.sh
+source tools/lib.sh  # the working directory is the repository root (cd above)
 py311=$(find_python 3.11) || die "Python 3.11 not found (uv python install 3.11)"
 py312=$(find_python 3.12 || true)
 py313=$(find_python 3.13 || true)

@@ -11,6 +11,8 @@
 // in order (acc = H[i,0]*v0; acc = acc + H[i,j]*vj), the result is multiplied by scale and
 // quantized or converted. Each butterfly output is the same correctly rounded a + b or a - b as in
 // the reference, so the result is bit-identical.
+// m in {12, 20} with 16 <= P <= 256 takes hadamard_paley_kernel instead (see there): the m x m
+// step reads each element once instead of m times.
 // Shared memory rows are padded by 4 floats after every 32 (index pos + 4 * (pos / 32)): a thread's
 // 8 consecutive elements stay contiguous (two 16-byte accesses) and the 8 threads of a 16-byte
 // access phase hit 8 different bank quadruples.
@@ -174,6 +176,219 @@ __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ ou
   }
 }
 
+// ---- m in {12, 20}, 16 <= P <= 256: three passes through shared memory, no m-fold re-reads ----
+//
+// Pass 1: thread (j, q) loads the 16 contiguous elements j*P + 16q .. +15 and runs the strides
+// 1, 2, 4, 8 in registers. Pass 2 (P > 16): thread (j, q) takes R = 16 / K2 columns c = qR + r
+// (K2 = P / 16) of the K2 x 16 view of sub-vector j and runs the strides 16 .. P/2 in registers.
+// Pass 3: thread p holds element p of all m sub-vectors and forms the m outputs
+// out_i = ((H[i,0] v_0 + H[i,1] v_1) + ...) itself. Every butterfly and every column sum is the
+// reference's rounded operation in the reference's order, so the result is bit-identical.
+// The m x m matrix: when h_m holds the Paley matrix that quamba_kernels.hadamard.base_matrix
+// builds (checked by every block), its +-1 entries are compile-time constants (each product is a
+// sign, rows with a common prefix share its partial sums); any other matrix is read from shared
+// memory (fused multiply-add by +-1: the same rounding as the reference's product and sum).
+// Shared-memory index of position pos: pos + pos / 16 (conflict-free for passes 1 and 2).
+
+__host__ __device__ constexpr uint32_t quadratic_residue_mask(int q) {
+  uint32_t mask = 0;
+  for (int a = 1; a < q; ++a) mask |= 1u << ((a * a) % q);
+  return mask;
+}
+
+// Entry (i, j) of Paley I of order m = q + 1: H = I + S, S = [[0, 1^T], [-1, Q]],
+// Q[i, j] = chi(j - i) (quamba_kernels.hadamard.base_matrix).
+template <int M>
+__host__ __device__ constexpr int paley_entry(int i, int j) {
+  constexpr int q = M - 1;
+  constexpr uint32_t residues = quadratic_residue_mask(q);
+  if (i == j) return 1;
+  if (i == 0) return 1;
+  if (j == 0) return -1;
+  const int d = ((j - i) % q + q) % q;
+  return ((residues >> d) & 1u) ? 1 : -1;
+}
+
+__device__ __forceinline__ int pidx(int pos) { return pos + (pos >> 4); }
+
+template <int M, int P>
+struct PaleyShape {
+  static constexpr int kK2 = P / 16;           // threads per sub-vector in passes 1, 2
+  static constexpr int kR = 16 / kK2;          // columns per thread in pass 2
+  static constexpr int kButterflyThreads = M * kK2;
+  static constexpr int kRowThreads = kButterflyThreads > P ? kButterflyThreads : P;
+  static constexpr int kRowsPerBlock = kRowThreads >= 256 ? 1 : 256 / kRowThreads;
+  static constexpr int kThreads = (kRowsPerBlock * kRowThreads + 31) / 32 * 32;
+  static constexpr int kRowFloats = M * P + M * P / 16;
+  static constexpr int kSmemFloats = (M * M + 3) / 4 * 4 + kRowsPerBlock * kRowFloats;
+};
+
+// Q8 of y / out_scale: y * RN(1 / out_scale) is within 3 * 2^-24 |q| of the quotient, and the
+// quotient's rounding within 2^-24 more; decided exactly when closer than that to a boundary.
+constexpr float kQuotientMargin = 4e-7f;
+
+template <typename TOut>
+__device__ __forceinline__ TOut hadamard_output(float acc, float scale, float out_scale,
+                                                float inv_out_scale, bool fast_q, Rounding rule) {
+  const float y = __fmul_rn(acc, scale);
+  if constexpr (sizeof(TOut) == 1) {
+    uint32_t code;
+    if (fast_q && q8_if_clear(__fmul_rn(y, inv_out_scale), kQuotientMargin, code)) {
+      return static_cast<TOut>(static_cast<int8_t>(code));
+    }
+    return quantize_int8(y, out_scale, rule);
+  } else {
+    return from_float<TOut>(y);
+  }
+}
+
+template <int M, int P, typename TIn, typename TOut>
+__global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
+    hadamard_paley_kernel(const TIn* __restrict__ x, TOut* __restrict__ out,
+                          const float* __restrict__ h_m, int64_t rows, float scale,
+                          float out_scale, Rounding rule) {
+  using S = PaleyShape<M, P>;
+  constexpr int K2 = S::kK2, R = S::kR, N = M * P;
+  extern __shared__ __align__(16) float smem[];
+  float* s_h = smem;
+  const int t = threadIdx.x;
+  const int rib = t / S::kRowThreads;
+  const int local = t - rib * S::kRowThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * S::kRowsPerBlock + rib;
+  const bool active = rib < S::kRowsPerBlock && row < rows;
+  float* s_row = smem + (M * M + 3) / 4 * 4 + (active ? rib : 0) * S::kRowFloats;
+
+  // Pass 1 input first, so that its latency overlaps the matrix check.
+  const bool butterfly = active && local < S::kButterflyThreads;
+  const int j = local / K2, q = local - (local / K2) * K2;
+  const int base = j * P + q * 16;
+  float v[16];
+  if (butterfly) {
+    load8<TIn, true>(x + row * N + base, *reinterpret_cast<float(*)[8]>(v));
+    load8<TIn, true>(x + row * N + base + 8, *reinterpret_cast<float(*)[8]>(v + 8));
+  }
+  bool other_matrix = false;
+  for (int i = t; i < M * M; i += S::kThreads) {
+    const float hv = h_m[i];
+    s_h[i] = hv;
+    other_matrix |= hv != static_cast<float>(paley_entry<M>(i / M, i % M));
+  }
+  other_matrix = __syncthreads_or(other_matrix);
+
+  // Pass 1: strides 1..8.
+  if (butterfly) {
+#pragma unroll
+    for (int h = 1; h < 16; h *= 2) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        if ((i & h) == 0) {
+          const float a = v[i], b = v[i + h];
+          v[i] = __fadd_rn(a, b);
+          v[i + h] = __fsub_rn(a, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s_row[pidx(base + i)] = v[i];
+  }
+  // Pass 2: strides 16..P/2, element (k, r) at j*P + 16k + qR + r.
+  if constexpr (K2 > 1) {
+    __syncthreads();
+    if (butterfly) {
+      float v[R][K2];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < K2; ++k) v[r][k] = s_row[pidx(j * P + 16 * k + q * R + r)];
+      }
+#pragma unroll
+      for (int h = 1; h < K2; h *= 2) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int k = 0; k < K2; ++k) {
+            if ((k & h) == 0) {
+              const float a = v[r][k], b = v[r][k + h];
+              v[r][k] = __fadd_rn(a, b);
+              v[r][k + h] = __fsub_rn(a, b);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < K2; ++k) s_row[pidx(j * P + 16 * k + q * R + r)] = v[r][k];
+      }
+    }
+  }
+  __syncthreads();
+  // Pass 3: the m x m matrix at position p, then scale and output.
+  if (!active || local >= P) return;
+  const int p = local;
+  float col[M];
+#pragma unroll
+  for (int jj = 0; jj < M; ++jj) col[jj] = s_row[pidx(jj * P + p)];
+  const float inv_out_scale = __frcp_rn(out_scale);
+  const bool fast_q = inv_out_scale <= 1e30f && inv_out_scale >= 1e-30f;
+  TOut* out_row = out + row * N + p;
+  if (!other_matrix) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+      // acc = H[i,0] * v_0, then acc +- v_j: the reference's exact products and rounded sums.
+      float acc = paley_entry<M>(i, 0) > 0 ? col[0] : -col[0];
+#pragma unroll
+      for (int jj = 1; jj < M; ++jj) acc = paley_entry<M>(i, jj) > 0 ? acc + col[jj] : acc - col[jj];
+      out_row[i * P] = hadamard_output<TOut>(acc, scale, out_scale, inv_out_scale, fast_q, rule);
+    }
+  } else {
+    for (int i = 0; i < M; ++i) {
+      const float* h_row = s_h + i * M;
+      float acc = __fmul_rn(h_row[0], col[0]);
+#pragma unroll
+      for (int jj = 1; jj < M; ++jj) acc = __fmaf_rn(h_row[jj], col[jj], acc);
+      out_row[i * P] = hadamard_output<TOut>(acc, scale, out_scale, inv_out_scale, fast_q, rule);
+    }
+  }
+}
+
+template <int M, int P, typename TIn, typename TOut>
+cudaError_t launch_paley(const HadamardArgs& a, cudaStream_t stream) {
+  using S = PaleyShape<M, P>;
+  const size_t smem = sizeof(float) * S::kSmemFloats;
+  auto kernel = hadamard_paley_kernel<M, P, TIn, TOut>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<blocks_for(a.rows, S::kRowsPerBlock), S::kThreads, smem, stream>>>(
+      static_cast<const TIn*>(a.x), static_cast<TOut*>(a.out), a.h_m, a.rows, a.scale,
+      a.out_scale, static_cast<Rounding>(a.rounding));
+  return cudaGetLastError();
+}
+
+// The Paley kernel for (m, P) when it has one; cudaErrorNotSupported otherwise.
+template <typename TIn, typename TOut>
+cudaError_t try_paley(const HadamardArgs& a, int p, cudaStream_t stream) {
+  if (!(is_aligned(a.x, sizeof(TIn) * 8) && is_aligned(a.out, sizeof(TOut) * 8))) {
+    return cudaErrorNotSupported;
+  }
+#define QUAMBA_PALEY_CASES(M)                                         \
+  switch (p) {                                                        \
+    case 16: return launch_paley<M, 16, TIn, TOut>(a, stream);        \
+    case 32: return launch_paley<M, 32, TIn, TOut>(a, stream);        \
+    case 64: return launch_paley<M, 64, TIn, TOut>(a, stream);        \
+    case 128: return launch_paley<M, 128, TIn, TOut>(a, stream);      \
+    case 256: return launch_paley<M, 256, TIn, TOut>(a, stream);      \
+    default: return cudaErrorNotSupported;                            \
+  }
+  if (a.m == 12) QUAMBA_PALEY_CASES(12)
+  if (a.m == 20) QUAMBA_PALEY_CASES(20)
+#undef QUAMBA_PALEY_CASES
+  return cudaErrorNotSupported;
+}
+
 template <typename TIn, typename TOut>
 cudaError_t run(const HadamardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
@@ -184,6 +399,10 @@ cudaError_t run(const HadamardArgs& a, cudaStream_t stream) {
   // Vector access needs 8-element alignment of every row start (n % 8 == 0 when P >= 8).
   if (p >= 8 && !(is_aligned(a.x, sizeof(TIn) * 8) && is_aligned(a.out, sizeof(TOut) * 8))) {
     return cudaErrorMisalignedAddress;
+  }
+  if (a.m > 1) {
+    const cudaError_t paley = try_paley<TIn, TOut>(a, p, stream);
+    if (paley != cudaErrorNotSupported) return paley;
   }
   const int ept = p < 8 ? p : 8;
   HadamardShape shape;

@@ -5,13 +5,17 @@
 // and G = min(NP, 32) consecutive lanes own one channel, S = NP / G states each. The recurrence
 // over t is sequential by definition; time is processed in chunks of kChunk steps staged through
 // shared memory:
-//   1. load:   u, delta (+bias, softplus), z for the block's channels and B, C for all states,
-//              dequantized to float32 exactly as the reference does;
+//   1. load:   u, delta (+bias, softplus), silu(z) for the block's channels and B, C for all
+//              states, dequantized to float32 exactly as the reference does. The raw inputs of
+//              the next chunk are loaded into registers (4 steps per thread, vector loads) while
+//              the current chunk is scanned. For INT8 delta and z, softplus(q * s + bias) (per
+//              channel) and silu(q * s_z) come from 256-entry tables built once per block with
+//              the same float32 operations, so they are bit-identical to evaluating them;
 //   2. scan:   every thread advances its states through the chunk; the products h * C of G
 //              consecutive steps are summed over the state with a reduce-scatter across the G
 //              lanes whose tree is exactly the reference's pairwise halving (lane distance G/2
 //              first), so afterwards lane j holds y for step j of the group;
-//   3. output: y + u * D, gate y * silu(z), one coalesced (B, L, E) store per chunk.
+//   3. output: y + u * D, gate y * silu(z), one (B, L, E) store per chunk.
 // Padded steps (t >= L) and padded states (n >= N) carry zeros: exp(0) = 1 and + 0 leave h as is.
 #include "common.cuh"
 #include "scan.h"
@@ -22,6 +26,12 @@ namespace scan_detail {
 constexpr int kChunk = 64;          // time steps staged per chunk
 constexpr int kRow = kChunk + 4;    // padded shared-memory row (16-byte aligned, fewer conflicts)
 constexpr int kThreads = 256;  // block size (128-thread blocks measured slower at batch 1)
+// Resident blocks per SM the register allocation must allow: 3 (at most 85 registers per thread)
+// for NP = 16 (Mamba's N); other NP keep more per thread and get no bound.
+template <int NP>
+constexpr int min_blocks() {
+  return NP == 16 ? 3 : 1;
+}
 
 template <int NP, int kBlock = kThreads>
 struct Layout {
@@ -73,8 +83,44 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[G], int lane) {
   reduce_scatter_stage<G / 2, G, kExact>(v, lane);
 }
 
+// Four consecutive raw elements of one row (time steps t .. t+3), kept as loaded until decoded.
+template <typename T>
+struct Raw4 {
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ Raw4<T> load_raw4(const T* p, int64_t remaining, bool vec) {
+  Raw4<T> r;
+  if (vec && remaining >= 4) {
+    if constexpr (sizeof(T) == 1) {
+      const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+      memcpy(&r, &w, 4);
+    } else if constexpr (sizeof(T) == 2) {
+      const uint2 w = *reinterpret_cast<const uint2*>(p);
+      memcpy(&r, &w, 8);
+    } else {
+      const uint4 w = *reinterpret_cast<const uint4*>(p);
+      memcpy(&r, &w, 16);
+    }
+  } else {
+    memset(&r, 0, sizeof(r));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k < remaining) r.v[k] = p[k];
+    }
+  }
+  return r;
+}
+
+__device__ __forceinline__ bool aligned_to(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+__device__ __forceinline__ int table_index(int8_t q) { return static_cast<int>(q) + 128; }
+
 template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact>
-__global__ void __launch_bounds__(kBlock) selective_scan_kernel(ScanArgs a) {
+__global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kernel(ScanArgs a) {
   using L = Layout<NP, kBlock>;
   constexpr int G = L::kLanes;
   constexpr int S = L::kPerLane;
@@ -88,6 +134,13 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(ScanArgs a) {
   __shared__ __align__(16) float s_C[NP][kRow];
   __shared__ float s_bias[CPB];
   __shared__ float s_D[CPB];
+  // INT8 delta / z tables (when they fit in the 48 KB of static shared memory).
+  constexpr bool kInt8X = sizeof(TX) == 1;
+  constexpr int kBaseSmem = 4 * (4 * CPB * kRow + 2 * NP * kRow + 2 * CPB);
+  constexpr bool kTables = kInt8X && kBaseSmem + 4 * (CPB + 1) * 256 <= 48 * 1024;
+  constexpr int kTableChannels = kTables ? CPB : 1;
+  __shared__ float s_delta_table[kTableChannels][kTables ? 256 : 1];
+  __shared__ float s_silu_z_table[kTables ? 256 : 1];
 
   const int64_t E = a.dim, Lq = a.seqlen, N = a.dstate;
   const int64_t b = blockIdx.y;
@@ -115,6 +168,56 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(ScanArgs a) {
     s_D[tid] = ok && a.D != nullptr ? param_value(a.D, ee, int8_params, a.D_scale) : 0.0f;
   }
 
+  const bool vec = Lq % 4 == 0 && aligned_to(a.u, 4 * sizeof(TU)) &&
+                   aligned_to(a.delta, 4 * sizeof(TX)) && aligned_to(a.B, 4 * sizeof(TX)) &&
+                   aligned_to(a.C, 4 * sizeof(TX)) && (!has_z || aligned_to(a.z, 4 * sizeof(TX)));
+  if constexpr (kTables) {
+    __syncthreads();  // s_bias
+    for (int i = tid; i < CPB * 256; i += kBlock) {
+      const int cc = i / 256;
+      float dv = dequant(static_cast<int8_t>(i % 256 - 128), a.delta_scale);
+      if (a.delta_bias != nullptr) dv = __fadd_rn(dv, s_bias[cc]);
+      if (a.softplus) dv = softplus_exact(dv);
+      s_delta_table[cc][i % 256] = dv;
+    }
+    for (int i = tid; i < 256; i += kBlock) {
+      s_silu_z_table[i] = silu_exact(dequant(static_cast<int8_t>(i - 128), a.z_scale));
+    }
+  }
+
+  // Raw inputs of one chunk: activation slots (channel, 4 steps), B/C slots (state, 4 steps).
+  constexpr int kActSlots = CPB * kChunk / 4;
+  constexpr int kBCSlots = NP * kChunk / 4;
+  constexpr int kActIters = (kActSlots + kBlock - 1) / kBlock;
+  constexpr int kBCIters = (kBCSlots + kBlock - 1) / kBlock;
+  Raw4<TU> raw_u[kActIters];
+  Raw4<TX> raw_d[kActIters], raw_z[kActIters], raw_B[kBCIters], raw_C[kBCIters];
+  auto load_chunk = [&](int64_t t0) {
+#pragma unroll
+    for (int it = 0; it < kActIters; ++it) {
+      const int slot = tid + it * kBlock;
+      const int cc = slot / (kChunk / 4);
+      const int tt = slot % (kChunk / 4) * 4;
+      const int64_t ee = e0 + cc;
+      const int64_t remaining = slot < kActSlots && ee < E ? Lq - t0 - tt : 0;
+      const int64_t off = remaining > 0 ? (b * E + ee) * Lq + t0 + tt : 0;
+      raw_u[it] = load_raw4(u_in + off, remaining, vec);
+      raw_d[it] = load_raw4(delta_in + off, remaining, vec);
+      raw_z[it] = load_raw4(z_in + off, has_z ? remaining : 0, vec);
+    }
+#pragma unroll
+    for (int it = 0; it < kBCIters; ++it) {
+      const int slot = tid + it * kBlock;
+      const int nn = slot / (kChunk / 4);
+      const int tt = slot % (kChunk / 4) * 4;
+      const int64_t remaining = slot < kBCSlots && nn < N ? Lq - t0 - tt : 0;
+      const int64_t off = remaining > 0 ? (b * N + nn) * Lq + t0 + tt : 0;
+      raw_B[it] = load_raw4(B_in + off, remaining, vec);
+      raw_C[it] = load_raw4(C_in + off, remaining, vec);
+    }
+  };
+  load_chunk(0);
+
   // Per-thread states: n = lane + G * s.
   float h[S], A_reg[S];
 #pragma unroll
@@ -131,37 +234,58 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(ScanArgs a) {
   for (int64_t t0 = 0; t0 < Lq; t0 += kChunk) {
     const int64_t steps = Lq - t0 < kChunk ? Lq - t0 : kChunk;
 
-    // ---- 1. load the chunk ----
-    for (int i = tid; i < CPB * kChunk; i += kBlock) {
-      const int cc = i / kChunk;
-      const int tt = i % kChunk;
-      const int64_t ee = e0 + cc;
-      float uv = 0.0f, dv = 0.0f, zv = 0.0f;
-      if (ee < E && tt < steps) {
-        const int64_t off = (b * E + ee) * Lq + t0 + tt;
-        uv = dequant(u_in[off], a.u_scale);
-        dv = dequant(delta_in[off], a.delta_scale);
-        if (a.delta_bias != nullptr) dv = __fadd_rn(dv, s_bias[cc]);
-        if (a.softplus) dv = softplus_exact(dv);
-        if (has_z) zv = dequant(z_in[off], a.z_scale);
+    // ---- 1. decode the chunk's raw inputs (padded steps and channels: zeros) ----
+#pragma unroll
+    for (int it = 0; it < kActIters; ++it) {
+      const int slot = tid + it * kBlock;
+      if (slot < kActSlots) {
+        const int cc = slot / (kChunk / 4);
+        const int tt = slot % (kChunk / 4) * 4;
+        const bool channel_in = e0 + cc < E;
+        float uv[4], dv[4], zv[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          uv[k] = dv[k] = zv[k] = 0.0f;
+          if (channel_in && tt + k < steps) {
+            uv[k] = dequant(raw_u[it].v[k], a.u_scale);
+            if constexpr (kTables) {
+              const int8_t dq = static_cast<int8_t>(raw_d[it].v[k]);
+              dv[k] = s_delta_table[cc][table_index(dq)];
+              if (has_z) zv[k] = s_silu_z_table[table_index(static_cast<int8_t>(raw_z[it].v[k]))];
+            } else {
+              dv[k] = dequant(raw_d[it].v[k], a.delta_scale);
+              if (a.delta_bias != nullptr) dv[k] = __fadd_rn(dv[k], s_bias[cc]);
+              if (a.softplus) dv[k] = softplus_exact(dv[k]);
+              if (has_z) zv[k] = silu_exact(dequant(raw_z[it].v[k], a.z_scale));
+            }
+          }
+        }
+        *reinterpret_cast<float4*>(&s_u[cc][tt]) = make_float4(uv[0], uv[1], uv[2], uv[3]);
+        *reinterpret_cast<float4*>(&s_delta[cc][tt]) = make_float4(dv[0], dv[1], dv[2], dv[3]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) s_z[cc][tt + k] = zv[k];
       }
-      s_u[cc][tt] = uv;
-      s_delta[cc][tt] = dv;
-      s_z[cc][tt] = zv;
     }
-    for (int i = tid; i < NP * kChunk; i += kBlock) {
-      const int nn = i / kChunk;
-      const int tt = i % kChunk;
-      float bv = 0.0f, cv = 0.0f;
-      if (nn < N && tt < steps) {
-        const int64_t off = (b * N + nn) * Lq + t0 + tt;
-        bv = dequant(B_in[off], a.B_scale);
-        cv = dequant(C_in[off], a.C_scale);
+#pragma unroll
+    for (int it = 0; it < kBCIters; ++it) {
+      const int slot = tid + it * kBlock;
+      if (slot < kBCSlots) {
+        const int nn = slot / (kChunk / 4);
+        const int tt = slot % (kChunk / 4) * 4;
+        float bv[4], cv[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const bool ok = nn < N && tt + k < steps;
+          bv[k] = ok ? dequant(raw_B[it].v[k], a.B_scale) : 0.0f;
+          cv[k] = ok ? dequant(raw_C[it].v[k], a.C_scale) : 0.0f;
+        }
+        *reinterpret_cast<float4*>(&s_B[nn][tt]) = make_float4(bv[0], bv[1], bv[2], bv[3]);
+        *reinterpret_cast<float4*>(&s_C[nn][tt]) = make_float4(cv[0], cv[1], cv[2], cv[3]);
       }
-      s_B[nn][tt] = bv;
-      s_C[nn][tt] = cv;
     }
     __syncthreads();
+    // The next chunk's loads are in flight during the recurrence.
+    if (t0 + kChunk < Lq) load_chunk(t0 + kChunk);
 
     // ---- 2. the recurrence, G steps at a time ----
 #pragma unroll 1
@@ -225,7 +349,7 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(ScanArgs a) {
       if (ee < E && tt < steps) {
         float y = s_y[cc][tt];
         if (a.D != nullptr) y = __fadd_rn(y, __fmul_rn(s_u[cc][tt], s_D[cc]));
-        if (has_z) y = __fmul_rn(y, silu_exact(s_z[cc][tt]));
+        if (has_z) y = __fmul_rn(y, s_z[cc][tt]);  // s_z holds silu(z)
         static_cast<TOut*>(a.out)[(b * Lq + t0 + tt) * E + ee] = from_float<TOut>(y);
       }
     }

@@ -7,7 +7,7 @@ events; the median over ``--reps`` replays after warm-up is reported. Achieved b
 the fewest bytes the op must move (each input read once, each output written once) and is
 compared with a device-to-device copy measured in the same run.
 
-Usage: python3 tools/bench/bench_kernels.py [--quick] [--json PATH]
+Usage: python3 tools/bench/bench_kernels.py [--quick] [--json PATH] [--only conv,hadamard]
        python3 tools/bench/bench_kernels.py --sweep   (one call of every kernel on small odd
                                                       shapes: the compute-sanitizer workload)
 Writes $OUT/bench_kernels.json when OUT is set.
@@ -79,7 +79,7 @@ def _randn(*shape, dtype=torch.float32, std=1.0, mean=0.0):
     return (torch.randn(shape, device="cuda") * std + mean).to(dtype)
 
 
-def bench(batch: int, reps: int):
+def bench(batch: int, reps: int, only: list[str] | None = None):
     from quamba_kernels.conv1d import causal_conv1d, conv1d_int8
     from quamba_kernels.hadamard import hadamard
     from quamba_kernels.rmsnorm import rmsnorm
@@ -91,6 +91,8 @@ def bench(batch: int, reps: int):
     rows = []
 
     def add(name, make_call, moved_bytes, **extra):
+        if only and not any(part in name for part in only):
+            return None
         ms = time_kernel(make_call, moved_bytes, reps)
         rows.append({"kernel": name, "batch": b, "ms": ms, "bytes": moved_bytes, **extra})
         return ms
@@ -185,12 +187,13 @@ def bench(batch: int, reps: int):
 
     add("scan step int8 state", step, 2 * b * e * n + 5 * b * e)
 
-    ratios = {
-        "int8_fast_vs_fp16_fast": t_int8 / t_fp16,
-        "int8_exact_vs_int8_fast": t_int8_exact / t_int8,
-        "sim_vs_int8_fast": t_sim / t_int8,
-        "sim_vs_int8_exact": t_sim / t_int8_exact,
+    pairs = {
+        "int8_fast_vs_fp16_fast": (t_int8, t_fp16),
+        "int8_exact_vs_int8_fast": (t_int8_exact, t_int8),
+        "sim_vs_int8_fast": (t_sim, t_int8),
+        "sim_vs_int8_exact": (t_sim, t_int8_exact),
     }
+    ratios = {k: a / b for k, (a, b) in pairs.items() if a is not None and b is not None}
     return rows, ratios
 
 
@@ -266,6 +269,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="sanitizer workload, no timing")
     parser.add_argument("--json", default=None, help="where to write the results")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated substrings of the kernel names to run"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -277,7 +283,8 @@ def main() -> int:
     copy_gbs = copy_bandwidth(reps)
     results = {"device": torch.cuda.get_device_name(), "copy_GBps": copy_gbs, "runs": []}
     for batch in (1, 8):
-        rows, ratios = bench(batch, reps)
+        only = [part.strip() for part in args.only.split(",")] if args.only else None
+        rows, ratios = bench(batch, reps, only)
         for row in rows:
             row["GBps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
             row["pct_copy"] = 100 * row["GBps"] / copy_gbs

@@ -847,6 +847,49 @@ def test_binding_checks_shapes_itself():
                         None, 1, 0.2, 1.0, 0, 0)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "n,dtype,out_kind", [(5120, torch.float16, "int8"), (768, torch.float32, "float32")]
+)
+def test_hadamard_with_another_pm1_matrix(monkeypatch, n, dtype, out_kind):
+    """A +-1 matrix other than Paley's takes the kernel's shared-memory matrix path (the Paley
+    entries are compile-time constants otherwise); the result stays bit-identical."""
+    import importlib
+
+    from quamba_kernels.hadamard import hadamard
+
+    # The modules themselves (the packages export functions of the same name).
+    kernel_hadamard = importlib.import_module("quamba_kernels.hadamard")
+    layer_hadamard = importlib.import_module("quamba_layers.hadamard")
+    from quamba_layers import reference_ops as ref
+
+    m, _ = kernel_hadamard.hadamard_factors(n)
+    other = torch.tensor(kernel_hadamard.base_matrix(m), dtype=torch.float64)
+    other[1] = -other[1]
+    other[:, [2, 5]] = other[:, [5, 2]]
+    monkeypatch.setattr(layer_hadamard, "_base_matrix", lambda size: other)
+    monkeypatch.setattr(
+        kernel_hadamard, "_matrix_on", lambda size, device: other.float().to(device)
+    )
+
+    g = _gen("hadamard-other", n, out_kind)
+    x = _normal(g, (2, 33, n), 1.0, dtype=dtype)
+    scale = 1.0 / math.sqrt(n)
+    if out_kind == "int8":
+        s_out = 4.0 / 127
+        got = _run_int8_twice(lambda out: hadamard(x, scale, s_out, out=out), tuple(x.shape))
+        want = ref.hadamard(x, scale, s_out)
+        _assert_codes(got, want, ref.hadamard(x, scale).double() / _f32(s_out), "hadamard other")
+        # The patched matrix really changes the result (the test reaches the other path).
+        monkeypatch.undo()
+        assert not torch.equal(got, ref.hadamard(x, scale, s_out))
+    else:
+        got = hadamard(x, scale, out_dtype=torch.float32)
+        want = ref.hadamard(x, scale)
+        _assert_equal(got, want, "hadamard other float")
+        monkeypatch.undo()
+        assert not torch.equal(got, ref.hadamard(x, scale))
+
+
 def test_print_statistics():
     """Not a check: prints (and writes to $OUT when set) the statistics collected above."""
     import json

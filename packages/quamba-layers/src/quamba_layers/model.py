@@ -9,6 +9,11 @@ mixer and the stage probes mirror.
 Decode state, per layer: `(conv_state (B, E, K - 1) in the model dtype, ssm_state (B, E, N)
 float32)`. Arithmetic of the conv and the scan is float32 (`quamba_layers.fp_ops`); the residual
 stream is float32 when `residual_in_fp32`.
+
+`MambaLM.use_kernels()` switches the norms, convs and scans to the quamba-kernels float kernels
+(`quamba_layers.fp_kernels`, which states the semantics and tolerances); the default is the
+reference path everywhere. `generate` decodes through a CUDA graph (`quamba_layers.cuda_graph`)
+when the kernel path is active.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp_kernels
 from .config import MambaConfig
+from .cuda_graph import GraphedStep
 from .fp_ops import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -48,12 +55,17 @@ class LMOutput:
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32: `(x * rsqrt(mean(x^2) + eps)) * weight`, output in weight dtype."""
 
+    # The kernel implementation (fp_kernels.FloatKernelOps) set by MambaLM.use_kernels, or None.
+    kernel_ops: fp_kernels.FloatKernelOps | None = None
+
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_ops is not None:
+            return self.kernel_ops.rmsnorm(self, x)
         x32 = x.float()
         mean_square = x32.pow(2).mean(-1, keepdim=True)
         y = (x32 * torch.rsqrt(mean_square + self.eps)) * self.weight.float()
@@ -69,6 +81,9 @@ class MambaMixer(nn.Module):
     Parameters: in_proj (2E, D), conv1d depthwise (E, 1, K), x_proj (R + 2N, E),
     dt_proj (E, R) with bias, A_log (E, N), D (E,), out_proj (D, E).
     """
+
+    # The kernel implementation (fp_kernels.FloatKernelOps) set by MambaLM.use_kernels, or None.
+    kernel_ops: fp_kernels.FloatKernelOps | None = None
 
     def __init__(self, config: MambaConfig) -> None:
         super().__init__()
@@ -200,6 +215,8 @@ class MambaMixer(nn.Module):
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """hidden (B, L, D) -> (out (B, L, D), (conv_state, ssm_state) after the last position)."""
+        if self.kernel_ops is not None:
+            return self.kernel_ops.mixer_forward(self, hidden, state)
         conv_state, ssm_state = state if state is not None else (None, None)
         x, z = self.project_in(hidden)
         u, conv_state = self.conv(x, conv_state)
@@ -213,6 +230,8 @@ class MambaMixer(nn.Module):
         self, hidden: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One decode token: hidden (B, D) -> (out (B, D), new (conv_state, ssm_state))."""
+        if self.kernel_ops is not None:
+            return self.kernel_ops.mixer_step(self, hidden, state)
         conv_state, ssm_state = state
         x, z = self.project_in(hidden[:, None, :])
         u, conv_state = self.conv_step(x[..., 0], conv_state)
@@ -305,7 +324,12 @@ class MambaLM(nn.Module):
     dt bias = softplus^-1 of dt in [1e-3, 1e-1], D = 1, normal weights with the variance of the
     default nn.Linear init, out_proj scaled by 1/sqrt(n_layer)). `device="meta"` allocates nothing
     (for shapes, or for `load_state_dict(..., assign=True)`).
+
+    Ops run as the PyTorch references until `use_kernels()` selects the CUDA kernels;
+    `implementations()` records what runs each op.
     """
+
+    kernel_choice: fp_kernels.KernelChoice = fp_kernels.DEFAULT_CHOICE
 
     def __init__(
         self,
@@ -401,6 +425,25 @@ class MambaLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.backbone.embedding.weight.dtype
 
+    # --- implementation -----------------------------------------------------------------------
+
+    def use_kernels(self, prefer: str = "auto", *, exact_scan: bool = False) -> MambaLM:
+        """Choose who runs the norms, convs and scans; returns the model.
+
+        prefer: "auto" (the quamba-kernels float kernels when the model is on CUDA and they can
+        run, else the reference), "kernel" (RuntimeError with the reason when they cannot run),
+        "reference" (the PyTorch ops, the default). `exact_scan=True` makes the float16/bfloat16
+        scan bit-identical to the reference (slower); see `quamba_layers.fp_kernels` for the
+        semantics and tolerances. The kernels are for inference (no autograd). Call it again
+        after moving the model to another device.
+        """
+        fp_kernels.use_kernels(self, prefer, exact_scan=exact_scan)
+        return self
+
+    def implementations(self) -> dict[str, str]:
+        """What runs each op (reference or kernel), the request and the reason of the choice."""
+        return fp_kernels.implementations(self)
+
     # --- inference ----------------------------------------------------------------------------
 
     def init_state(self, batch_size: int) -> MambaState:
@@ -441,6 +484,13 @@ class MambaLM(nn.Module):
             state = self.init_state(token_ids.shape[0])
         else:
             self._check_state(state, token_ids.shape[0])
+        return self.step_unchecked(token_ids, state)
+
+    def step_unchecked(
+        self, token_ids: torch.Tensor, state: MambaState
+    ) -> tuple[torch.Tensor, MambaState]:
+        """`step` without the argument checks (they synchronise with the GPU): the step function
+        that `GraphedStep` captures. token_ids (B,) and state must be valid."""
         hidden, new_state = self.backbone.step(token_ids, state)
         return self.lm_head(hidden).float(), new_state
 
@@ -454,6 +504,7 @@ class MambaLM(nn.Module):
         top_p: float | None = None,
         seed: int | None = None,
         eos_token_id: int | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Continue `input_ids` (B, L) by up to `max_new_tokens` tokens; returns (B, L + new).
 
@@ -464,9 +515,18 @@ class MambaLM(nn.Module):
         ids below `config.vocab_size` are produced (the padding rows are never chosen). With
         `eos_token_id`, a finished sequence is padded with it and generation stops once every
         sequence has finished.
+
+        `cuda_graph`: decode through a CUDA graph (`GraphedStep`, captured once per call; the
+        same tokens as eager decoding). None: on CUDA when the kernel path is active.
         """
         self._check_token_ids(input_ids, expected_dim=2)
         _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and self.kernel_choice.ops is not None
+        elif not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be None or a bool, got {cuda_graph!r}")
+        elif cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {self.device}")
         generator = None
         if temperature > 0:
             generator = torch.Generator()
@@ -480,6 +540,7 @@ class MambaLM(nn.Module):
         output = self.forward(input_ids)
         logits, state = output.logits[:, -1], output.state
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        graphed: GraphedStep | None = None
         for index in range(max_new_tokens):
             next_tokens = _select_next_tokens(
                 logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator
@@ -491,7 +552,12 @@ class MambaLM(nn.Module):
             last = index == max_new_tokens - 1
             if last or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits, state = self.step(next_tokens, state)
+            if not cuda_graph:
+                logits, state = self.step(next_tokens, state)
+                continue
+            if graphed is None:
+                graphed = GraphedStep(self.step_unchecked, next_tokens, state)
+            logits = graphed(next_tokens)
         return tokens
 
     # --- argument checks ----------------------------------------------------------------------

@@ -17,6 +17,7 @@
 
 #include "conv1d.h"
 #include "elem_type.h"
+#include "gemm_int8.h"
 #include "hadamard.h"
 #include "quantize.h"
 #include "rmsnorm.h"
@@ -589,6 +590,90 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
   check_cuda(quamba::launch_selective_scan_step(a, as_stream(stream)), "selective_scan_step launch");
 }
 
+// ---- INT8 GEMM (GEMV / skinny) and the epilogue over int32 accumulators ----
+
+bool is_int32(const AnyArray& a) {
+  const nb::dlpack::dtype dt = a.dtype();
+  return dt.lanes == 1 && dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) &&
+         dt.bits == 32;
+}
+
+// The epilogue of an (M, N) result written to `out`: its dtype names the output; its shape is
+// (M, N), or (M / seq_len, N, seq_len) for the sequence-last layout.
+quamba::GemmEpilogue gemm_epilogue(const AnyArray& out, int64_t M, int64_t N, float scale,
+                                   float out_scale, int rounding, int64_t seq_len) {
+  quamba::GemmEpilogue ep;
+  if (is_int32(out)) {
+    ep.out_type = quamba::GemmOut::Int32;
+  } else {
+    switch (elem_type_of(out, "out")) {
+      case ElemType::Int8:
+        ep.out_type = quamba::GemmOut::Int8;
+        expect_scale(out_scale, "out_scale");
+        break;
+      case ElemType::Float16: ep.out_type = quamba::GemmOut::Float16; break;
+      case ElemType::BFloat16: ep.out_type = quamba::GemmOut::BFloat16; break;
+      default: ep.out_type = quamba::GemmOut::Float32; break;
+    }
+  }
+  expect_scale(scale, "scale");
+  expect_rounding(rounding);
+  if (seq_len < 0) throw std::invalid_argument("seq_len must be >= 0 (0: row-major output)");
+  if (seq_len == 0) {
+    expect_shape(out, "out", {M, N});
+  } else {
+    if (M % seq_len != 0) {
+      throw std::invalid_argument("the number of rows M = " + std::to_string(M) +
+                                  " must be a multiple of seq_len = " + std::to_string(seq_len));
+    }
+    expect_shape(out, "out", {M / seq_len, N, seq_len});
+  }
+  ep.scale = scale;
+  ep.out_scale = out_scale;
+  ep.rounding = rounding;
+  ep.seq_len = seq_len;
+  return ep;
+}
+
+void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scale, int rounding,
+               int64_t seq_len, int algo, std::uintptr_t stream) {
+  if (algo < 0 || algo > 3) {
+    throw std::invalid_argument("algo must be 0 (auto), 1 (skinny), 2 (tiled) or 3 (stream)");
+  }
+  expect_type(x, "x", ElemType::Int8);
+  expect_type(w, "w", ElemType::Int8);
+  expect_ndim(x, "x", 2);
+  expect_ndim(w, "w", 2);
+  const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
+  if (w.shape(1) != static_cast<size_t>(K)) {
+    throw std::invalid_argument("w must have shape (N, K) with K = x.shape[1] = " +
+                                std::to_string(K) + ", got " + shape_str(w));
+  }
+  if (K < 1 || K >= 131072) {
+    throw std::invalid_argument("K must be in [1, 131072) so that int32 accumulation is exact, got " +
+                                std::to_string(K));
+  }
+  if (algo == 3 && M > 4) throw std::invalid_argument("the stream GEMV takes M <= 4 rows");
+  const quamba::GemmEpilogue ep = gemm_epilogue(out, M, N, scale, out_scale, rounding, seq_len);
+  DeviceGuard guard(common_device({&x, &w, &out}));
+  check_cuda(quamba::launch_int8_gemm(static_cast<const int8_t*>(x.data()),
+                                      static_cast<const int8_t*>(w.data()), out.data(), M, N, K, ep,
+                                      static_cast<quamba::GemmAlgo>(algo), as_stream(stream)),
+             "int8_gemm launch");
+}
+
+void int32_epilogue(AnyArray acc, AnyArray out, float scale, float out_scale, int rounding,
+                    int64_t seq_len, std::uintptr_t stream) {
+  if (!is_int32(acc)) throw nb::type_error("acc must be int32");
+  expect_ndim(acc, "acc", 2);
+  const int64_t M = acc.shape(0), N = acc.shape(1);
+  const quamba::GemmEpilogue ep = gemm_epilogue(out, M, N, scale, out_scale, rounding, seq_len);
+  DeviceGuard guard(common_device({&acc, &out}));
+  check_cuda(quamba::launch_int32_epilogue(static_cast<const int32_t*>(acc.data()), out.data(), M,
+                                           N, ep, as_stream(stream)),
+             "int32_epilogue launch");
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -645,4 +730,13 @@ NB_MODULE(_C, m) {
         nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("stream"),
         nb::call_guard<nb::gil_scoped_release>(),
         "One selective-scan decode step; the state (B, E, N) is updated in place.");
+  m.def("int8_gemm", &int8_gemm, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
+        nb::arg("out").noconvert(), nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"),
+        nb::arg("seq_len"), nb::arg("algo"), nb::arg("stream"),
+        nb::call_guard<nb::gil_scoped_release>(),
+        "x (M, K) int8 @ w (N, K)^T int8 -> exact int32 -> epilogue into out (its dtype decides).");
+  m.def("int32_epilogue", &int32_epilogue, nb::arg("acc").noconvert(), nb::arg("out").noconvert(),
+        nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("seq_len"),
+        nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "The W8A8 epilogue over int32 accumulators acc (M, N) into out (its dtype decides).");
 }

@@ -19,6 +19,7 @@ from quamba_kernels.conv1d import (
     conv1d_int8,
     conv1d_int8_update,
 )
+from quamba_kernels.gemm import gemm_implementation, int8_linear
 from quamba_kernels.hadamard import hadamard
 from quamba_kernels.quantize import quantize_int8
 from quamba_kernels.rmsnorm import rmsnorm
@@ -36,7 +37,9 @@ __all__ = [
     "causal_conv1d_update",
     "conv1d_int8",
     "conv1d_int8_update",
+    "gemm_implementation",
     "hadamard",
+    "int8_linear",
     "quantize_int8",
     "require",
     "rmsnorm",

@@ -1,0 +1,600 @@
+// INT8 x INT8 -> INT32 GEMV / skinny GEMM with the W8A8 epilogues, and the epilogue alone.
+//
+// Accumulation is exact (|acc| <= K * 128 * 128 < 2^31 for K < 131072, checked by the caller), so
+// the summation order is free: the results are bit-identical to reference_ops.w8a8_linear.
+//
+// Three kernels: for K % 16 == 0 (sm_80+, mma.sync m16n8k32 s8) a skinny kernel for few rows
+// (decode: M = batch; weights read once per 16 rows) and a tiled kernel for many (prefill); a
+// byte-wise kernel for any other K. The epilogue is fused into all three.
+#include "common.cuh"
+#include "gemm_int8.h"
+
+namespace quamba {
+namespace {
+
+constexpr int kGemvThreads = 128;
+constexpr int kCols = 4;
+
+struct EpilogueConsts {
+  GemmOut type;
+  float scale;
+  float out_scale;
+  float inv_out_scale;
+  Rounding rule;
+  int64_t seq_len;
+};
+
+EpilogueConsts make_consts(const GemmEpilogue& ep) {
+  EpilogueConsts c;
+  c.type = ep.out_type;
+  c.scale = ep.scale;
+  c.out_scale = ep.out_scale;
+  c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
+  c.rule = static_cast<Rounding>(ep.rounding);
+  c.seq_len = ep.seq_len;
+  return c;
+}
+
+__device__ __forceinline__ int64_t out_index(const EpilogueConsts& c, int64_t m, int64_t n,
+                                             int64_t N) {
+  if (c.seq_len <= 0) return m * N + n;
+  const int64_t b = m / c.seq_len;
+  return (b * N + n) * c.seq_len + (m - b * c.seq_len);
+}
+
+__device__ __forceinline__ void store_epilogue(const EpilogueConsts& c, void* out, int64_t index,
+                                               int32_t acc) {
+  if (c.type == GemmOut::Int32) {
+    static_cast<int32_t*>(out)[index] = acc;
+    return;
+  }
+  const float v = __fmul_rn(__int2float_rn(acc), c.scale);
+  switch (c.type) {
+    case GemmOut::Int8:
+      static_cast<int8_t*>(out)[index] = quantize_int8_fast(v, c.out_scale, c.inv_out_scale, c.rule);
+      break;
+    case GemmOut::Float16:
+      static_cast<__half*>(out)[index] = __float2half_rn(v);
+      break;
+    case GemmOut::BFloat16:
+      static_cast<__nv_bfloat16*>(out)[index] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<float*>(out)[index] = v;
+      break;
+  }
+}
+
+__host__ __device__ __forceinline__ int out_elem_size(GemmOut type) {
+  return type == GemmOut::Int8 ? 1 : (type == GemmOut::Float16 || type == GemmOut::BFloat16 ? 2 : 4);
+}
+
+// Reduce-scatter across the lanes at xor-distances D, D/2, ..., 1. While a lane carries more than
+// one value it keeps half (the upper half when its bit D is set) and adds the partner's matching
+// half; with one value left the stage is a plain xor all-reduce. `base` gathers the original index
+// of v[0]; `writer` is cleared on lanes that only hold a copy of another lane's sum.
+template <int C, int D, int V>
+__device__ __forceinline__ void reduce_scatter(int (&v)[V], int lane, int& base, bool& writer) {
+  if constexpr (D > 0) {
+    if constexpr (C > 1) {
+      const bool upper = (lane & D) != 0;
+#pragma unroll
+      for (int i = 0; i < C / 2; ++i) {
+        const int send = upper ? v[i] : v[i + C / 2];
+        const int keep = upper ? v[i + C / 2] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+      }
+      if (upper) base += C / 2;
+      reduce_scatter<C / 2, D / 2, V>(v, lane, base, writer);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], D);
+      if (lane & D) writer = false;
+      reduce_scatter<1, D / 2, V>(v, lane, base, writer);
+    }
+  }
+}
+
+// ---- tensor-core skinny GEMM (rows in tiles of 16: decode, and small weight matrices) ----
+//
+// One block = 8 warps = an output tile of 16 rows x 8 columns; the warps split K in chunks of 64
+// and each chunk is two mma.m16n8k32 (s8 x s8 -> s32). Lane (g = lane / 4, t = lane % 4) loads 16
+// contiguous bytes of weight row n0 + g and of x rows m0 + g, m0 + g + 8 at k = chunk + 16 t, and
+// uses words 0-1 for the first mma and words 2-3 for the second: A and B see the same permutation
+// of k, which an exact integer sum does not notice. Every weight byte is read once per 16 rows.
+constexpr int kMmaChunk = 64;
+
+__device__ __forceinline__ void mma_s8_16x8x32(int (&c)[4], int a0, int a1, int a2, int a3, int b0,
+                                               int b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // Not volatile: the compiler may then move loads of later chunks ahead of this mma.
+  asm(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // built for sm_80+ only (see CMakeLists.txt)
+#endif
+}
+
+// The two mma of a 64-byte k chunk, with A words (x rows g, g + 8) and B words (weight row g) in
+// the permuted order described above.
+__device__ __forceinline__ void mma_chunk64(int (&c)[4], const int4& xa, const int4& xb,
+                                            const int4& wv) {
+  mma_s8_16x8x32(c, xa.x, xb.x, xa.y, xb.y, wv.x, wv.y);
+  mma_s8_16x8x32(c, xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
+}
+
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    int8_mma_skinny_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                           void* __restrict__ out, int64_t M, int64_t N, int64_t K,
+                           EpilogueConsts ep) {
+  __shared__ int s_acc[kWarps][16][8];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 8;
+  const bool w_row_ok = n0 + g < N;
+  const int8_t* w_row = w + (n0 + g) * K;
+  const int4 zero = make_int4(0, 0, 0, 0);
+
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * 16; m0 < M;
+       m0 += static_cast<int64_t>(gridDim.y) * 16) {
+    const bool row_a_ok = m0 + g < M, row_b_ok = m0 + g + 8 < M;
+    const int8_t* x_a = x + (m0 + g) * K;
+    const int8_t* x_b = x + (m0 + g + 8) * K;
+    int c[4] = {0, 0, 0, 0};
+#pragma unroll 4
+    for (int64_t k0 = static_cast<int64_t>(warp) * kMmaChunk; k0 < K; k0 += kWarps * kMmaChunk) {
+      const int64_t k = k0 + 16 * t;
+      const bool k_ok = k < K;  // K % 16 == 0: a 16-byte segment is all in or all out
+      const int4 wv = w_row_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(w_row + k)) : zero;
+      const int4 xa = row_a_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_a + k)) : zero;
+      const int4 xb = row_b_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_b + k)) : zero;
+      mma_chunk64(c, xa, xb, wv);
+    }
+    s_acc[warp][g][2 * t] = c[0];
+    s_acc[warp][g][2 * t + 1] = c[1];
+    s_acc[warp][g + 8][2 * t] = c[2];
+    s_acc[warp][g + 8][2 * t + 1] = c[3];
+    __syncthreads();
+    for (int i = threadIdx.x; i < 128; i += kWarps * 32) {
+      const int r = i / 8, col = i % 8;
+      int total = 0;
+#pragma unroll
+      for (int j = 0; j < kWarps; ++j) total += s_acc[j][r][col];
+      const int64_t m = m0 + r, n = n0 + col;
+      if (m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), total);
+    }
+    __syncthreads();  // s_acc is reused by the next row tile
+  }
+}
+
+// ---- streaming GEMV (M <= 4: decode at small batch) ----
+//
+// A warp owns kRows consecutive weight rows and reads each as one contiguous stream (lane l takes
+// bytes 16 l, 16 l + 512, ...): long sequential bursts, all loads of a round issued before the
+// dp4a that consume them. x (M <= 4 rows) comes from L1. Warp all-reduce, lane j stores value j.
+constexpr int kStreamThreads = 256;
+constexpr int kStreamUnroll = 4;
+
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
+template <int MT, int kRows>
+__global__ void __launch_bounds__(kStreamThreads)
+    int8_gemv_stream_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
+                            EpilogueConsts ep) {
+  constexpr int V = MT * kRows;
+  const int lane = threadIdx.x % 32;
+  const int64_t n0 =
+      (static_cast<int64_t>(blockIdx.x) * (kStreamThreads / 32) + threadIdx.x / 32) * kRows;
+  if (n0 >= N) return;  // whole warp leaves together
+  const int4 zero = make_int4(0, 0, 0, 0);
+  int acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0;
+
+  for (int64_t k0 = static_cast<int64_t>(lane) * 16; k0 < K; k0 += kStreamUnroll * 512) {
+    int4 wv[kStreamUnroll][kRows];
+    int4 xv[kStreamUnroll][MT];
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      const int64_t k = k0 + u * 512;
+      const bool k_ok = k < K;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        wv[u][r] = k_ok && n0 + r < N ? __ldg(reinterpret_cast<const int4*>(w + (n0 + r) * K + k))
+                                      : zero;
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        xv[u][m] = k_ok && m < M ? __ldg(reinterpret_cast<const int4*>(x + m * K + k)) : zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = dot16(xv[u][m], wv[u][r], acc[m * kRows + r]);
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+#pragma unroll
+    for (int d = 16; d > 0; d /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], d);
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int64_t m = i / kRows, n = n0 + i % kRows;
+    if (lane == i % 32 && m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), acc[i]);
+  }
+}
+
+template <int MT>
+cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
+                               int64_t K, const EpilogueConsts& ep, int sms, cudaStream_t stream) {
+  // Four rows per warp when there are enough rows to fill the GPU, else one (x_proj: N = 192).
+  constexpr int kWarpsPerBlock = kStreamThreads / 32;
+  if (N >= 4LL * kWarpsPerBlock * sms) {
+    const int64_t blocks = (N + 4 * kWarpsPerBlock - 1) / (4 * kWarpsPerBlock);
+    int8_gemv_stream_kernel<MT, 4><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
+        x, w, out, M, N, K, ep);
+  } else {
+    const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    int8_gemv_stream_kernel<MT, 1><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
+        x, w, out, M, N, K, ep);
+  }
+  return cudaGetLastError();
+}
+
+// ---- tensor-core tiled GEMM (prefill) ----
+//
+// Block tile 128 x 128, 8 warps (4 along M x 2 along N, 32 x 64 each), K in tiles of 128 bytes
+// staged through a 3-deep cp.async pipeline (96 KB). A K tile is kept as two 64-byte-wide halves:
+// the 16-byte fragment loads of a quarter-warp then cover one contiguous 128-byte span (no bank
+// conflicts). The fragments use the skinny kernel's permuted k order. Out-of-range rows and k
+// segments are zero-filled by cp.async, so any M, N and K % 16 == 0 work. The epilogue converts
+// the tile into shared memory and writes it with 16-byte stores along the output's contiguous
+// axis (n for row-major, l for sequence-last).
+constexpr int kTileM = 128, kTileN = 128, kTileK = 128, kStages = 3;
+constexpr int kHalfK = 64;
+constexpr int kTileThreads = 256;
+constexpr int kHalfBytes = kTileM * kHalfK;           // 8 KB: one half of A or of B
+constexpr int kStageBytes = 4 * kHalfBytes;           // A halves, then B halves
+constexpr int kTileSmemBytes = kStages * kStageBytes; // 96 KB (>= the 64 KB fp32 output tile)
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Converts acc with the epilogue and writes it at dst (an element of the output type).
+__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
+  if (c.type == GemmOut::Int32) {
+    *static_cast<int32_t*>(dst) = acc;
+    return;
+  }
+  const float v = __fmul_rn(__int2float_rn(acc), c.scale);
+  switch (c.type) {
+    case GemmOut::Int8:
+      *static_cast<int8_t*>(dst) = quantize_int8_fast(v, c.out_scale, c.inv_out_scale, c.rule);
+      break;
+    case GemmOut::Float16: *static_cast<__half*>(dst) = __float2half_rn(v); break;
+    case GemmOut::BFloat16: *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v); break;
+    default: *static_cast<float*>(dst) = v; break;
+  }
+}
+
+__global__ void __launch_bounds__(kTileThreads)
+    int8_gemm_tiled_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                           void* __restrict__ out, int64_t M, int64_t N, int64_t K,
+                           EpilogueConsts ep) {
+  extern __shared__ int4 smem_tiles[];
+  int8_t* smem = reinterpret_cast<int8_t*>(smem_tiles);
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wm = warp / 2, wn = warp % 2;
+  const int64_t m_block = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
+
+  auto load_stage = [&](int stage, int kt) {
+    int8_t* base = smem + stage * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int idx = tid + i * kTileThreads;  // 0..2047: 1024 segments of A, then 1024 of B
+      const bool is_a = idx < 1024;
+      const int local = idx & 1023;
+      const int row = local / 8, seg = local % 8;  // 8 x 16 bytes along k per row
+      const int64_t k = static_cast<int64_t>(kt) * kTileK + seg * 16;
+      const int64_t grow = (is_a ? m_block : n_block) + row;
+      const bool valid = grow < (is_a ? M : N) && k < K;
+      const int8_t* src = is_a ? x : w;
+      int8_t* dst = base + (is_a ? 0 : 2 * kHalfBytes) + (seg / 4) * kHalfBytes + row * kHalfK +
+                    (seg % 4) * 16;
+      cp_async16(dst, valid ? src + grow * K + k : src, valid);
+    }
+  };
+
+  int c[2][8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) c[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt is visible; everyone is done with the stage refilled below
+    if (kt + kStages - 1 < k_tiles) load_stage((kt + kStages - 1) % kStages, kt + kStages - 1);
+    cp_async_commit();
+
+    const int8_t* stage = smem + (kt % kStages) * kStageBytes;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int8_t* sa = stage + half * kHalfBytes;
+      const int8_t* sb = stage + (2 + half) * kHalfBytes;
+      int4 a_lo[2], a_hi[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = wm * 32 + i * 16 + g;
+        a_lo[i] = *reinterpret_cast<const int4*>(sa + row * kHalfK + t * 16);
+        a_hi[i] = *reinterpret_cast<const int4*>(sa + (row + 8) * kHalfK + t * 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int4 b =
+            *reinterpret_cast<const int4*>(sb + (wn * 64 + j * 8 + g) * kHalfK + t * 16);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) mma_chunk64(c[i][j], a_lo[i], a_hi[i], b);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the output tile
+
+  // 1. converted values into shared memory, laid out along the output's contiguous axis
+  const bool seq_last = ep.seq_len > 0;
+  const int esize = out_elem_size(ep.type);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int ml = wm * 32 + i * 16 + g + (r >= 2 ? 8 : 0);
+        const int nl = wn * 64 + j * 8 + 2 * t + (r & 1);
+        const int slot = seq_last ? nl * kTileM + ml : ml * kTileN + nl;
+        convert_to(ep, smem + slot * esize, c[i][j][r]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. 16-byte pieces of each tile row out to global memory (element-wise at the edges)
+  const int per_piece = 16 / esize;
+  const int pieces_per_row = kTileM * esize / 16;  // kTileM == kTileN
+  int8_t* out_bytes = static_cast<int8_t*>(out);
+  for (int p = tid; p < kTileM * pieces_per_row; p += kTileThreads) {
+    const int row = p / pieces_per_row;
+    const int col = (p % pieces_per_row) * per_piece;
+    const int8_t* src = smem + (row * kTileM + col) * esize;
+    int64_t first;  // output index of the piece's first element
+    bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
+    if (seq_last) {
+      const int64_t n = n_block + row, m = m_block + col;
+      const int64_t b = m / ep.seq_len;
+      first = (b * N + n) * ep.seq_len + (m - b * ep.seq_len);
+      whole = n < N && m + per_piece <= M && (m + per_piece - 1) / ep.seq_len == b;
+    } else {
+      const int64_t m = m_block + row, n = n_block + col;
+      first = m * N + n;
+      whole = m < M && n + per_piece <= N;
+    }
+    if (whole && (first * esize) % 16 == 0) {
+      *reinterpret_cast<int4*>(out_bytes + first * esize) = *reinterpret_cast<const int4*>(src);
+      continue;
+    }
+    for (int e = 0; e < per_piece; ++e) {
+      const int64_t m = m_block + (seq_last ? col + e : row);
+      const int64_t n = n_block + (seq_last ? row : col + e);
+      if (m < M && n < N) {
+        const int64_t index = out_index(ep, m, n, N);
+        for (int byte = 0; byte < esize; ++byte) {
+          out_bytes[index * esize + byte] = src[e * esize + byte];
+        }
+      }
+    }
+  }
+}
+
+// ---- byte-wise fallback (K not a multiple of 16, or unaligned pointers): dp4a-free and simple ----
+//
+// A warp owns kCols = 4 consecutive columns and MT rows; lanes stride K by 32 and the MT * kCols
+// partial sums are combined with a reduce-scatter over shuffles.
+template <int MT>
+__global__ void __launch_bounds__(kGemvThreads)
+    int8_gemv_bytes_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                           void* __restrict__ out, int64_t M, int64_t N, int64_t K,
+                           EpilogueConsts ep) {
+  constexpr int V = MT * kCols;
+  constexpr int kLeft = V >= 32 ? V / 32 : 1;
+  const int lane = threadIdx.x % 32;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + threadIdx.x / 32) * kCols;
+
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT; m0 < M;
+       m0 += static_cast<int64_t>(gridDim.y) * MT) {
+    int acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0;
+    if (n0 < N) {
+      for (int64_t k = lane; k < K; k += 32) {
+        int wv[kCols];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) wv[c] = n0 + c < N ? w[(n0 + c) * K + k] : 0;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m0 + m < M) {
+            const int xv = x[(m0 + m) * K + k];
+#pragma unroll
+            for (int c = 0; c < kCols; ++c) acc[m * kCols + c] += xv * wv[c];
+          }
+        }
+      }
+    }
+    int base = 0;
+    bool writer = true;
+    reduce_scatter<V, 16, V>(acc, lane, base, writer);
+    if (writer) {
+#pragma unroll
+      for (int i = 0; i < kLeft; ++i) {
+        const int idx = base + i;
+        const int64_t m = m0 + idx / kCols;
+        const int64_t n = n0 + idx % kCols;
+        if (m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), acc[i]);
+      }
+    }
+  }
+}
+
+template <int MT>
+cudaError_t launch_gemv_bytes(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
+                              int64_t K, const EpilogueConsts& ep, cudaStream_t stream) {
+  constexpr int kColsPerBlock = (kGemvThreads / 32) * kCols;
+  const int64_t col_blocks = (N + kColsPerBlock - 1) / kColsPerBlock;
+  const int64_t row_blocks = (M + MT - 1) / MT;
+  if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(col_blocks),
+                  static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
+  int8_gemv_bytes_kernel<MT><<<grid, kGemvThreads, 0, stream>>>(x, w, out, M, N, K, ep);
+  return cudaGetLastError();
+}
+
+// ---- epilogue over int32 accumulators ----
+
+constexpr int kTile = 32;
+
+// One 32 x 32 tile per block (32 x 8 threads): read rows of acc along n (coalesced), write either
+// along n (row-major) or, through shared memory, along m (sequence-last: consecutive l).
+__global__ void __launch_bounds__(256)
+    int32_epilogue_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
+                          int64_t N, EpilogueConsts ep) {
+  __shared__ int32_t tile[kTile][kTile + 1];
+  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tx = threadIdx.x % kTile;
+  const int ty = threadIdx.x / kTile;
+  for (int64_t m_base = static_cast<int64_t>(blockIdx.y) * kTile; m_base < M;
+       m_base += static_cast<int64_t>(gridDim.y) * kTile) {
+    if (ep.seq_len <= 0) {
+      for (int r = ty; r < kTile; r += 8) {
+        const int64_t m = m_base + r, n = n_base + tx;
+        if (m < M && n < N) store_epilogue(ep, out, m * N + n, acc[m * N + n]);
+      }
+      continue;
+    }
+    for (int r = ty; r < kTile; r += 8) {
+      const int64_t m = m_base + r, n = n_base + tx;
+      if (m < M && n < N) tile[r][tx] = acc[m * N + n];
+    }
+    __syncthreads();
+    for (int r = ty; r < kTile; r += 8) {
+      const int64_t n = n_base + r, m = m_base + tx;
+      if (m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), tile[tx][r]);
+    }
+    __syncthreads();  // the tile is reused by the next row block
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
+                             int64_t K, const GemmEpilogue& ep, GemmAlgo algo,
+                             cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  const EpilogueConsts c = make_consts(ep);
+  const bool vec = K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  int device = 0, major = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (vec && major >= 8) {  // mma.sync with s8 operands: Ampere and newer
+    if (algo == GemmAlgo::Auto) {
+      algo = M <= 4 ? GemmAlgo::Stream : (M <= 16 ? GemmAlgo::Skinny : GemmAlgo::Tiled);
+    }
+    if (algo == GemmAlgo::Stream) {
+      if (M > 4) return cudaErrorInvalidValue;  // checked by the caller
+      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, stream);
+      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, stream);
+      return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, stream);
+    }
+    if (algo == GemmAlgo::Tiled) {
+      const int64_t col_tiles = (N + kTileN - 1) / kTileN;
+      const int64_t row_tiles = (M + kTileM - 1) / kTileM;
+      if (row_tiles > 65535 || col_tiles > 2147483647LL) return cudaErrorInvalidValue;
+      const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+      static unsigned long long smem_opt_in = 0;  // one bit per device (< 64) already set up
+      const unsigned long long bit = device < 64 ? 1ULL << device : 0;
+      if (!(smem_opt_in & bit)) {
+        err = cudaFuncSetAttribute(int8_gemm_tiled_kernel,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kTileSmemBytes);
+        if (err != cudaSuccess) return err;
+        smem_opt_in |= bit;
+      }
+      int8_gemm_tiled_kernel<<<grid, kTileThreads, kTileSmemBytes, stream>>>(x, w, out, M, N, K,
+                                                                            c);
+      return cudaGetLastError();
+    }
+    const int64_t col_blocks = (N + 7) / 8;
+    const int64_t row_blocks = (M + 15) / 16;
+    if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(col_blocks),
+                    static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
+    // Enough warps in flight to cover the memory latency: 8 per block when the blocks are few.
+    if (col_blocks * (row_blocks < 65535 ? row_blocks : 65535) < 4LL * sms) {
+      int8_mma_skinny_kernel<8><<<grid, 8 * 32, 0, stream>>>(x, w, out, M, N, K, c);
+    } else {
+      int8_mma_skinny_kernel<4><<<grid, 4 * 32, 0, stream>>>(x, w, out, M, N, K, c);
+    }
+    return cudaGetLastError();
+  }
+  if (M <= 1) return launch_gemv_bytes<1>(x, w, out, M, N, K, c, stream);
+  if (M <= 4) return launch_gemv_bytes<4>(x, w, out, M, N, K, c, stream);
+  return launch_gemv_bytes<16>(x, w, out, M, N, K, c, stream);
+}
+
+cudaError_t launch_int32_epilogue(const int32_t* acc, void* out, int64_t M, int64_t N,
+                                  const GemmEpilogue& ep, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  const int64_t col_tiles = (N + kTile - 1) / kTile;
+  const int64_t row_tiles = (M + kTile - 1) / kTile;
+  if (col_tiles > 2147483647LL) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(col_tiles),
+                  static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+  int32_epilogue_kernel<<<grid, 256, 0, stream>>>(acc, out, M, N, make_consts(ep));
+  return cudaGetLastError();
+}
+
+}  // namespace quamba

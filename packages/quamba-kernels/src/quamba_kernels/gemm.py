@@ -1,0 +1,162 @@
+"""W8A8 linear layers on the GPU: INT8 x INT8 -> exact INT32 -> fused epilogue.
+
+Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bits:
+
+- ``"stream"``: our dp4a GEMV (kernels-cpp/csrc/gemm_int8.cu) for M <= 4 rows: each warp streams
+  whole weight rows (long sequential reads), x from L1. Decode at small batch.
+- ``"skinny"``: our tensor-core kernel (mma.sync m16n8k32 s8) over tiles of 16 rows x 8 columns,
+  the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
+- ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
+  coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank).
+- ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
+  nothing but the CUDA runtime) writing int32, then our epilogue kernel. Needs M > 16 and K, N
+  multiples of 8: prefill with large K.
+
+The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
+tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
+``"auto"`` = stream for M <= 4, skinny for M <= 16, then cuBLASLt where it applies and K >= 512,
+else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py, benchmarks/README.md).
+``gemm_implementation`` says which one a shape gets (recorded by the layers).
+
+Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
+then Q8 with the site's rounding (IEEE division at near-ties) or one rounding to the float dtype.
+"""
+
+from __future__ import annotations
+
+from quamba_kernels._loader import require
+from quamba_kernels._torch import check_cuda, check_tensor, current_stream, float32_value, scale64
+
+IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt")
+STREAM_MAX_ROWS = 4
+SKINNY_MAX_ROWS = 16
+CUBLASLT_MIN_K = 512  # below it the tiled kernel wins (bench_gemm.py, dt_proj)
+_ALGO = {"skinny": 1, "tiled": 2, "stream": 3}
+MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
+
+# cuBLASLt's INT8 GEMM (torch._int_mm) shape rules.
+_CUBLASLT_MIN_M = 17
+_CUBLASLT_MULTIPLE = 8
+
+
+def cublaslt_applies(m: int, n: int, k: int) -> bool:
+    """Whether cuBLASLt's INT8 GEMM takes an (M, K) x (K, N) product."""
+    return m >= _CUBLASLT_MIN_M and k % _CUBLASLT_MULTIPLE == 0 and n % _CUBLASLT_MULTIPLE == 0
+
+
+def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
+    """ "skinny" or "cublaslt": what ``int8_linear`` runs for rows M, outputs N, inputs K."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
+    if impl == "cublaslt" and not cublaslt_applies(m, n, k):
+        raise ValueError(
+            f"cuBLASLt's INT8 GEMM needs M > 16 and K, N multiples of 8, got M={m}, N={n}, K={k} "
+            "(use impl='skinny' or 'auto')"
+        )
+    if impl == "stream" and m > STREAM_MAX_ROWS:
+        raise ValueError(f"the stream GEMV takes M <= {STREAM_MAX_ROWS} rows, got M={m}")
+    if impl == "auto":
+        if m <= STREAM_MAX_ROWS:
+            return "stream"
+        if m <= SKINNY_MAX_ROWS:
+            return "skinny"
+        return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"
+    return impl
+
+
+def _epilogue_scales(s_x, s_w, out_scale, out_dtype):
+    import torch
+
+    scale = float32_value(scale64("s_x", s_x) * scale64("s_w", s_w))
+    if not (0.0 < scale < float("inf")):
+        raise ValueError(f"s_x * s_w = {s_x} * {s_w} is not a positive finite float32")
+    if out_scale is not None:
+        if out_dtype not in (None, torch.int8):
+            raise ValueError("out_dtype must be None or torch.int8 when out_scale is given")
+        return scale, float32_value(scale64("out_scale", out_scale)), torch.int8
+    out_dtype = torch.float16 if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.int32):
+        raise TypeError(
+            "out_dtype must be float16, bfloat16, float32 or int32 (raw accumulators) without "
+            f"out_scale, got {out_dtype}"
+        )
+    return scale, 1.0, out_dtype
+
+
+def int8_linear(
+    x,
+    w,
+    s_x,
+    s_w,
+    out_scale=None,
+    rounding: str = "half_even",
+    *,
+    out_dtype=None,
+    layout: str = "row",
+    impl: str = "auto",
+    out=None,
+):
+    """``x_q (..., K) int8 @ w_q (N, K)^T`` with the W8A8 epilogue, on the GPU.
+
+    - ``out_scale`` given: INT8 codes ``Q8(float32(acc) * float32(s_x * s_w), out_scale)`` with
+      ``rounding`` ("half_away" / "half_even");
+    - otherwise ``out_dtype`` (float16 by default, bfloat16, float32; int32 returns ``acc``).
+    - ``layout="row"``: output (..., N); ``"seq_last"``: x is (B, L, K), output (B, N, L) (the
+      layout the conv and scan read, written by the epilogue without a separate transpose).
+    - ``impl``: "auto", "stream", "skinny", "tiled" (our kernels) or "cublaslt" (module doc).
+    x and w must be contiguous CUDA int8 tensors on one device.
+    """
+    import torch
+
+    from quamba_kernels._torch import rounding_code
+
+    check_tensor("x", x, torch.int8)
+    check_tensor("w", w, torch.int8, ndim=2)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (K)")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x's last axis (K = {x.shape[-1]}) must equal w's in_features "
+            f"(w has shape (N, K) = {tuple(w.shape)})"
+        )
+    if not 1 <= k < MAX_K:
+        raise ValueError(f"K must be in [1, {MAX_K}) for an exact int32 accumulation, got {k}")
+    if layout not in ("row", "seq_last"):
+        raise ValueError(f"layout must be 'row' or 'seq_last', got {layout!r}")
+    if layout == "seq_last" and x.dim() != 3:
+        raise ValueError(f"layout='seq_last' needs x of shape (B, L, K), got {tuple(x.shape)}")
+    code = rounding_code(rounding)
+    scale, out_scale_32, out_dtype = _epilogue_scales(s_x, s_w, out_scale, out_dtype)
+    m = x.numel() // k
+    which = gemm_implementation(m, n, k, impl)
+    if layout == "seq_last":
+        out_shape = (x.shape[0], n, x.shape[1])
+        seq_len = x.shape[1]
+    else:
+        out_shape = (*x.shape[:-1], n)
+        seq_len = 0
+    if out is not None:
+        check_tensor("out", out, out_dtype)
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
+    module = require()
+    check_cuda(x=x, w=w, out=out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    stream = current_stream(x.device)
+    x2 = x.reshape(m, k)
+    out_view = out.view(m, n) if seq_len == 0 else out
+    if seq_len == 1:  # (B, N, 1) is (B, N) in memory
+        out_view, seq_len = out.view(m, n), 0
+    if which in _ALGO:
+        module.int8_gemm(x2, w, out_view, scale, out_scale_32, code, seq_len, _ALGO[which], stream)
+    else:
+        acc = torch._int_mm(x2, w.t())
+        if out_dtype == torch.int32 and seq_len == 0:
+            out_view.copy_(acc)
+        else:
+            module.int32_epilogue(acc, out_view, scale, out_scale_32, code, seq_len, stream)
+    return out

@@ -1,0 +1,278 @@
+"""The W8A8 linear (quamba_kernels.int8_linear) against reference_ops.w8a8_linear.
+
+Accumulation is exact and the epilogue is the reference's arithmetic, so every output (INT8 codes,
+float16/bfloat16/float32 values, raw int32 accumulators) must equal the reference bit for bit, for
+both implementations (our skinny tensor-core kernel, cuBLASLt + our epilogue), both layouts and both rounding
+rules. Outputs are poisoned before each launch (two runs with different sentinels for integer
+outputs, NaN for floats), so an element a kernel leaves unwritten fails the test.
+
+The tests without the gpu mark check argument handling and run anywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quamba_kernels import KernelsUnavailable, available
+from quamba_kernels.gemm import cublaslt_applies, gemm_implementation, int8_linear
+
+DEVICE = "cuda"
+I8 = torch.int8
+
+# (M, N, K): decode rows (M = 1..16), K not a multiple of 16 (byte path), odd N, the cuBLASLt
+# threshold (M = 17), Mamba shapes (130m in_proj / x_proj / dt_proj / out_proj, 2.8B in_proj).
+SHAPES = [
+    (1, 3072, 768),
+    (1, 80, 1536),
+    (1, 1536, 48),
+    (1, 768, 1536),
+    (2, 37, 100),
+    (3, 1000, 160),
+    (4, 192, 5120),
+    (5, 61, 33),
+    (8, 10240, 2560),
+    (16, 5120, 160),
+    (16, 129, 17),
+    (17, 64, 64),
+    (31, 24, 40),
+    (130, 200, 512),
+    (257, 3072, 768),
+    (2048, 96, 1536),
+]
+
+
+def _gen(*key) -> torch.Generator:
+    seed = 0
+    for part in key:
+        seed = (seed * 1000003 + hash(str(part))) % (2**62)
+    return torch.Generator().manual_seed(seed)
+
+
+def _int8(g, shape):
+    return torch.randint(-128, 128, shape, generator=g, dtype=I8).to(DEVICE)
+
+
+def _run_poisoned(launch, shape, dtype):
+    """launch(out) into poisoned outputs; integers: two sentinels that must give one result."""
+    if dtype.is_floating_point:
+        out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        launch(out)
+        torch.cuda.synchronize()
+        assert not torch.isnan(out.float()).any(), "some outputs were never written (NaN poison)"
+        return out
+    info = torch.iinfo(dtype)
+    outs = []
+    for sentinel in (info.max, info.min):
+        out = torch.full(shape, sentinel, dtype=dtype, device=DEVICE)
+        launch(out)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1]), "output not fully written (sentinels survive)"
+    return outs[0]
+
+
+def _assert_equal(got, want, name):
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    if not torch.equal(got, want):
+        bad = got != want
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {got.numel()} differ, first at {idx}")
+
+
+def _reference(x, w, s_x, s_w, out_scale, rounding, out_dtype, layout):
+    from quamba_layers import reference_ops as ref
+
+    if out_dtype == torch.int32:
+        want = ref.exact_int8_matmul(x, w).to(torch.int32)
+    else:
+        want = ref.w8a8_linear(x, w, s_x, s_w, out_scale, rounding, out_dtype or torch.float16)
+    return want.transpose(1, 2).contiguous() if layout == "seq_last" else want
+
+
+OUTPUTS = [
+    ("int8", "half_away"),
+    ("int8", "half_even"),
+    ("float16", "half_even"),
+    ("bfloat16", "half_even"),
+    ("float32", "half_even"),
+    ("int32", "half_even"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt"])
+@pytest.mark.parametrize("output,rounding", OUTPUTS)
+def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
+    if impl == "cublaslt" and not cublaslt_applies(m, n, k):
+        pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
+    if impl == "stream" and m > 4:
+        pytest.skip("the stream GEMV takes M <= 4")
+    g = _gen("gemm", m, n, k, impl, output, rounding)
+    x, w = _int8(g, (m, k)), _int8(g, (n, k))
+    s_x, s_w = 0.01 + 0.05 * torch.rand((), generator=g).item(), 0.002
+    out_dtype = None if output == "int8" else getattr(torch, output)
+    # s_out near the typical |v| so that codes spread over the INT8 range (and some saturate).
+    out_scale = s_x * s_w * k**0.5 * 91.0 if output == "int8" else None
+
+    def launch(out):
+        int8_linear(x, w, s_x, s_w, out_scale, rounding, out_dtype=out_dtype, impl=impl, out=out)
+
+    dtype = torch.int8 if output == "int8" else out_dtype
+    got = _run_poisoned(launch, (m, n), dtype)
+    want = _reference(x, w, s_x, s_w, out_scale, rounding, out_dtype, "row")
+    _assert_equal(got, want, f"{impl} {output} {rounding} M={m} N={n} K={k}")
+    if output == "int8":
+        assert int((got == 127).sum() + (got == -128).sum()) > 0 or m * n < 500  # saturation seen
+        assert got.float().std() > 10  # real spread, not a constant
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch,length,n,k",
+    [
+        (1, 1, 3072, 768),
+        (2, 7, 40, 64),
+        (3, 33, 1536, 96),
+        (2, 100, 200, 48),
+        (1, 2048, 64, 768),
+        (2, 256, 1000, 160),
+    ],
+)
+@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled"])
+@pytest.mark.parametrize("output", ["int8", "float16"])
+def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
+    g = _gen("seq-last", batch, length, n, k, impl, output)
+    x, w = _int8(g, (batch, length, k)), _int8(g, (n, k))
+    s_x, s_w = 0.03, 0.004
+    out_scale = 0.02 * k**0.5 if output == "int8" else None
+    out_dtype = None if output == "int8" else torch.float16
+
+    def launch(out):
+        int8_linear(x, w, s_x, s_w, out_scale, "half_away", out_dtype=out_dtype,
+                    layout="seq_last", impl=impl, out=out)  # fmt: skip
+
+    dtype = torch.int8 if output == "int8" else torch.float16
+    got = _run_poisoned(launch, (batch, n, length), dtype)
+    want = _reference(x, w, s_x, s_w, out_scale, "half_away", out_dtype, "seq_last")
+    _assert_equal(got, want, f"seq_last {impl} {output} B={batch} L={length}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["skinny", "tiled", "cublaslt"])
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_int8_linear_rounding_rule_at_exact_ties(impl, rounding):
+    """s_x * s_w = 0.5 and s_out = 1: v = acc / 2, so every odd accumulator is a tie."""
+    g = _gen("gemm-ties", impl, rounding)
+    m, n, k = 64, 128, 32
+    x = torch.randint(-3, 4, (m, k), generator=g, dtype=I8).to(DEVICE)
+    w = torch.randint(-3, 4, (n, k), generator=g, dtype=I8).to(DEVICE)
+    got = int8_linear(x, w, 0.5, 1.0, 1.0, rounding, impl=impl)
+    want = _reference(x, w, 0.5, 1.0, 1.0, rounding, None, "row")
+    acc = x.double() @ w.double().t()
+    assert int((acc.remainder(2) == 1).sum()) > 1000  # the test really has ties
+    _assert_equal(got, want, f"ties {impl} {rounding}")
+    other = "half_even" if rounding == "half_away" else "half_away"
+    assert not torch.equal(got, int8_linear(x, w, 0.5, 1.0, 1.0, other, impl=impl))
+
+
+@pytest.mark.gpu
+def test_int8_linear_extreme_accumulators():
+    """All -128 x -128 products at K = 5120: acc = 83,886,080 (float32 rounds it)."""
+    x = torch.full((3, 5120), -128, dtype=I8, device=DEVICE)
+    w = torch.full((24, 5120), -128, dtype=I8, device=DEVICE)
+    w[1::2] = 127
+    for impl in ("stream", "skinny", "tiled", "cublaslt"):
+        if impl == "cublaslt":
+            x = x.repeat(8, 1)
+        got = int8_linear(x, w, 1.0, 1.0, out_dtype=torch.int32, impl=impl)
+        _assert_equal(got, _reference(x, w, 1, 1, None, "half_even", torch.int32, "row"), impl)
+        got = int8_linear(x, w, 0.37, 0.011, out_dtype=torch.float32, impl=impl)
+        _assert_equal(got, _reference(x, w, 0.37, 0.011, None, "half_even", torch.float32, "row"),
+                      impl)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_poison_check_catches_an_unwritten_output():
+    """The helper every test uses fails when one element is left as it was."""
+    x, w = _int8(_gen("u"), (4, 64)), _int8(_gen("w"), (32, 64))
+
+    def skip_last(out):
+        full = int8_linear(x, w, 0.1, 0.01, 0.5, "half_away", impl="skinny")
+        out.view(-1)[:-1] = full.view(-1)[:-1]
+
+    with pytest.raises(AssertionError, match="not fully written"):
+        _run_poisoned(skip_last, (4, 32), torch.int8)
+
+
+@pytest.mark.gpu
+def test_int8_linear_default_picks_by_shape():
+    x1, x64 = _int8(_gen("a"), (1, 256)), _int8(_gen("b"), (64, 256))
+    w = _int8(_gen("c"), (128, 256))
+    for x in (x1, x64):
+        _assert_equal(
+            int8_linear(x, w, 0.1, 0.01, 0.7, "half_away"),
+            int8_linear(x, w, 0.1, 0.01, 0.7, "half_away", impl="skinny"),
+            "auto vs gemv",
+        )
+
+
+# ---- argument handling (any machine) -----------------------------------------------------------
+
+
+def test_gemm_implementation_choice():
+    assert gemm_implementation(1, 3072, 768) == "stream"
+    assert gemm_implementation(4, 3072, 768) == "stream"
+    assert gemm_implementation(5, 3072, 768) == "skinny"
+    assert gemm_implementation(16, 10240, 2560) == "skinny"
+    assert gemm_implementation(17, 10240, 2560) == "cublaslt"
+    assert gemm_implementation(2048, 5120, 160) == "tiled"  # small K
+    assert gemm_implementation(2048, 10240, 2552) == "cublaslt"
+    assert gemm_implementation(2048, 10239, 2560) == "tiled"  # N not a multiple of 8
+    assert gemm_implementation(2048, 3072, 768, "skinny") == "skinny"
+    assert gemm_implementation(2048, 3072, 768, "cublaslt") == "cublaslt"
+    with pytest.raises(ValueError, match="M > 16"):
+        gemm_implementation(4, 3072, 768, "cublaslt")
+    with pytest.raises(ValueError, match="M <= 4"):
+        gemm_implementation(5, 3072, 768, "stream")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gemm_implementation(4, 8, 8, "cutlass")
+
+
+def _cpu(*shape):
+    return torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(1), dtype=I8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"x": torch.zeros(2, 8)}, TypeError, "x must have dtype int8"),
+        ({"w": _cpu(4, 8, 1)}, ValueError, "w must have 2 dimensions"),
+        ({"w": _cpu(4, 9)}, ValueError, "must equal w's in_features"),
+        ({"x": _cpu(8, 2).t()}, ValueError, "contiguous"),
+        ({"s_x": 0.0}, ValueError, "s_x must be a finite float > 0"),
+        ({"s_w": float("nan")}, ValueError, "s_w must be a finite float > 0"),
+        ({"out_scale": -1.0}, ValueError, "out_scale must be a finite float > 0"),
+        ({"rounding": "up"}, ValueError, "rounding"),
+        ({"out_scale": 0.5, "out_dtype": torch.float16}, ValueError, "out_dtype must be None"),
+        ({"out_dtype": torch.int16}, TypeError, "out_dtype must be float16"),
+        ({"layout": "col"}, ValueError, "layout must be"),
+        ({"layout": "seq_last"}, ValueError, r"needs x of shape \(B, L, K\)"),
+        ({"impl": "cublaslt"}, ValueError, "M > 16"),
+        ({"out": torch.empty(2, 5, dtype=torch.float16)}, ValueError, "out must have shape"),
+    ],
+)
+def test_int8_linear_rejects_bad_arguments(kwargs, error, match):
+    args = {"x": _cpu(2, 8), "w": _cpu(4, 8), "s_x": 0.1, "s_w": 0.01, "out_scale": None,
+            "rounding": "half_even"}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        int8_linear(**args)
+
+
+def test_int8_linear_on_cpu_tensors_says_why():
+    usable, _ = available()
+    expected = ValueError if usable else KernelsUnavailable
+    with pytest.raises(expected):
+        int8_linear(_cpu(2, 8), _cpu(4, 8), 0.1, 0.01)

@@ -1,0 +1,123 @@
+"""W8A8 GEMM benchmark at Mamba shapes: our stream GEMV, skinny and tiled tensor-core kernels,
+cuBLASLt INT8 + our epilogue, and the cuBLAS FP16 GEMM of the same shape, side by side in one
+run (GPU machine).
+
+For each linear layer of Mamba-2.8B (in_proj, x_proj, dt_proj, out_proj) and the rows M of decode
+(1, 16) and prefill (2048, 8 x 2048), every applicable implementation is timed through CUDA-graph
+replays with inputs rotated past the L2 cache (tools/bench/bench_kernels.py's method). The floor
+is max(bytes / copy bandwidth, ops / peak): weights + activations read once, outputs written once.
+This is the evidence behind ``quamba_kernels.gemm``'s "auto" choice.
+
+Usage: python3 tools/bench/bench_gemm.py [--quick] [--json PATH]   (writes $OUT/bench_gemm.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import copy_bandwidth, time_kernel
+
+D_MODEL, D_INNER, D_STATE, DT_RANK = 2560, 5120, 16, 160
+LAYERS = {  # name: (N, K, epilogue output)
+    "in_proj": (2 * D_INNER, D_MODEL, "int8 seq_last"),
+    "x_proj": (DT_RANK + 2 * D_STATE, D_INNER, "int8"),
+    "dt_proj": (D_INNER, DT_RANK, "int8 seq_last"),
+    "out_proj": (D_MODEL, D_INNER, "fp16"),
+}
+ROWS = (1, 16, 2048, 16384)
+# H100 SXM dense tensor-core peaks (ops/s): the compute half of the floor.
+PEAK_INT8 = 1979e12
+PEAK_FP16 = 989e12
+
+
+def _int8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, device="cuda")
+
+
+def bench_layer(name, m, n, k, output, bandwidth, reps):
+    import quamba_kernels as qk
+
+    seq_last = output.endswith("seq_last")
+    out_int8 = output.startswith("int8")
+    batch = 1 if m <= 16 else m // 2048
+    length = m // batch
+    x_shape = (batch, length, k) if seq_last else (m, k)
+    out_bytes = m * n * (1 if out_int8 else 2)
+    int8_bytes = m * k + n * k + out_bytes
+    fp16_bytes = 2 * (m * k + n * k) + 2 * m * n
+    ops = 2 * m * n * k
+    rows = []
+
+    def int8_call(impl):
+        def make(_):
+            x, w = _int8(*x_shape), _int8(n, k)
+            kw = {"layout": "seq_last" if seq_last else "row", "impl": impl}
+            if out_int8:
+                return lambda: qk.int8_linear(x, w, 0.02, 0.003, 0.05, "half_away", **kw)
+            return lambda: qk.int8_linear(x, w, 0.02, 0.003, None, **kw)
+
+        return make
+
+    impls = (["stream"] if m <= 4 else []) + (["skinny"] if m <= 16 else ["tiled"])
+    if m > 16 and m <= 2048:
+        impls.append("skinny")  # for the record: it re-reads the weights per 16 rows
+    if qk.gemm.cublaslt_applies(m, n, k):
+        impls.append("cublaslt")
+    for impl in impls:
+        ms = time_kernel(int8_call(impl), int8_bytes, reps)
+        floor = max(int8_bytes / bandwidth, ops / PEAK_INT8) * 1e3
+        rows.append((name, m, n, k, f"int8 {impl}", ms, int8_bytes, ops, floor))
+
+    def fp16_make(_):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        return lambda: torch.nn.functional.linear(x, w)
+
+    ms = time_kernel(fp16_make, fp16_bytes, reps)
+    floor = max(fp16_bytes / bandwidth, ops / PEAK_FP16) * 1e3
+    rows.append((name, m, n, k, "fp16 cuBLAS", ms, fp16_bytes, ops, floor))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    reps = 10 if args.quick else 30
+    bandwidth = copy_bandwidth(reps) * 1e9
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'layer':9} {'M':>6} {'N':>6} {'K':>5} {'impl':16} {'µs':>9} {'GB/s':>7} "
+          f"{'TOPS':>7} {'% floor':>8} {'vs fp16':>8}")  # fmt: skip
+    results = []
+    for name, (n, k, output) in LAYERS.items():
+        for m in ROWS:
+            rows = bench_layer(name, m, n, k, output, bandwidth, reps)
+            fp16_ms = rows[-1][5]
+            for layer, mm, nn, kk, impl, ms, nbytes, ops, floor in rows:
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                tops = ops / (ms * 1e-3) / 1e12
+                print(f"{layer:9} {mm:6d} {nn:6d} {kk:5d} {impl:16} {ms * 1e3:9.1f} {gbs:7.0f} "
+                      f"{tops:7.1f} {100 * floor / ms:7.0f}% {fp16_ms / ms:7.2f}x")  # fmt: skip
+                results.append(
+                    {"layer": layer, "M": mm, "N": nn, "K": kk, "impl": impl, "us": ms * 1e3,
+                     "GBps": gbs, "TOPS": tops, "floor_us": floor * 1e3, "vs_fp16": fp16_ms / ms}
+                )  # fmt: skip
+    payload = {"device": device, "copy_GBps": bandwidth / 1e9, "results": results}
+    path = args.json or (os.path.join(os.environ["OUT"], "bench_gemm.json") if "OUT" in os.environ
+                         else None)  # fmt: skip
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,11 +32,33 @@ class Backend:
     def rmsnorm(self, x, residual, weight, eps, out_scale, rounding):
         return ops.rmsnorm(x, residual, weight, eps, out_scale, rounding)
 
-    def w8a8_linear(self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16):
-        return ops.w8a8_linear(x_q, w_q, s_x, s_w, s_out, rounding, out_dtype)
+    def w8a8_linear(
+        self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16, layout="row"
+    ):
+        """INT8 GEMM + epilogue; layout "seq_last" turns (B, L, K) inputs into (B, N, L)."""
+        out = ops.w8a8_linear(x_q, w_q, s_x, s_w, s_out, rounding, out_dtype)
+        return out.transpose(1, 2).contiguous() if layout == "seq_last" else out
+
+    def lm_head_fp16(self, normed, weight):
+        """FP16 lm_head: float16 operands, float32 accumulation, float32 logits."""
+        return normed.to(torch.float16).float() @ weight.float().t()
 
     def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         return ops.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding)
+
+    def conv1d_int8_update(self, x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
+        """One conv decode step; ``conv_state`` is updated in place. Returns (out, conv_state)."""
+        out, new_state = ops.conv1d_int8_update(
+            x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding
+        )
+        conv_state.copy_(new_state)
+        return out, conv_state
+
+    def selective_scan_step(self, state_q, *args, state_rounding="half_away"):
+        """One INT8-state scan decode step; ``state_q`` is updated in place. Returns (y, state_q)."""
+        y, new_state = ops.selective_scan_step(state_q, *args, state_rounding=state_rounding)
+        state_q.copy_(new_state)
+        return y, state_q
 
     def selective_scan_int8(self, *args, state_rounding="half_away"):
         """INT8 inputs -> (y float16 (B, L, E), INT8 state snapshot (B, E, N))."""

@@ -1,10 +1,11 @@
 """The CUDA kernel backend: the quantized ops run as quamba-kernels, same semantics as the
-references (bit-exact for conv, norm, Hadamard and the simulation scan; the fast INT8 scan within
-the tolerance documented in quamba_kernels.scan). The INT8 GEMMs run their exact reference
-(integer-valued matmul) on the device until the GEMM kernels land; ``implementations()`` says so.
+references (bit-exact for the GEMMs, conv, norm, Hadamard and the simulation scan; the fast INT8
+scan within the tolerance documented in quamba_kernels.scan).
 """
 
 from __future__ import annotations
+
+import torch
 
 from quamba_layers.quant.backends import Backend
 
@@ -23,7 +24,8 @@ class KernelBackend(Backend):
     def implementations(self) -> dict[str, str]:
         return {
             "rmsnorm": KERNEL,
-            "gemm": "reference (PyTorch, exact integer matmul on the device)",
+            "gemm": "kernel (quamba_kernels.int8_linear: dp4a GEMV for M <= 4, tensor-core "
+            "kernels for M <= 16 and small K, cuBLASLt INT8 + epilogue kernel otherwise)",
             "conv1d": KERNEL,
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,
@@ -32,6 +34,30 @@ class KernelBackend(Backend):
 
     def rmsnorm(self, x, residual, weight, eps, out_scale, rounding):
         return self._k.rmsnorm(x.contiguous(), residual, weight, eps, out_scale, rounding)
+
+    def w8a8_linear(
+        self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16, layout="row"
+    ):
+        return self._k.int8_linear(
+            x_q.contiguous(), w_q, s_x, s_w, s_out, rounding,
+            out_dtype=None if s_out is not None else out_dtype, layout=layout,
+        )  # fmt: skip
+
+    def conv1d_int8_update(self, x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
+        return self._k.conv1d_int8_update(
+            x_q_t.contiguous(), conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding
+        )
+
+    def selective_scan_step(self, state_q, *args, state_rounding="half_away"):
+        args = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
+        return self._k.selective_scan_step_int8(state_q, *args, state_rounding=state_rounding)
+
+    def lm_head_fp16(self, normed, weight):
+        # cuBLAS float16 GEMM with float32 accumulation and output (the reference's arithmetic up
+        # to the summation order); the reference would convert the weight to float32 per call.
+        x = normed.to(torch.float16).reshape(-1, normed.shape[-1])
+        logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return logits.reshape(*normed.shape[:-1], weight.shape[0])
 
     def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         return self._k.conv1d_int8(x_q.contiguous(), s_x, w_q, s_w, b_q, s_b, s_out, rounding)

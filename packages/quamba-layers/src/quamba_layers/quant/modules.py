@@ -167,18 +167,20 @@ class W8A8Mixer(nn.Module):
         # in_proj (INT8 GEMM) -> x, z, sequence-last
         if dp.conv_input == "int8_static":
             xz_q = self.backend.w8a8_linear(
-                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], s["s_xz"], rnd.gemm
-            )
-            x_q_conv = xz_q[..., :e].transpose(1, 2).contiguous()
-            z_q = xz_q[..., e:].transpose(1, 2).contiguous()
+                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], s["s_xz"], rnd.gemm,
+                layout="seq_last",
+            )  # fmt: skip
+            x_q_conv = xz_q[:, :e].contiguous()
+            z_q = xz_q[:, e:].contiguous()
             s_conv_in: float | torch.Tensor = s["s_xz"]
             z = ops.dequantize(z_q, s["s_xz"]) if dp.gate == "fp32" else None
         else:  # int8_dynamic (mode 3): FP in_proj output, per-sequence dynamic scale
             xz = self.backend.w8a8_linear(
-                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], None, rnd.gemm, torch.float32
-            )
-            x_fp = xz[..., :e].transpose(1, 2).contiguous()
-            z = xz[..., e:].transpose(1, 2).contiguous()
+                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], None, rnd.gemm, torch.float32,
+                layout="seq_last",
+            )  # fmt: skip
+            x_fp = xz[:, :e].contiguous()
+            z = xz[:, e:].contiguous()
             z_q = None
             s_conv_in = dynamic_scale_per_sequence(x_fp, seq_lens)
             x_q_conv = quantize_per_sequence(x_fp, s_conv_in, rnd.requant)
@@ -217,9 +219,9 @@ class W8A8Mixer(nn.Module):
         b_q = xdbl_q[..., r : r + n].transpose(1, 2).contiguous()
         c_q = xdbl_q[..., r + n :].transpose(1, 2).contiguous()
         dt_q = self.backend.w8a8_linear(
-            dtr_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm
-        )
-        dt_q = dt_q.transpose(1, 2).contiguous()
+            dtr_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm,
+            layout="seq_last",
+        )  # fmt: skip
 
         # SSM input u
         if dp.ssm_input == "int8":
@@ -269,7 +271,8 @@ class W8A8Mixer(nn.Module):
 
     @torch.no_grad()
     def step(self, x_q_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """One decode token: int8 (B, D) in, float16 (B, D) out, and the new INT8 states.
+        """One decode token: int8 (B, D) in, float16 (B, D) out, and the INT8 states, which are
+        updated in place (so that the step can be captured in a CUDA graph).
 
         The conv state holds INT8 input codes; the SSM state is INT8 on grid s_h, requantized after
         every step (upstream's decode semantics). Prefill keeps the state in float32 instead, so
@@ -288,7 +291,7 @@ class W8A8Mixer(nn.Module):
         )
         x_t, z_t = xz_q[:, :e].contiguous(), xz_q[:, e:].contiguous()
         conv_out_scale = None if dp.conv_output == "fp32" else s["s_u"]
-        conv_out, conv_state = ops.conv1d_int8_update(
+        conv_out, conv_state = self.backend.conv1d_int8_update(
             x_t, conv_state, s["s_xz"], self.conv_weight, s["s_w_conv"], self.conv_bias,
             s["s_b_conv"], conv_out_scale, rnd.conv,
         )  # fmt: skip
@@ -313,7 +316,7 @@ class W8A8Mixer(nn.Module):
             u_in = ops.quantize_int8(source, s["s_u"], rnd.requant)
         else:
             u_in = v
-        y, ssm_state = ops.selective_scan_step(
+        y, ssm_state = self.backend.selective_scan_step(
             ssm_state, u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
             s["s_xo"], self.D, s["s_D"], z_t, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
             state_rounding=rnd.ssm_state,
@@ -484,37 +487,55 @@ class QuantizedMambaLM(nn.Module):
         return self.mixers[0].datapath
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None):
-        """Token ids (B, L) -> ``.logits`` (B, L, padded vocab) float32."""
+    def forward(
+        self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None, last_only: bool = False
+    ):
+        """Token ids (B, L) -> ``.logits`` (B, L, padded vocab) float32 (B, 1, V) with
+        ``last_only`` (the head on the last position only, as decoding needs)."""
         hidden = self.backbone.embed(input_ids)
         residual = None
         for block in self.backbone.layers:
             hidden, residual = block(hidden, residual, seq_lens)
+        if last_only:
+            hidden, residual = hidden[:, -1:], residual[:, -1:]
         return QuantizedOutput(logits=self._head(hidden.float() + residual))
+
+    def _lm_head_scales(self) -> tuple[float, float]:
+        """(s_lm_in, s_w_lm) as checked Python floats, read once (no device sync per token)."""
+        cached = getattr(self, "_head_scales", None)
+        if cached is None:
+            cached = float(self.s_lm_in), float(self.s_w_lm)
+            for name, value in zip(("s_lm_in", "s_w_lm"), cached):
+                if not (value > 0 and math.isfinite(value)):
+                    raise ValueError(f"invalid lm_head scale {name}={value} (must be finite, > 0)")
+            self._head_scales = cached
+        return cached
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._head_scales = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
         eps, weight = self.cfg.rms_norm_eps, self.backbone.norm_f_weight
+        backend = self.mixers[0].backend
+        rounding = self.datapath.rounding
         if self.cfg.lm_head == "int8":
-            s_in, s_w = float(self.s_lm_in), float(self.s_w_lm)
-            for name, value in (("s_lm_in", s_in), ("s_w_lm", s_w)):
-                if not (value > 0 and math.isfinite(value)):
-                    raise ValueError(f"invalid lm_head scale {name}={value} (must be finite, > 0)")
-            rounding = self.datapath.rounding
-            q, _ = ops.rmsnorm(residual, None, weight, eps, s_in, rounding.norm)
-            return ops.w8a8_linear(
+            s_in, s_w = self._lm_head_scales()
+            q, _ = backend.rmsnorm(residual, None, weight, eps, s_in, rounding.norm)
+            return backend.w8a8_linear(
                 q, self.lm_head_weight, s_in, s_w, None, rounding.gemm, torch.float16
             ).float()
-        normed, _ = ops.rmsnorm(residual, None, weight, eps, None)
-        # FP16 lm_head: fp16 operands, float32 accumulation (the same on CPU and GPU).
-        return normed.to(torch.float16).float() @ self.lm_head_weight.float().t()
+        normed, _ = backend.rmsnorm(residual, None, weight, eps, None, rounding.norm)
+        return backend.lm_head_fp16(normed, self.lm_head_weight)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor):
-        """Full forward that also returns the INT8 decode state of every layer."""
+    def prefill(self, input_ids: torch.Tensor, last_only: bool = False):
+        """Full forward that also returns the INT8 decode state of every layer (logits of the
+        last position only with ``last_only``)."""
         for mixer in self.mixers:
             mixer.capture_state = True
         try:
-            logits = self.forward(input_ids).logits
+            logits = self.forward(input_ids, last_only=last_only).logits
             state = [mixer.last_state for mixer in self.mixers]
         finally:
             for mixer in self.mixers:
@@ -538,6 +559,21 @@ class QuantizedMambaLM(nn.Module):
             new_state.append((conv_state, ssm_state))
         return self._head(hidden.float() + residual), new_state
 
+    def graph_decoding_supported(self) -> tuple[bool, str]:
+        """(whether ``generate`` can capture the decode step in a CUDA graph, why not)."""
+        backend = self.mixers[0].backend
+        dp = self.datapath
+        if self.device.type != "cuda":
+            return False, f"the model is on {self.device}, CUDA graphs need a CUDA device"
+        if backend.name != "kernel":
+            return False, "the reference backend runs the decode step (kernels are not in use)"
+        if dp.conv_output != "int8" or dp.ssm_input != "int8":
+            return False, (
+                "this mode's decode step converts between INT8 and FP32 with PyTorch reference "
+                "ops (only modes with INT8 conv output and INT8 SSM input, e.g. 0, are captured)"
+            )
+        return True, ""
+
     @torch.no_grad()
     def generate(
         self,
@@ -546,18 +582,36 @@ class QuantizedMambaLM(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         seed: int = 0,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation; deterministic for a given seed."""
+        """Greedy (temperature 0) or sampled continuation; deterministic for a given seed.
+
+        ``cuda_graph``: replay the decode step from a CUDA graph (same kernels, same bits, no
+        per-kernel launch cost). None: whenever ``graph_decoding_supported()``; True: required
+        (raises with the reason when it is not possible); False: never.
+        """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        supported, reason = self.graph_decoding_supported()
+        if cuda_graph and not supported:
+            raise ValueError(f"cuda_graph=True but the decode step cannot be captured: {reason}")
+        use_graph = supported if cuda_graph is None else bool(cuda_graph)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        logits, state = self.prefill(input_ids)
+        logits, state = self.prefill(input_ids, last_only=True)
         next_logits = logits[:, -1, : self.cfg.vocab_size]
         tokens = [input_ids]
+        graphed = None
         for _ in range(max_new_tokens):
             nxt = _pick(next_logits, temperature, top_k, generator)
             tokens.append(nxt[:, None])
-            step_logits, state = self.step(nxt, state)
+            if use_graph:
+                if graphed is None:
+                    from quamba_layers.cuda_graph import GraphedStep
+
+                    graphed = GraphedStep(self.step, nxt, state)
+                step_logits = graphed(nxt)
+            else:
+                step_logits, state = self.step(nxt, state)
             next_logits = step_logits[:, : self.cfg.vocab_size]
         return torch.cat(tokens, dim=1)
 

@@ -1,0 +1,265 @@
+"""End-to-end generation speed: FP16 vs W8A8 Mode 0, side by side in one run (GPU machine).
+
+Random weights in the real layouts and sizes (Mamba 130m / 1.4b / 2.8b), batch 1 and 16, prompts
+of 1024 and 2048 tokens, 128 new tokens (greedy). Both models run their CUDA kernels
+(FP16: quamba-kernels float kernels + cuBLAS FP16 GEMMs; W8A8: INT8 kernels, INT8 GEMMs) and
+decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
+
+- TTFT: prefill of the prompt + lm_head on the last position + argmax (median of --reps).
+- TPOT: mean time per token of 128 graph-replayed decode steps, argmax fed back on the GPU.
+- peak: torch.cuda.max_memory_allocated over prefill + decode (weights included).
+- floor: bytes one decode step must move (weights once, except the embedding rows; the
+  recurrent state read and written) / the device-to-device copy bandwidth measured in the run.
+
+Models are built one at a time (peak memory is the model's own). --profile prints where one
+decode step of the last size spends its GPU time, per kernel.
+
+Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--prompts 1024,2048]
+       [--new-tokens 128] [--reps 3] [--profile] [--json PATH]   (writes $OUT/e2e.json with OUT)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+for package in ("quamba-layers", "quamba-modes", "quamba-kernels"):
+    sys.path.append(str(ROOT / "packages" / package / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import copy_bandwidth  # noqa: E402
+
+from quamba_layers.config import MambaConfig  # noqa: E402
+from quamba_layers.cuda_graph import GraphedStep  # noqa: E402
+from quamba_layers.model import MambaLM  # noqa: E402
+from quamba_layers.quant import select_backend  # noqa: E402
+from quamba_layers.quant.modules import SCALE_NAMES, QuantizedConfig, QuantizedMambaLM  # noqa: E402
+from quamba_modes import resolve_mode  # noqa: E402
+
+
+def fp16_model(cfg: MambaConfig, gen: torch.Generator) -> MambaLM:
+    """Random FP16 weights drawn on the GPU (mamba_ssm-like magnitudes), kernel path on."""
+    model = MambaLM(cfg, seed=None, device="meta", dtype=torch.float16)
+    model = model.to_empty(device="cuda").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(
+                    torch.log(torch.arange(1, p.shape[1] + 1, device="cuda").float()).expand_as(p)
+                )
+            elif name.endswith(".D") or "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("dt_proj.bias"):
+                p.fill_(math.log(math.expm1(0.01)))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.use_kernels("kernel")
+
+
+def w8a8_model(cfg: MambaConfig, gen: torch.Generator) -> QuantizedMambaLM:
+    """Random INT8 weights and plausible per-tensor scales in the Quamba1 layout, Mode 0."""
+    qcfg = QuantizedConfig(
+        d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
+        padded_vocab_size=cfg.padded_vocab_size, d_inner=cfg.d_inner, d_state=cfg.d_state,
+        d_conv=cfg.d_conv, dt_rank=cfg.resolved_dt_rank, rms_norm_eps=cfg.rms_norm_eps,
+        online_hadamard=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = QuantizedMambaLM(qcfg)
+    model = model.to_empty(device="cuda").eval()
+    scales = {name: 0.02 for name in SCALE_NAMES}
+    scales.update(s_A=math.log(16.0) / 127, s_h=0.05, s_dt=0.01, s_dtb=0.05, s_w_in=0.002,
+                  s_w_x=0.002, s_w_dt=0.002, s_w_out=0.002, s_w_conv=0.01, s_b_conv=0.01)  # fmt: skip
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            short = name.rsplit(".", 1)[-1]
+            if short in scales:
+                buf.fill_(scales[short])
+            elif buf.dtype == torch.int8:
+                low = 0 if short == "A_log" else -128
+                buf.copy_(torch.randint(low, 128, buf.shape, device="cuda", generator=gen))
+            elif "norm" in name:
+                buf.fill_(1.0)
+            else:
+                buf.normal_(0.0, 0.02, generator=gen)
+        for mixer in model.mixers:
+            mixer.invalidate_scales()
+    backend = select_backend("cuda", "kernel")
+    resolved = resolve_mode("0", device="cuda", kernels_available=True,
+                            backend_implementations=backend.implementations())  # fmt: skip
+    model.set_datapath(resolved.datapath, backend)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: all but the embedding table (B rows)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return sum(t.numel() * t.element_size() for n, t in tensors if "embedding" not in n)
+
+
+def state_bytes(state) -> int:
+    return sum(t.numel() * t.element_size() for layer in state for t in layer)
+
+
+class Runner:
+    """prefill(ids) -> (last logits (B, V), state); step(tokens, state) -> (logits, state)."""
+
+    def __init__(self, kind: str, model):
+        self.kind, self.model = kind, model
+
+    def prefill(self, ids):
+        if self.kind == "fp16":
+            hidden, state = self.model.backbone(ids)
+            return self.model.lm_head(hidden[:, -1]).float(), state
+        logits, state = self.model.prefill(ids, last_only=True)
+        return logits[:, -1], state
+
+    @property
+    def step(self):
+        return self.model.step_unchecked if self.kind == "fp16" else self.model.step
+
+
+def _time(fn) -> float:
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop)
+
+
+@torch.no_grad()
+def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, reps: int, vocab: int):
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result = {}
+
+    def first_token():
+        logits, state = runner.prefill(ids)
+        result["state"] = state
+        result["next"] = logits[:, :vocab].argmax(-1)
+
+    first_token()  # warm-up (cuBLAS heuristics, allocator)
+    ttft = statistics.median(_time(first_token) for _ in range(reps))
+    graphed = GraphedStep(runner.step, result["next"], result["state"])
+
+    def decode():
+        nxt = result["next"]
+        for _ in range(new_tokens):
+            nxt = graphed(nxt)[:, :vocab].argmax(-1)
+
+    decode()  # warm-up
+    graphed.set_state(result["state"])
+    tpot = statistics.median(_time(decode) for _ in range(max(1, reps - 1))) / new_tokens
+    peak = torch.cuda.max_memory_allocated()
+    sbytes = state_bytes(result["state"])
+
+    torch.cuda.empty_cache()
+    return ttft, tpot, peak, sbytes
+
+
+@torch.no_grad()
+def profile_decode(runner: Runner, batch: int, prompt: int, vocab: int) -> None:
+    """Where one graph-less decode step spends its GPU time, per kernel (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    logits, state = runner.prefill(ids)
+    nxt = logits[:, :vocab].argmax(-1)
+    for _ in range(3):
+        logits, state = runner.step(nxt, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            logits, state = runner.step(nxt, state)
+        torch.cuda.synchronize()
+    print(f"\n{runner.kind} decode step, batch {batch}: GPU time per kernel over 20 steps")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="130m,1.4b,2.8b")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompts", default="1024,2048")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel time table of 20 decode steps (last size)"
+    )
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bandwidth = copy_bandwidth(10) * 1e9
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'TTFT ms':>9} {'TPOT ms':>8} "
+              f"{'floor ms':>8} {'TPOT/floor':>10} {'peak GiB':>8}")  # fmt: skip
+    rows, lines = [], []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = [int(p) for p in args.prompts.split(",")]
+    for size in args.sizes.split(","):
+        cfg = MambaConfig.from_preset(size)
+        got = {}
+        # One model on the GPU at a time, so that peak memory is that model's alone.
+        for kind, build in (("fp16", fp16_model), ("w8a8", w8a8_model)):
+            t0 = time.time()
+            model = build(cfg, gen)
+            weights = weight_bytes(model)
+            print(f"built {size} {kind} in {time.time() - t0:.1f} s", flush=True)
+            runner = Runner(kind, model)
+            for batch in batches:
+                for prompt in prompts:
+                    ttft, tpot, peak, sbytes = measure(
+                        runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
+                    )
+                    floor = (weights + 2 * sbytes) / bandwidth * 1e3
+                    got[kind, batch, prompt] = (ttft, tpot, peak)
+                    rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
+                                 "ttft_ms": ttft, "tpot_ms": tpot, "floor_ms": floor,
+                                 "peak_GiB": peak / 2**30, "weight_bytes": weights,
+                                 "state_bytes": sbytes})  # fmt: skip
+                    line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {ttft:9.2f} {tpot:8.3f} "
+                            f"{floor:8.3f} {tpot / floor:10.2f} {peak / 2**30:8.2f}")  # fmt: skip
+                    lines.append(line)
+                    print(line, flush=True)
+            if args.profile and size == args.sizes.split(",")[-1]:
+                profile_decode(runner, batches[0], prompts[0], cfg.vocab_size)
+            del model, runner
+            torch.cuda.empty_cache()
+        for batch in batches:
+            for prompt in prompts:
+                f, q = got["fp16", batch, prompt], got["w8a8", batch, prompt]
+                ratio = (f"{size:6} {batch:3d} {prompt:6d} W8A8 vs FP16: prefill "
+                         f"{f[0] / q[0]:.2f}x, decode {f[1] / q[1]:.2f}x, peak memory "
+                         f"{q[2] / f[2]:.2f}x")  # fmt: skip
+                lines.append(ratio)
+                print(ratio, flush=True)
+    print("\n" + header)
+    print("\n".join(lines))
+    payload = {"device": device, "copy_GBps": bandwidth / 1e9, "new_tokens": args.new_tokens,
+               "torch": torch.__version__, "rows": rows}  # fmt: skip
+    path = args.json or (os.path.join(os.environ["OUT"], "e2e.json") if "OUT" in os.environ
+                         else None)  # fmt: skip
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

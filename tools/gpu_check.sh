@@ -3,12 +3,14 @@
 #   1. builds the kernels (pip --target /tmp/qk; scikit-build-core, nanobind, cmake, ninja, torch
 #      and pytest must be installed there; no network needed);
 #   2. runs the GPU parity tests (pytest -m gpu) of packages/quamba-kernels/tests;
-#   3. runs the benchmarks at Mamba-2.8B shapes;
+#   3. runs the benchmarks at Mamba-2.8B shapes (kernels; GEMMs; end-to-end FP16 vs W8A8);
 #   4. runs compute-sanitizer memcheck and racecheck on a small sweep of every kernel;
 # and prints a compact summary table last. Full logs go to $OUT (default /tmp/gpu_check).
 #
-# Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, PYTEST_ARGS="-k conv",
-# BENCH_ARGS=--quick, BUDGET_S (default 440): stages that would start after it are skipped.
+# Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
+# SKIP_E2E=1, SKIP_EVAL_SPEED=1, PYTEST_ARGS="-k conv", BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
+# E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
+# The whole set takes longer than one 10-minute device call: split it with the SKIP_* options.
 set -uo pipefail
 T0=$(date +%s)
 BUDGET_S="${BUDGET_S:-440}"
@@ -20,6 +22,7 @@ PYTHON="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status_build="skipped" status_tests="skipped" status_memcheck="skipped" status_racecheck="skipped"
 status_bench="skipped" status_eval_speed="skipped" tests_summary=""
+status_gemm_bench="skipped" status_e2e="skipped"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -81,13 +84,31 @@ if [[ "$status_build" != "FAILED" ]]; then
       status_bench="FAILED"; tail -30 "$OUT/bench.log"
     fi
   fi
+  if [[ "${SKIP_GEMM_BENCH:-0}" != "1" && $(left) -gt 60 ]]; then
+    start=$(date +%s)
+    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/bench_gemm.py ${GEMM_BENCH_ARGS:-} >"$OUT/bench_gemm.log" 2>&1; then
+      status_gemm_bench="ok ($(( $(date +%s) - start )) s)"
+    else
+      status_gemm_bench="FAILED"; tail -30 "$OUT/bench_gemm.log"
+    fi
+  fi
+  if [[ "${SKIP_E2E:-0}" != "1" && $(left) -gt 90 ]]; then
+    start=$(date +%s)
+    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/e2e.py ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1; then
+      status_e2e="ok ($(( $(date +%s) - start )) s)"
+    else
+      status_e2e="FAILED"; tail -30 "$OUT/e2e.log"
+    fi
+  fi
   # ---- 4. compute-sanitizer on a small sweep ----
   if [[ "${SKIP_SANITIZER:-0}" != "1" ]] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
       [[ $(left) -gt 45 ]] || continue
       start=$(date +%s)
-      timeout $(( $(left) - 15 )) compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        "$PYTHON" tools/bench/bench_kernels.py --sweep >"$OUT/sanitizer_$tool.log" 2>&1
+      { timeout $(( $(left) - 15 )) compute-sanitizer --tool "$tool" --error-exitcode 99 \
+          "$PYTHON" tools/bench/bench_kernels.py --sweep \
+        && timeout $(( $(left) - 10 )) compute-sanitizer --tool "$tool" --error-exitcode 99 \
+          "$PYTHON" tools/bench/bench_gemm.py --sweep; } >"$OUT/sanitizer_$tool.log" 2>&1
       rc=$?
       summary="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
       if [[ $rc -eq 0 ]]; then result="ok"; else result="FAILED (rc $rc)"; tail -30 "$OUT/sanitizer_$tool.log"; fi
@@ -101,7 +122,10 @@ echo
 echo "================ quamba-kernels GPU check ================"
 [[ -f "$OUT/bench.log" ]] && sed -n '/device-to-device copy/,$p' "$OUT/bench.log"
 [[ -f "$OUT/eval_speed.log" ]] && grep -A12 '^lambada_openai' "$OUT/eval_speed.log"
+[[ -f "$OUT/bench_gemm.log" ]] && sed -n '/device-to-device copy/,$p' "$OUT/bench_gemm.log"
+[[ -f "$OUT/e2e.log" ]] && sed -n '/^model /,$p' "$OUT/e2e.log"
 printf '%-10s %s\n' build "$status_build" tests "$status_tests" memcheck "$status_memcheck" \
-  racecheck "$status_racecheck" bench "$status_bench" eval_speed "$status_eval_speed"
+  racecheck "$status_racecheck" bench "$status_bench" gemm_bench "$status_gemm_bench" \
+  e2e "$status_e2e" eval_speed "$status_eval_speed"
 [[ "$status_build" == "FAILED" || "$status_tests" == FAILED* ]] && exit 1
 exit 0

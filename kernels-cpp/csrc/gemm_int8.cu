@@ -145,6 +145,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int8_t* x_a = x + (m0 + g) * K;
     const int8_t* x_b = x + (m0 + g + 8) * K;
     int c[4] = {0, 0, 0, 0};
+    // (Measured on the H100: batching 8 chunks per round, or 4 with explicit loads first, was
+    // slower than letting the compiler schedule this loop.)
 #pragma unroll 4
     for (int64_t k0 = static_cast<int64_t>(warp) * kMmaChunk; k0 < K; k0 += kWarps * kMmaChunk) {
       const int64_t k = k0 + 16 * t;
@@ -173,11 +175,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // ---- streaming GEMV (M <= 4: decode at small batch) ----
 //
-// A warp owns kRows consecutive weight rows and reads each as one contiguous stream (lane l takes
-// bytes 16 l, 16 l + 512, ...): long sequential bursts, all loads of a round issued before the
-// dp4a that consume them. x (M <= 4 rows) comes from L1. Warp all-reduce, lane j stores value j.
+// A warp owns kRows consecutive weight rows (1 is used) and reads each as one contiguous stream
+// (lane l takes bytes 16 l, 16 l + 512, ...): long sequential bursts, all loads of a round issued
+// before the dp4a that consume them. x (M <= 4 rows) comes from L1. Warp all-reduce, lane j stores value j.
 constexpr int kStreamThreads = 256;
-constexpr int kStreamUnroll = 4;
+constexpr int kStreamUnroll = 8;  // 8 x 512 bytes of a row in flight per warp
 
 __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   acc = __dp4a(a.x, b.x, acc);
@@ -239,18 +241,13 @@ __global__ void __launch_bounds__(kStreamThreads)
 
 template <int MT>
 cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
-                               int64_t K, const EpilogueConsts& ep, int sms, cudaStream_t stream) {
-  // Four rows per warp when there are enough rows to fill the GPU, else one (x_proj: N = 192).
+                               int64_t K, const EpilogueConsts& ep, cudaStream_t stream) {
+  // One row per warp: many small blocks balance well across the SMs.
   constexpr int kWarpsPerBlock = kStreamThreads / 32;
-  if (N >= 4LL * kWarpsPerBlock * sms) {
-    const int64_t blocks = (N + 4 * kWarpsPerBlock - 1) / (4 * kWarpsPerBlock);
-    int8_gemv_stream_kernel<MT, 4><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
-        x, w, out, M, N, K, ep);
-  } else {
-    const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    int8_gemv_stream_kernel<MT, 1><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
-        x, w, out, M, N, K, ep);
-  }
+  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (blocks > 2147483647LL) return cudaErrorInvalidValue;
+  int8_gemv_stream_kernel<MT, 1><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
+      x, w, out, M, N, K, ep);
   return cudaGetLastError();
 }
 
@@ -546,9 +543,9 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
     }
     if (algo == GemmAlgo::Stream) {
       if (M > 4) return cudaErrorInvalidValue;  // checked by the caller
-      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, stream);
-      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, stream);
-      return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, stream);
+      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, stream);
+      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, stream);
+      return launch_gemv_stream<4>(x, w, out, M, N, K, c, stream);
     }
     if (algo == GemmAlgo::Tiled) {
       const int64_t col_tiles = (N + kTileN - 1) / kTileN;

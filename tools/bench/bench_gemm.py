@@ -9,6 +9,7 @@ is max(bytes / copy bandwidth, ops / peak): weights + activations read once, out
 This is the evidence behind ``quamba_kernels.gemm``'s "auto" choice.
 
 Usage: python3 tools/bench/bench_gemm.py [--quick] [--json PATH]   (writes $OUT/bench_gemm.json)
+       python3 tools/bench/bench_gemm.py --sweep    (the compute-sanitizer workload)
 """
 
 from __future__ import annotations
@@ -86,11 +87,35 @@ def bench_layer(name, m, n, k, output, bandwidth, reps):
     return rows
 
 
+def sweep() -> None:
+    """One call of every implementation, layout and output on small odd shapes: the
+    compute-sanitizer workload (no timing)."""
+    import quamba_kernels as qk
+
+    for m, n, k in ((1, 37, 48), (3, 200, 160), (16, 40, 96), (33, 136, 64), (130, 257, 272),
+                    (5, 11, 17)):  # fmt: skip
+        x, w = _int8(m, k), _int8(n, k)
+        x3 = x.view(1, m, k)
+        impls = ["stream"] if m <= 4 else []
+        impls += ["skinny", "tiled"] + (["cublaslt"] if qk.gemm.cublaslt_applies(m, n, k) else [])
+        for impl in impls:
+            for out_scale, out_dtype in ((0.3, None), (None, torch.float16), (None, torch.int32)):
+                qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl)
+                qk.int8_linear(x3, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl,
+                               layout="seq_last")  # fmt: skip
+    torch.cuda.synchronize()
+    print("sweep done")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="sanitizer workload, no timing")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.sweep:
+        sweep()
+        return 0
     reps = 10 if args.quick else 30
     bandwidth = copy_bandwidth(reps) * 1e9
     device = torch.cuda.get_device_name()

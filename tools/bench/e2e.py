@@ -5,14 +5,15 @@ of 1024 and 2048 tokens, 128 new tokens (greedy). Both models run their CUDA ker
 (FP16: quamba-kernels float kernels + cuBLAS FP16 GEMMs; W8A8: INT8 kernels, INT8 GEMMs) and
 decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
 
-- TTFT: prefill of the prompt + lm_head on the last position + argmax (median of --reps).
+- TTFT: prefill of the prompt + lm_head on the last position + argmax (median of --reps), run
+  eagerly as generate() does, and replayed from a CUDA graph ("graphed": the GPU's own time).
 - TPOT: mean time per token of 128 graph-replayed decode steps, argmax fed back on the GPU.
 - peak: torch.cuda.max_memory_allocated over prefill + decode (weights included).
 - floor: bytes one decode step must move (weights once, except the embedding rows; the
   recurrent state read and written) / the device-to-device copy bandwidth measured in the run.
 
-Models are built one at a time (peak memory is the model's own). --profile prints where one
-decode step of the last size spends its GPU time, per kernel.
+Models are built one at a time (peak memory is the model's own). --profile prints where a
+prefill and a decode step of the last size spend their GPU time, per kernel.
 
 Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--prompts 1024,2048]
        [--new-tokens 128] [--reps 3] [--profile] [--json PATH]   (writes $OUT/e2e.json with OUT)
@@ -165,14 +166,25 @@ def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, reps: int,
     tpot = statistics.median(_time(decode) for _ in range(max(1, reps - 1))) / new_tokens
     peak = torch.cuda.max_memory_allocated()
     sbytes = state_bytes(result["state"])
+    # The same prefill replayed from a CUDA graph: the GPU's own time, without the Python and
+    # launch overhead of eager execution (which dominates small models and batch 1).
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            first_token()
+        ttft_graph = statistics.median(_time(graph.replay) for _ in range(reps))
+    except RuntimeError as error:
+        print(f"  (prefill not capturable: {str(error).splitlines()[0]})")
+        ttft_graph = float("nan")
+    del graph
 
     torch.cuda.empty_cache()
-    return ttft, tpot, peak, sbytes
+    return ttft, ttft_graph, tpot, peak, sbytes
 
 
 @torch.no_grad()
-def profile_decode(runner: Runner, batch: int, prompt: int, vocab: int) -> None:
-    """Where one graph-less decode step spends its GPU time, per kernel (torch.profiler)."""
+def profile_steps(runner: Runner, batch: int, prompt: int, vocab: int) -> None:
+    """Where one prefill and one graph-less decode step spend their GPU time, per kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
@@ -182,12 +194,29 @@ def profile_decode(runner: Runner, batch: int, prompt: int, vocab: int) -> None:
         logits, state = runner.step(nxt, state)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.prefill(ids)
+        torch.cuda.synchronize()
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    runner.prefill(ids)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\n{runner.kind} prefill, batch {batch}, prompt {prompt}: host (Python) time")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    print(f"\n{runner.kind} prefill, batch {batch}, prompt {prompt}: GPU time per kernel")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+    )
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             logits, state = runner.step(nxt, state)
         torch.cuda.synchronize()
     print(f"\n{runner.kind} decode step, batch {batch}: GPU time per kernel over 20 steps")
     print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
     )
 
 
@@ -200,14 +229,16 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument(
-        "--profile", action="store_true", help="kernel time table of 20 decode steps (last size)"
+        "--profile",
+        action="store_true",
+        help="kernel time tables of a prefill and 20 decode steps (last size)",
     )
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = copy_bandwidth(10) * 1e9
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
-    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'TTFT ms':>9} {'TPOT ms':>8} "
+    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'TTFT ms':>9} {'graphed':>9} {'TPOT ms':>8} "
               f"{'floor ms':>8} {'TPOT/floor':>10} {'peak GiB':>8}")  # fmt: skip
     rows, lines = [], []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -225,29 +256,29 @@ def main() -> int:
             runner = Runner(kind, model)
             for batch in batches:
                 for prompt in prompts:
-                    ttft, tpot, peak, sbytes = measure(
+                    ttft, ttft_graph, tpot, peak, sbytes = measure(
                         runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
                     )
                     floor = (weights + 2 * sbytes) / bandwidth * 1e3
-                    got[kind, batch, prompt] = (ttft, tpot, peak)
+                    got[kind, batch, prompt] = (ttft, tpot, peak, ttft_graph)
                     rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
-                                 "ttft_ms": ttft, "tpot_ms": tpot, "floor_ms": floor,
+                                 "ttft_ms": ttft, "ttft_graph_ms": ttft_graph, "tpot_ms": tpot, "floor_ms": floor,
                                  "peak_GiB": peak / 2**30, "weight_bytes": weights,
                                  "state_bytes": sbytes})  # fmt: skip
-                    line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {ttft:9.2f} {tpot:8.3f} "
+                    line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {ttft:9.2f} {ttft_graph:9.2f} {tpot:8.3f} "
                             f"{floor:8.3f} {tpot / floor:10.2f} {peak / 2**30:8.2f}")  # fmt: skip
                     lines.append(line)
                     print(line, flush=True)
             if args.profile and size == args.sizes.split(",")[-1]:
-                profile_decode(runner, batches[0], prompts[0], cfg.vocab_size)
+                profile_steps(runner, batches[0], prompts[0], cfg.vocab_size)
             del model, runner
             torch.cuda.empty_cache()
         for batch in batches:
             for prompt in prompts:
                 f, q = got["fp16", batch, prompt], got["w8a8", batch, prompt]
                 ratio = (f"{size:6} {batch:3d} {prompt:6d} W8A8 vs FP16: prefill "
-                         f"{f[0] / q[0]:.2f}x, decode {f[1] / q[1]:.2f}x, peak memory "
-                         f"{q[2] / f[2]:.2f}x")  # fmt: skip
+                         f"{f[0] / q[0]:.2f}x (graphed {f[3] / q[3]:.2f}x), decode "
+                         f"{f[1] / q[1]:.2f}x, peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
                 lines.append(ratio)
                 print(ratio, flush=True)
     print("\n" + header)

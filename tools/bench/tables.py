@@ -1,0 +1,83 @@
+"""Markdown tables from the JSON that tools/bench/bench_gemm.py and tools/bench/e2e.py write
+(the tables in benchmarks/README.md are made with it).
+
+Usage: python tools/bench/tables.py benchmarks/bench_gemm_h100.json benchmarks/e2e_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def gemm_table(data: dict) -> str:
+    lines = [
+        f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s.",
+        "",
+        "| layer | M | N | K | implementation | µs | TOPS | % of floor | vs cuBLAS FP16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        lines.append(
+            f"| {r['layer']} | {r['M']} | {r['N']} | {r['K']} | {r['impl']} | {r['us']:.1f} | "
+            f"{r['TOPS']:.1f} | {100 * r['floor_us'] / r['us']:.0f}% | {r['vs_fp16']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def e2e_table(data: dict) -> str:
+    lines = [
+        f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
+        f"{data.get('torch', '?')}, {data['new_tokens']} new tokens.",
+        "",
+        "| model | batch | prompt | kind | TTFT ms | TTFT graphed ms | TPOT ms | floor ms | "
+        "TPOT / floor | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = data["rows"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {r['ttft_ms']:.2f} | "
+            f"{r.get('ttft_graph_ms', float('nan')):.2f} | {r['tpot_ms']:.3f} | "
+            f"{r['floor_ms']:.3f} | {r['tpot_ms'] / r['floor_ms']:.2f} | {r['peak_GiB']:.2f} |"
+        )
+    lines += [
+        "",
+        "| model | batch | prompt | prefill speed-up | (graphed) | decode speed-up | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["model"], r["batch"], r["prompt"], r["kind"]): r for r in rows}
+    for (model, batch, prompt, kind), q in by_key.items():
+        f = by_key.get((model, batch, prompt, "fp16"))
+        if kind != "w8a8" or f is None:
+            continue
+        graphed = f.get("ttft_graph_ms", float("nan")) / q.get("ttft_graph_ms", float("nan"))
+        lines.append(
+            f"| {model} | {batch} | {prompt} | {f['ttft_ms'] / q['ttft_ms']:.2f}x | "
+            f"{graphed:.2f}x | {f['tpot_ms'] / q['tpot_ms']:.2f}x | "
+            f"{q['peak_GiB'] / f['peak_GiB']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    for path in args.files:
+        data = json.loads(path.read_text())
+        if "results" in data:
+            print(gemm_table(data))
+        elif "rows" in data:
+            print(e2e_table(data))
+        else:
+            print(f"{path}: neither a bench_gemm.py nor an e2e.py result", file=sys.stderr)
+            return 2
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

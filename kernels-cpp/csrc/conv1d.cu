@@ -43,14 +43,6 @@ __device__ __forceinline__ float int8_bias(const int8_t* bias, int64_t channel, 
   return __double2float_rn(__dmul_rn(static_cast<double>(bias[channel]), s_b));
 }
 
-// INT8 epilogue: v = scale * acc (+ bias), SiLU.
-__device__ __forceinline__ float int8_value(float acc, float scale, bool has_bias, float bias,
-                                            bool silu) {
-  float v = __fmul_rn(scale, acc);
-  if (has_bias) v = __fadd_rn(v, bias);
-  return silu ? silu_exact(v) : v;
-}
-
 // Float path: ((w0*x0 + w1*x1) + ...) + bias, then SiLU.
 template <int K>
 __device__ __forceinline__ float float_value(const float (&w)[K], const float* window,
@@ -334,6 +326,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One thread per (batch, channel): out = conv of the window [state, x]; the state shifts left.
+// All loads are issued before any arithmetic (one global round trip). INT8 path: the integer sum
+// is one dp4a (exact), and INT8 codes take the prefill's fast SiLU + Q8 path (silu_code_fast /
+// int8_code: the exact path's codes, the exact formula deciding near a rounding boundary).
 template <int K, typename TIn, typename TW, typename TOut, bool kInt8>
 __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict__ state,
                                      const TW* __restrict__ weight, const TW* __restrict__ bias,
@@ -344,32 +339,48 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
   const int64_t channel = row % dim;
   const int64_t batch = row / dim;
   TIn* st = state + row * (K - 1);
+  const bool has_bias = bias != nullptr;
   TIn raw[K];
 #pragma unroll
   for (int k = 0; k < K - 1; ++k) raw[k] = st[k];
   raw[K - 1] = x[row];
-  float window[K];
-  float w[K];
+  TW w_raw[K];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    window[k] = to_float(raw[k]);
-    w[k] = to_float(weight[channel * K + k]);
-  }
-  const bool has_bias = bias != nullptr;
+  for (int k = 0; k < K; ++k) w_raw[k] = weight[channel * K + k];
+  const TW b_raw = has_bias ? bias[channel] : TW{};
 
   if constexpr (kInt8) {
-    float acc = 0.0f;
+    // Window and weights as little-endian words, zero-padded in front to 4 bytes.
+    uint32_t xword = 0, wword = 0;
 #pragma unroll
-    for (int k = 0; k < K; ++k) acc += w[k] * window[k];
-    const float b = has_bias ? int8_bias(bias, channel, c.s_b) : 0.0f;
-    const float v = int8_value(acc, int8_input_scale(c, batch), has_bias, b, c.silu);
+    for (int k = 0; k < K; ++k) {
+      xword |= static_cast<uint32_t>(static_cast<uint8_t>(raw[k])) << (8 * (4 - K + k));
+      wword |= static_cast<uint32_t>(static_cast<uint8_t>(w_raw[k])) << (8 * (4 - K + k));
+    }
+    const int acc = __dp4a(static_cast<int>(xword), static_cast<int>(wword), 0);
+    Int8Epilogue ep;
+    ep.scale = int8_input_scale(c, batch);
+    ep.bias = has_bias ? __double2float_rn(__dmul_rn(static_cast<double>(b_raw), c.s_b)) : -0.0f;
+    ep.silu = c.silu;
+    ep.out_scale = c.out_scale;
+    ep.inv_out_scale = __frcp_rn(c.out_scale);
+    ep.fast_ok = ep.inv_out_scale <= 1e30f && ep.inv_out_scale >= 1e-30f;
+    ep.rule = c.rule;
+    const float v = int8_pre_silu(acc, ep);
     if constexpr (sizeof(TOut) == 1) {
-      out[row] = quantize_int8(v, c.out_scale, c.rule);
+      out[row] = static_cast<TOut>(static_cast<int8_t>(int8_code(v, ep)));
     } else {
-      out[row] = v;
+      out[row] = ep.silu ? silu_exact(v) : v;
     }
   } else {
-    const float b = has_bias ? to_float(bias[channel]) : 0.0f;
+    float window[K];
+    float w[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      window[k] = to_float(raw[k]);
+      w[k] = to_float(w_raw[k]);
+    }
+    const float b = has_bias ? to_float(b_raw) : 0.0f;
     out[row] = from_float<TOut>(float_value<K>(w, window, has_bias, b, c.silu));
   }
 #pragma unroll

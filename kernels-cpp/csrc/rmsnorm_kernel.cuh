@@ -4,6 +4,8 @@
 // One block of 256 threads per row. The float64 sum has a fixed order that depends only on D:
 // each thread adds its elements in increasing index order, then a xor-butterfly over the warp and
 // the 8 warp sums in warp order. No autotuning: the same D always takes the same path.
+// Few rows (decode: one block per row, latency-bound): x, residual and weight are all loaded
+// before the reduction (one global round trip) and the reduction has a single barrier.
 #pragma once
 #include "common.cuh"
 #include "rmsnorm.h"
@@ -30,7 +32,11 @@ __device__ __forceinline__ double add_square(double sum, float r) {
 }
 
 // 1 / sqrt(float32(total / D) + eps) where total is the block-wide sum of the threads' partial
-// sums, reduced in a fixed order. Every thread of the block must call it.
+// sums, reduced in a fixed order. Every thread of the block must call it. kOneBarrier (few rows):
+// every thread reads the 8 warp sums and finishes the computation itself (same operations, same
+// value), saving a barrier; otherwise thread 0 finishes and a second barrier shares the result
+// (less issue work when many rows compete for the SMs).
+template <bool kOneBarrier>
 __device__ __forceinline__ float block_inv_rms(double sum, int64_t dim, float eps) {
   __shared__ double warp_sums[kWarps];
   __shared__ float inv_shared;
@@ -40,20 +46,23 @@ __device__ __forceinline__ float block_inv_rms(double sum, int64_t dim, float ep
   }
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (kOneBarrier || threadIdx.x == 0) {
     double total = warp_sums[0];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) total = __dadd_rn(total, warp_sums[w]);
     const float mean_square = __double2float_rn(__ddiv_rn(total, static_cast<double>(dim)));
-    inv_shared = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean_square, eps)));
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean_square, eps)));
+    if constexpr (kOneBarrier) return inv;
+    inv_shared = inv;
   }
   __syncthreads();
   return inv_shared;
 }
 
 // D % 8 == 0: thread i owns the groups of 8 elements i, i + 256, ... (at most kIters), kept in
-// registers between the two passes.
-template <typename TX, typename TW, typename TOut, int kIters, bool kAligned>
+// registers between the two passes. kDecode (few rows, D <= 4096): the weights are loaded with x
+// (the second pass needs no global load) and the reduction has one barrier.
+template <typename TX, typename TW, typename TOut, int kIters, bool kAligned, bool kDecode>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_vec8_kernel(const TX* __restrict__ x, const float* __restrict__ residual,
                         const TW* __restrict__ weight, TOut* __restrict__ out,
@@ -64,40 +73,59 @@ __global__ void __launch_bounds__(kThreads)
   const TX* xr = x + row * dim;
   const float* rr = residual != nullptr ? residual + row * dim : nullptr;
   float* ro = residual_out != nullptr ? residual_out + row * dim : nullptr;
+  const bool has_weight = weight != nullptr;
 
   float r[kIters][8];
+  float res[kIters][8];
+  float w[kDecode ? kIters : 1][8];
   double sum = 0.0;
+  // All loads first (independent of each other), then the arithmetic.
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t g = threadIdx.x + static_cast<int64_t>(it) * kThreads;
     if (g < groups) {
       load8<TX, kAligned>(xr + g * 8, r[it]);
-      if (rr != nullptr) {
-        float res[8];
-        load8<float, kAligned>(rr + g * 8, res);
+      if (rr != nullptr) load8<float, kAligned>(rr + g * 8, res[it]);
+      if constexpr (kDecode) {
+        if (has_weight) load8<TW, kAligned>(weight + g * 8, w[it]);
+      }
+    }
+  }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) r[it][i] = __fadd_rn(r[it][i], res[i]);
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t g = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+    if (g < groups) {
+      if (rr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) r[it][i] = __fadd_rn(r[it][i], res[it][i]);
       }
       if (ro != nullptr) store8<float, kAligned>(ro + g * 8, r[it]);
 #pragma unroll
       for (int i = 0; i < 8; ++i) sum = add_square(sum, r[it][i]);
     }
   }
-  const float inv = block_inv_rms(sum, dim, eps);
   const float inv_out_scale = __frcp_rn(out_scale);
+  const float inv = block_inv_rms<kDecode>(sum, dim, eps);
 
   TOut* orow = out + row * dim;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t g = threadIdx.x + static_cast<int64_t>(it) * kThreads;
     if (g < groups) {
-      float w[8];
-      if (weight != nullptr) load8<TW, kAligned>(weight + g * 8, w);
+      float wv[8];
+      if (has_weight) {
+        if constexpr (kDecode) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) wv[i] = w[it][i];
+        } else {
+          load8<TW, kAligned>(weight + g * 8, wv);
+        }
+      }
       TOut result[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         float y = __fmul_rn(r[it][i], inv);
-        if (weight != nullptr) y = __fmul_rn(y, w[i]);
+        if (has_weight) y = __fmul_rn(y, wv[i]);
         result[i] = finish<TOut>(y, out_scale, inv_out_scale, rule);
       }
       store8<TOut, kAligned>(orow + g * 8, result);
@@ -123,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
     if (residual_out != nullptr) residual_out[row * dim + i] = r;
     sum = add_square(sum, r);
   }
-  const float inv = block_inv_rms(sum, dim, eps);
+  const float inv = block_inv_rms<false>(sum, dim, eps);
   const float inv_out_scale = __frcp_rn(out_scale);
   for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
     float r = to_float(xr[i]);
@@ -154,17 +182,24 @@ cudaError_t run(const RmsNormArgs& a, cudaStream_t stream) {
                        (a.residual_out == nullptr || is_aligned(a.residual_out, 32)) &&
                        (a.weight == nullptr || is_aligned(a.weight, sizeof(TW) * 8));
   const bool small = a.dim <= 8 * 2 * kThreads;
-#define QUAMBA_RMSNORM_LAUNCH(ITERS, ALIGNED)                                         \
-  rmsnorm_vec8_kernel<TX, TW, TOut, ITERS, ALIGNED><<<blocks, kThreads, 0, stream>>>( \
+  // Few rows (decode; the grid does not fill the GPU): the latency-oriented variant. Both add
+  // the squares in the same order, so the results are the same.
+  const bool decode = small && a.rows <= 64;
+#define QUAMBA_RMSNORM_LAUNCH(ITERS, ALIGNED, DECODE)                                     \
+  rmsnorm_vec8_kernel<TX, TW, TOut, ITERS, ALIGNED, DECODE><<<blocks, kThreads, 0, stream>>>( \
       x, a.residual, w, out, a.residual_out, a.dim, a.eps, a.out_scale, rule)
-  if (aligned && small) {
-    QUAMBA_RMSNORM_LAUNCH(2, true);
+  if (decode && aligned) {
+    QUAMBA_RMSNORM_LAUNCH(2, true, true);
+  } else if (decode) {
+    QUAMBA_RMSNORM_LAUNCH(2, false, true);
+  } else if (aligned && small) {
+    QUAMBA_RMSNORM_LAUNCH(2, true, false);
   } else if (aligned) {
-    QUAMBA_RMSNORM_LAUNCH(8, true);
+    QUAMBA_RMSNORM_LAUNCH(8, true, false);
   } else if (small) {
-    QUAMBA_RMSNORM_LAUNCH(2, false);
+    QUAMBA_RMSNORM_LAUNCH(2, false, false);
   } else {
-    QUAMBA_RMSNORM_LAUNCH(8, false);
+    QUAMBA_RMSNORM_LAUNCH(8, false, false);
   }
 #undef QUAMBA_RMSNORM_LAUNCH
   return cudaGetLastError();

@@ -1,6 +1,7 @@
 """Benchmark of the quamba-kernels CUDA kernels at Mamba-2.8B shapes (runs on a GPU machine).
 
-Shapes: d_model 2560, d_inner E = 5120, d_state N = 16, conv width 4, L = 2048, batch 1 and 8.
+Shapes: d_model 2560, d_inner E = 5120, d_state N = 16, conv width 4, L = 2048, batch 1 and 8;
+plus the decode step (one token per sequence, batch 1 and 16): rows named "decode ...".
 Each kernel is captured in a CUDA graph (``--calls`` launches per graph, several input sets
 rotated so that the working set exceeds the L2 cache) and the graph replays are timed with CUDA
 events; the median over ``--reps`` replays after warm-up is reported. Achieved bandwidth counts
@@ -197,6 +198,63 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
     return rows, ratios
 
 
+def bench_decode(batch: int, reps: int, only: list[str] | None = None):
+    """One decode token per sequence: the per-layer norm, Hadamard, conv update and scan step."""
+    from quamba_kernels.conv1d import conv1d_int8_update
+    from quamba_kernels.hadamard import hadamard
+    from quamba_kernels.rmsnorm import rmsnorm
+    from quamba_kernels.scan_step import selective_scan_step_int8
+
+    b, e, n, d = batch, D_INNER, D_STATE, D_MODEL
+    rows = []
+
+    def add(name, make_call, moved_bytes):
+        if only and not any(part in name for part in only):
+            return
+        ms = time_kernel(make_call, moved_bytes, reps)
+        rows.append({"kernel": name, "batch": b, "ms": ms, "bytes": moved_bytes})
+
+    weight = _randn(d, std=0.1, mean=1.0)
+
+    def norm(i):
+        x, res = _randn(b, d, dtype=torch.float16), _randn(b, d)
+        out = torch.empty(b, d, dtype=torch.int8, device="cuda")
+        r_out = torch.empty(b, d, device="cuda")
+        return lambda: rmsnorm(x, res, weight, 1e-5, 0.03, out=out, residual_out=r_out)
+
+    add("decode rmsnorm fp16+res->int8", norm, 15 * b * d)
+
+    def had(i):
+        x = _randn(b, e, dtype=torch.float16)
+        out = torch.empty(b, e, dtype=torch.int8, device="cuda")
+        return lambda: hadamard(x, 1 / math.sqrt(e), 0.03, out=out)
+
+    add("decode hadamard 5120 fp16->int8", had, 3 * b * e)
+
+    w_q, b_q = _int8(e, WIDTH), _int8(e)
+
+    def conv(i):
+        x, state = _int8(b, e), _int8(b, e, WIDTH - 1)
+        out = torch.empty(b, e, dtype=torch.int8, device="cuda")
+        return lambda: conv1d_int8_update(x, state, 0.02, w_q, 0.01, b_q, 0.02, 0.05, out=out)
+
+    add("decode conv1d update int8", conv, 2 * b * e * WIDTH)
+
+    a_log_q, d_q, dtb_q = _int8(e, n).abs(), _int8(e), _int8(e)
+
+    def step(i):
+        state = _int8(b, e, n)
+        u, dt, z = _int8(b, e), _int8(b, e), _int8(b, e)
+        bm, cm = _int8(b, n), _int8(b, n)
+        out = torch.empty(b, e, dtype=torch.float16, device="cuda")
+        args = (u, 0.02, dt, 0.02, a_log_q, 0.02, bm, 0.02, cm, 0.02, d_q, 0.01, z, 0.03,
+                dtb_q, 0.04, 0.1)  # fmt: skip
+        return lambda: selective_scan_step_int8(state, *args, out=out)
+
+    add("decode scan step int8 state", step, 2 * b * e * n + 5 * b * e)
+    return rows
+
+
 def sweep() -> None:
     """Every kernel once on small, odd shapes (for compute-sanitizer memcheck / racecheck)."""
     from quamba_kernels.conv1d import (
@@ -289,17 +347,25 @@ def main() -> int:
             row["GBps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
             row["pct_copy"] = 100 * row["GBps"] / copy_gbs
         results["runs"].append({"batch": batch, "rows": rows, "ratios": ratios})
+    for batch in (1, 16):
+        only = [part.strip() for part in args.only.split(",")] if args.only else None
+        rows = bench_decode(batch, reps, only)
+        for row in rows:
+            row["GBps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
+            row["pct_copy"] = 100 * row["GBps"] / copy_gbs
+        results["runs"].append({"batch": batch, "rows": rows, "ratios": {}})
 
     print(f"\n{results['device']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
-    print(f"{'kernel':<28}{'B':>3}{'time us':>11}{'MB moved':>10}{'GB/s':>8}{'% copy':>8}")
+    print(f"{'kernel':<34}{'B':>3}{'time us':>11}{'MB moved':>10}{'GB/s':>8}{'% copy':>8}")
     for run in results["runs"]:
         for row in run["rows"]:
             print(
-                f"{row['kernel']:<28}{row['batch']:>3}{row['ms'] * 1e3:>11.1f}"
+                f"{row['kernel']:<34}{row['batch']:>3}{row['ms'] * 1e3:>11.1f}"
                 f"{row['bytes'] / 1e6:>10.1f}{row['GBps']:>8.0f}{row['pct_copy']:>7.1f}%"
             )
-        ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items())
-        print(f"  batch {run['batch']} ratios: {ratio_text}")
+        if run["ratios"]:
+            ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items())
+            print(f"  batch {run['batch']} ratios: {ratio_text}")
     path = args.json or (
         os.path.join(os.environ["OUT"], "bench_kernels.json") if "OUT" in os.environ else None
     )

@@ -224,6 +224,7 @@ def test_int8_linear_default_picks_by_shape():
 def test_gemm_implementation_choice():
     assert gemm_implementation(1, 3072, 768) == "stream"
     assert gemm_implementation(4, 3072, 768) == "stream"
+    assert gemm_implementation(1, 5120, 160) == "skinny"  # dt_proj: small K
     assert gemm_implementation(5, 3072, 768) == "skinny"
     assert gemm_implementation(16, 10240, 2560) == "skinny"
     assert gemm_implementation(17, 10240, 2560) == "cublaslt"

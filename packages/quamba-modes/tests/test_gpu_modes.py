@@ -156,3 +156,21 @@ def test_graph_decoding_refuses_modes_with_reference_conversions(setup):
     assert not supported and "INT8 conv output" in reason
     with pytest.raises(ValueError, match="cannot be captured"):
         qmodel.generate(torch.zeros(1, 4, dtype=torch.long, device="cuda"), 2, cuda_graph=True)
+
+
+def test_kernel_quantize_matches_reference_and_defers_the_nan_check(setup):
+    """The kernel backend's requantization: the reference codes, and a NaN raises at the end of
+    the forward pass (check_deferred) instead of synchronising at every call."""
+    from quamba_layers import reference_ops as ops
+
+    _, _, backend = setup
+    g = torch.Generator().manual_seed(5)
+    v = (torch.randn(3, 77, 129, generator=g) * 4).cuda()
+    for rule in ("half_away", "half_even"):
+        assert torch.equal(backend.quantize_int8(v, 0.03, rule), ops.quantize_int8(v, 0.03, rule))
+    backend.check_deferred()  # no NaN so far
+    v[1, 2, 3] = float("nan")
+    backend.quantize_int8(v, 0.03, "half_away")
+    with pytest.raises(ValueError, match="NaN"):
+        backend.check_deferred()
+    backend.check_deferred()  # the flag is cleared once reported

@@ -14,8 +14,8 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
-``"auto"`` = stream for M <= 4, skinny for M <= 16, then cuBLASLt where it applies and K >= 512,
-else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py, benchmarks/README.md).
+``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then cuBLASLt where it
+applies and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py, benchmarks/README.md).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
 
 Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
@@ -57,7 +57,7 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
         raise ValueError(f"the stream GEMV takes M <= {STREAM_MAX_ROWS} rows, got M={m}")
     if impl == "auto":
         if m <= STREAM_MAX_ROWS:
-            return "stream"
+            return "stream" if k >= CUBLASLT_MIN_K else "skinny"  # small K: skinny measured faster
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
         return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"

@@ -23,6 +23,7 @@ Layouts follow docs/design.md: activations between in_proj and the scan are (B, 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -110,7 +111,20 @@ def _scale_product32(name: str, *values) -> float:
 
 
 def _f32(value: float, device) -> torch.Tensor:
-    """A 0-dim float32 tensor on ``device`` (keeps divisions IEEE on CUDA, see module doc)."""
+    """A 0-dim float32 tensor on ``device`` (keeps divisions IEEE on CUDA, see module doc).
+
+    On a GPU the tensor is made once per (value, device) and reused: creating it is a copy from
+    pageable host memory, which waits for everything queued on the stream (a full
+    synchronisation per op otherwise). Callers never modify it in place.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor(value, dtype=torch.float32)
+    return _device_scalar(float(value), device)
+
+
+@functools.lru_cache(maxsize=8192)
+def _device_scalar(value: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 

@@ -27,6 +27,7 @@ class Backend:
             "ssm_int8": ref,
             "ssm_sim": ref,
             "hadamard": ref,
+            "quantize": ref,
         }
 
     def rmsnorm(self, x, residual, weight, eps, out_scale, rounding):
@@ -45,6 +46,13 @@ class Backend:
 
     def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         return ops.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding)
+
+    def quantize_int8(self, v, scale, rounding):
+        """Q8(v, s) of a float tensor (NaN raises here, at once)."""
+        return ops.quantize_int8(v, scale, rounding)
+
+    def check_deferred(self) -> None:
+        """Raise what the backend detected without synchronising (nothing for the reference)."""
 
     def conv1d_int8_update(self, x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         """One conv decode step; ``conv_state`` is updated in place. Returns (out, conv_state)."""

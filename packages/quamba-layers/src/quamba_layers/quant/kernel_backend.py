@@ -20,6 +20,24 @@ class KernelBackend(Backend):
 
         quamba_kernels.require()  # raises KernelsUnavailable with the reason
         self._k = quamba_kernels
+        self._nan_seen: torch.Tensor | None = None  # device flag, read by check_deferred
+
+    def quantize_int8(self, v, scale, rounding):
+        # The reference raises on NaN right away, which synchronises with the GPU at every call
+        # (a drained pipeline per layer). Here the NaN test stays on the device and is read once
+        # per forward by check_deferred(); the codes are the reference's for every other value.
+        v = v.float().contiguous()
+        flag = torch.isnan(v).any()
+        self._nan_seen = flag if self._nan_seen is None else self._nan_seen | flag
+        return self._k.quantize_int8(v, scale, rounding)
+
+    def check_deferred(self) -> None:
+        flag, self._nan_seen = self._nan_seen, None
+        if flag is not None and bool(flag):
+            raise ValueError(
+                "cannot quantize NaN values to int8 (Q8 is defined for non-NaN values): a NaN "
+                "reached a requantization site in this forward pass"
+            )
 
     def implementations(self) -> dict[str, str]:
         return {
@@ -30,6 +48,7 @@ class KernelBackend(Backend):
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,
             "hadamard": KERNEL,
+            "quantize": KERNEL,
         }
 
     def rmsnorm(self, x, residual, weight, eps, out_scale, rounding):

@@ -207,7 +207,7 @@ class W8A8Mixer(nn.Module):
         if u_codes is not None:
             xproj_in = u_codes
         else:
-            xproj_in = ops.quantize_int8(v, s["s_u"], rnd.requant)
+            xproj_in = self.backend.quantize_int8(v, s["s_u"], rnd.requant)
         self._probe("x_proj_in", xproj_in)
 
         # x_proj, dt_proj (INT8 GEMMs)
@@ -230,7 +230,7 @@ class W8A8Mixer(nn.Module):
             u_in = v if v is not None else ops.dequantize(u_codes, s["s_u"])
         elif dp.ssm_input == "requant_int8":
             source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
-            u_in = ops.quantize_int8(source, s["s_u"], rnd.requant)
+            u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
         else:  # fp32 (true, unclipped)
             u_in = v
         self._probe("ssm_in", u_in)
@@ -244,7 +244,7 @@ class W8A8Mixer(nn.Module):
         if self.cfg.online_hadamard:
             yh_q = self.backend.hadamard(y, 1.0 / math.sqrt(e), s["s_had"], rnd.hadamard)
         else:
-            yh_q = ops.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
+            yh_q = self.backend.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
         self._probe("out_proj_in", yh_q)
         out = self.backend.w8a8_linear(
             yh_q, self.out_proj_weight, s["s_had"], s["s_w_out"], None, rnd.gemm, torch.float16
@@ -299,7 +299,9 @@ class W8A8Mixer(nn.Module):
             u_codes, v = conv_out, None
         else:
             u_codes, v = None, conv_out
-        xproj_in = u_codes if u_codes is not None else ops.quantize_int8(v, s["s_u"], rnd.requant)
+        xproj_in = (
+            u_codes if u_codes is not None else self.backend.quantize_int8(v, s["s_u"], rnd.requant)
+        )
         xdbl_q = self.backend.w8a8_linear(
             xproj_in, self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm
         )
@@ -313,7 +315,7 @@ class W8A8Mixer(nn.Module):
             u_in = ops.dequantize(u_codes, s["s_u"])
         elif dp.ssm_input == "requant_int8":
             source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
-            u_in = ops.quantize_int8(source, s["s_u"], rnd.requant)
+            u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
         else:
             u_in = v
         y, ssm_state = self.backend.selective_scan_step(
@@ -324,7 +326,7 @@ class W8A8Mixer(nn.Module):
         if self.cfg.online_hadamard:
             yh_q = self.backend.hadamard(y, 1.0 / math.sqrt(e), s["s_had"], rnd.hadamard)
         else:
-            yh_q = ops.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
+            yh_q = self.backend.quantize_int8(y.float(), s["s_had"], rnd.hadamard)
         out = self.backend.w8a8_linear(
             yh_q, self.out_proj_weight, s["s_had"], s["s_w_out"], None, rnd.gemm, torch.float16
         )
@@ -391,8 +393,9 @@ def dynamic_scale_per_sequence(x: torch.Tensor, seq_lens: torch.Tensor | None) -
         positions = torch.arange(x.shape[-1], device=x.device)
         mag = torch.where(positions[None, None, :] < seq_lens[:, None, None].to(x.device), mag, 0.0)
     peak = mag.amax(dim=(1, 2)).to(torch.float32)
-    # A tensor divisor keeps the division IEEE on CUDA (a Python float becomes a reciprocal).
-    scale = peak / torch.tensor(127.0, dtype=torch.float32, device=peak.device)
+    # A tensor divisor keeps the division IEEE on CUDA (a Python float becomes a reciprocal);
+    # ops._f32 reuses one per device (creating it would synchronise with the GPU every call).
+    scale = peak / ops._f32(127.0, peak.device)
     return torch.where(peak > 0, scale, torch.ones_like(scale))
 
 
@@ -498,7 +501,9 @@ class QuantizedMambaLM(nn.Module):
             hidden, residual = block(hidden, residual, seq_lens)
         if last_only:
             hidden, residual = hidden[:, -1:], residual[:, -1:]
-        return QuantizedOutput(logits=self._head(hidden.float() + residual))
+        logits = self._head(hidden.float() + residual)
+        self.mixers[0].backend.check_deferred()
+        return QuantizedOutput(logits=logits)
 
     def _lm_head_scales(self) -> tuple[float, float]:
         """(s_lm_in, s_w_lm) as checked Python floats, read once (no device sync per token)."""

@@ -332,3 +332,31 @@ def test_selective_scan_step_validation():
     _expect_unavailable_or_cuda_error(
         lambda: selective_state_update(_f(2, 6, 16, dtype=F16), x, x, A, b, b)
     )
+
+
+def test_compiled_calls_receive_tensors_as_dlpack_capsules():
+    """require() hands tensors to the compiled module as DLPack capsules (C++-made, no
+    Tensor.__dlpack__ round trip); other arguments pass unchanged; parameters export detached."""
+    from quamba_kernels._loader import CapsuleCalls
+
+    seen = []
+
+    class FakeModule:
+        answer = 42
+
+        @staticmethod
+        def launch(*args, **kwargs):
+            seen.append((args, kwargs))
+            return "done"
+
+    calls = CapsuleCalls(FakeModule)
+    weight = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    x = torch.arange(4, dtype=torch.int8)
+    assert calls.answer == 42
+    assert calls.launch(x, None, 0.5, out=weight) == "done"
+    ((args, kwargs),) = seen
+    assert type(args[0]).__name__ == "PyCapsule" and type(kwargs["out"]).__name__ == "PyCapsule"
+    assert args[1] is None and args[2] == 0.5
+    # The capsules carry the tensors' memory: importing them back gives the same values.
+    assert torch.equal(torch.utils.dlpack.from_dlpack(args[0]), x)
+    assert torch.equal(torch.utils.dlpack.from_dlpack(kwargs["out"]), weight.detach())

@@ -15,15 +15,13 @@ Usage: python3 tools/bench/bench_gemm.py [--quick] [--json PATH]   (writes $OUT/
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import copy_bandwidth, time_kernel
+from bench_kernels import copy_bandwidth, time_kernel, write_result
 
 D_MODEL, D_INNER, D_STATE, DT_RANK = 2560, 5120, 16, 160
 LAYERS = {  # name: (N, K, epilogue output)
@@ -137,10 +135,7 @@ def main() -> int:
                      "GBps": gbs, "TOPS": tops, "floor_us": floor * 1e3, "vs_fp16": fp16_ms / ms}
                 )  # fmt: skip
     payload = {"device": device, "copy_GBps": bandwidth / 1e9, "results": results}
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_gemm.json") if "OUT" in os.environ
-                         else None)  # fmt: skip
-    if path:
-        Path(path).write_text(json.dumps(payload, indent=1))
+    write_result(payload, "bench_gemm.json", args.json)
     return 0
 
 

@@ -29,6 +29,15 @@ D_MODEL, D_INNER, D_STATE, WIDTH, SEQLEN = 2560, 5120, 16, 4, 2048
 L2_BYTES = 50 * 2**20
 
 
+def write_result(payload, default_name: str, path: str | None) -> None:
+    """JSON to ``path``, or to $OUT/default_name when OUT is set (the GPU check's folder)."""
+    if path is None and "OUT" in os.environ:
+        path = os.path.join(os.environ["OUT"], default_name)
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+
+
 def _median_ms(fn, reps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -85,7 +94,6 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
     from quamba_kernels.hadamard import hadamard
     from quamba_kernels.rmsnorm import rmsnorm
     from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
-    from quamba_kernels.scan_step import selective_scan_step_int8
 
     b, e, n, length, d = batch, D_INNER, D_STATE, SEQLEN, D_MODEL
     bel = b * e * length
@@ -177,14 +185,7 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
     t_sim = add("scan sim fp32 (exact)", lambda i: scan_float(i, torch.float32, True), 16 * bel)
 
     # decode step, INT8 state
-    def step(i):
-        state = _int8(b, e, n)
-        u, dt, z = _int8(b, e), _int8(b, e), _int8(b, e)
-        bm, cm = _int8(b, n), _int8(b, n)
-        out = torch.empty(b, e, dtype=torch.float16, device="cuda")
-        args = (u, 0.02, dt, 0.02, a_log_q, 0.02, bm, 0.02, cm, 0.02, d_q, 0.01, z, 0.03,
-                dtb_q, 0.04, 0.1)  # fmt: skip
-        return lambda: selective_scan_step_int8(state, *args, out=out)
+    step = scan_step_launcher(b, e, n, a_log_q, d_q, dtb_q)
 
     add("scan step int8 state", step, 2 * b * e * n + 5 * b * e)
 
@@ -198,12 +199,27 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
     return rows, ratios
 
 
+def scan_step_launcher(b, e, n, a_log_q, d_q, dtb_q):
+    """make_call(i) for time_kernel: one INT8-state selective-scan decode step on fresh inputs."""
+    from quamba_kernels.scan_step import selective_scan_step_int8
+
+    def step(i):
+        state = _int8(b, e, n)
+        u, dt, z = _int8(b, e), _int8(b, e), _int8(b, e)
+        bm, cm = _int8(b, n), _int8(b, n)
+        out = torch.empty(b, e, dtype=torch.float16, device="cuda")
+        args = (u, 0.02, dt, 0.02, a_log_q, 0.02, bm, 0.02, cm, 0.02, d_q, 0.01, z, 0.03,
+                dtb_q, 0.04, 0.1)  # fmt: skip
+        return lambda: selective_scan_step_int8(state, *args, out=out)
+
+    return step
+
+
 def bench_decode(batch: int, reps: int, only: list[str] | None = None):
     """One decode token per sequence: the per-layer norm, Hadamard, conv update and scan step."""
     from quamba_kernels.conv1d import conv1d_int8_update
     from quamba_kernels.hadamard import hadamard
     from quamba_kernels.rmsnorm import rmsnorm
-    from quamba_kernels.scan_step import selective_scan_step_int8
 
     b, e, n, d = batch, D_INNER, D_STATE, D_MODEL
     rows = []
@@ -241,15 +257,7 @@ def bench_decode(batch: int, reps: int, only: list[str] | None = None):
     add("decode conv1d update int8", conv, 2 * b * e * WIDTH)
 
     a_log_q, d_q, dtb_q = _int8(e, n).abs(), _int8(e), _int8(e)
-
-    def step(i):
-        state = _int8(b, e, n)
-        u, dt, z = _int8(b, e), _int8(b, e), _int8(b, e)
-        bm, cm = _int8(b, n), _int8(b, n)
-        out = torch.empty(b, e, dtype=torch.float16, device="cuda")
-        args = (u, 0.02, dt, 0.02, a_log_q, 0.02, bm, 0.02, cm, 0.02, d_q, 0.01, z, 0.03,
-                dtb_q, 0.04, 0.1)  # fmt: skip
-        return lambda: selective_scan_step_int8(state, *args, out=out)
+    step = scan_step_launcher(b, e, n, a_log_q, d_q, dtb_q)
 
     add("decode scan step int8 state", step, 2 * b * e * n + 5 * b * e)
     return rows
@@ -366,12 +374,7 @@ def main() -> int:
         if run["ratios"]:
             ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items())
             print(f"  batch {run['batch']} ratios: {ratio_text}")
-    path = args.json or (
-        os.path.join(os.environ["OUT"], "bench_kernels.json") if "OUT" in os.environ else None
-    )
-    if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    write_result(results, "bench_kernels.json", args.json)
     return 0
 
 

@@ -22,9 +22,7 @@ Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--p
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ for package in ("quamba-layers", "quamba-modes", "quamba-kernels"):
     sys.path.append(str(ROOT / "packages" / package / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import copy_bandwidth  # noqa: E402
+from bench_kernels import copy_bandwidth, write_result  # noqa: E402
 
 from quamba_layers.config import MambaConfig  # noqa: E402
 from quamba_layers.cuda_graph import GraphedStep  # noqa: E402
@@ -285,10 +283,7 @@ def main() -> int:
     print("\n".join(lines))
     payload = {"device": device, "copy_GBps": bandwidth / 1e9, "new_tokens": args.new_tokens,
                "torch": torch.__version__, "rows": rows}  # fmt: skip
-    path = args.json or (os.path.join(os.environ["OUT"], "e2e.json") if "OUT" in os.environ
-                         else None)  # fmt: skip
-    if path:
-        Path(path).write_text(json.dumps(payload, indent=1))
+    write_result(payload, "e2e.json", args.json)
     return 0
 
 

@@ -229,8 +229,11 @@ class W8A8Mixer(nn.Module):
         elif dp.ssm_input == "fp32_grid":
             u_in = v if v is not None else ops.dequantize(u_codes, s["s_u"])
         elif dp.ssm_input == "requant_int8":
-            source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
-            u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
+            if u_codes is None:  # x_proj already got Q8(v, s_u, requant) of this very v
+                u_in = xproj_in
+            else:
+                source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
+                u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
         else:  # fp32 (true, unclipped)
             u_in = v
         self._probe("ssm_in", u_in)
@@ -314,8 +317,11 @@ class W8A8Mixer(nn.Module):
         elif dp.ssm_input == "fp32_grid":
             u_in = ops.dequantize(u_codes, s["s_u"])
         elif dp.ssm_input == "requant_int8":
-            source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
-            u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
+            if u_codes is None:  # the same Q8(v, s_u, requant) as x_proj's input
+                u_in = xproj_in
+            else:
+                source = v if v is not None else ops.dequantize(u_codes, s["s_u"])
+                u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
         else:
             u_in = v
         y, ssm_state = self.backend.selective_scan_step(

@@ -252,3 +252,54 @@ def test_head_to_toe_variant_reloads_bit_identical(tmp_path):
     assert rel_err(out, model(x).logits.float()) < 0.15
     save_quantized(qmodel, tmp_path / "h2t")
     assert torch.equal(load_quantized(tmp_path / "h2t")(x).logits, out)
+
+
+def test_step_updates_the_state_in_place_and_returns_it(model_and_quantized):
+    """Decode-step ops update the state they are given (what a CUDA graph needs), on the
+    reference backend too; the returned state is the same tensors, now one token further."""
+    _, qmodel = model_and_quantized
+    x = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(8))
+    _, state = qmodel.prefill(x[:, :8])
+    before = [(c.clone(), s.clone()) for c, s in state]
+    _, new_state = qmodel.step(x[:, 8], state)
+    for (conv, ssm), (new_conv, new_ssm), (conv0, ssm0) in zip(state, new_state, before):
+        assert new_conv is conv and new_ssm is ssm
+        assert not torch.equal(conv, conv0)  # the newest code entered the conv window
+        assert torch.equal(conv[..., :-1], conv0[..., 1:])
+        assert not torch.equal(ssm, ssm0)
+
+
+def test_last_only_prefill_is_the_last_position_of_the_full_one(model_and_quantized):
+    """Everything before the head is the same computation; the float32 lm_head matmul of one
+    row instead of L may sum in another order (BLAS blocking), so the logits agree to float32
+    rounding and pick the same tokens."""
+    _, qmodel = model_and_quantized
+    x = torch.randint(0, 300, (3, 11), generator=torch.Generator().manual_seed(9))
+    full = qmodel(x).logits[:, -1:]
+    for last in (qmodel(x, last_only=True).logits, qmodel.prefill(x, last_only=True)[0]):
+        assert last.shape == full.shape
+        torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-6)
+        assert torch.equal(last.argmax(-1), full.argmax(-1))
+
+
+def test_graph_decoding_needs_a_cuda_model_and_says_why(model_and_quantized):
+    _, qmodel = model_and_quantized
+    supported, reason = qmodel.graph_decoding_supported()
+    assert not supported and "CUDA" in reason
+    prompt = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(10))
+    with pytest.raises(ValueError, match=r"cannot be captured: .*CUDA"):
+        qmodel.generate(prompt, 2, cuda_graph=True)
+    assert torch.equal(qmodel.generate(prompt, 3, cuda_graph=False), qmodel.generate(prompt, 3))
+
+
+def test_reference_backend_seq_last_layout_is_the_transpose(model_and_quantized):
+    from quamba_layers.quant.backends import reference_backend
+
+    backend = reference_backend()
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(-128, 128, (2, 5, 48), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (24, 48), generator=g, dtype=torch.int8)
+    row = backend.w8a8_linear(x, w, 0.02, 0.01, 0.3, "half_away")
+    seq_last = backend.w8a8_linear(x, w, 0.02, 0.01, 0.3, "half_away", layout="seq_last")
+    assert seq_last.shape == (2, 24, 5) and seq_last.is_contiguous()
+    assert torch.equal(seq_last, row.transpose(1, 2))

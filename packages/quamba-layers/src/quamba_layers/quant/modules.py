@@ -568,7 +568,9 @@ class QuantizedMambaLM(nn.Module):
             )  # fmt: skip
             hidden, conv_state, ssm_state = mixer.step(x_q, conv_state, ssm_state)
             new_state.append((conv_state, ssm_state))
-        return self._head(hidden.float() + residual), new_state
+        logits = self._head(hidden.float() + residual)
+        self.mixers[0].backend.check_deferred()  # no-op (no host read) when nothing was flagged
+        return logits, new_state
 
     def graph_decoding_supported(self) -> tuple[bool, str]:
         """(whether ``generate`` can capture the decode step in a CUDA graph, why not)."""

@@ -119,3 +119,27 @@ def test_compare_and_quantize_commands(tmp_path, capsys):
         ["--model", str(tmp_path / "q"), "--mode", "0", "--limit", "4", "--fidelity-docs", "0"]
     )
     assert code == 0
+
+
+def test_float_reference_mode_records_who_runs_its_ops():
+    """The float modes record model.implementations(); with the reference backend (CPU) the
+    float model runs the PyTorch ops and says so."""
+    import torch
+
+    from quamba_eval import runner
+    from quamba_eval.models import ModelBundle
+    from quamba_layers.config import MambaConfig
+    from quamba_layers.model import MambaLM
+    from quamba_layers.quant import select_backend
+    from quamba_modes import resolve_mode
+    from quamba_modes.registry import get_mode
+
+    model = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=64), seed=0)
+    bundle = ModelBundle(tokenizer=None, float_model=model)
+    backend = select_backend("cpu")
+    resolved = resolve_mode("fp16")
+    chosen = runner.model_for(get_mode("fp16"), bundle, torch.device("cpu"), resolved, backend)
+    assert chosen.dtype == torch.float16
+    record = chosen.implementations()
+    assert record["path"] == "reference"
+    assert model.implementations()["path"] == "reference"  # the fp32 original is untouched

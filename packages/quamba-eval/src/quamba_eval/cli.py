@@ -271,10 +271,13 @@ def cmd_run(args) -> int:
     reference_model = None
     for mode, r in resolved:
         model = runner.model_for(mode, bundle, device, r, backend)
-        result = runner.ModeResult(mode.name, r.to_dict(), {}, {}, 0.0)
+        description = r.to_dict()
+        if mode.kind == "float":
+            description["implementations"] = model.implementations()
+        result = runner.ModeResult(mode.name, description, {}, {}, 0.0)
         if resolved_tasks:
             result = runner.evaluate_mode(
-                mode.name, r.to_dict(), model, bundle.tokenizer, task_manager, resolved_tasks,
+                mode.name, description, model, bundle.tokenizer, task_manager, resolved_tasks,
                 limit=limit, batch_size=args.batch_size, seed=args.seed, device=device,
                 max_length=args.max_length,
             )  # fmt: skip
@@ -359,7 +362,8 @@ def cmd_compare(args) -> int:
 
     def capture_for(mode, r):
         if mode.kind == "float":
-            model = runner.model_for(mode, bundle, device, r, backend)
+            # Stage capture patches the reference stage methods: keep the reference path.
+            model = runner.model_for(mode, bundle, device, r, backend).use_kernels("reference")
             online = bundle.quantized.cfg.online_hadamard if bundle.quantized is not None else True
             return lambda t: compare.capture_float(model, t.to(device), args.stages, online)
 

@@ -253,7 +253,13 @@ def model_for(mode, bundle, device: torch.device, resolved, backend):
         if base is None:
             return bundle.float_in(dtype, device)
         model = copy.deepcopy(base) if dtype != torch.float32 else base
-        return model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
+        # Where the quantized modes run kernels, the float references do too (norms, convs and
+        # the exact scan, bit-identical to the PyTorch scan); model.implementations() is
+        # recorded with the mode's results.
+        return model.use_kernels(
+            "auto" if backend.name == "kernel" else "reference", exact_scan=True
+        )
     if bundle.quantized is None:
         raise ValueError(f"mode {mode.name} needs a quantized model")
     qmodel = bundle.quantized.to(device)

@@ -40,8 +40,9 @@ from bench_kernels import copy_bandwidth, write_result  # noqa: E402
 from quamba_layers.config import MambaConfig  # noqa: E402
 from quamba_layers.cuda_graph import GraphedStep  # noqa: E402
 from quamba_layers.model import MambaLM  # noqa: E402
-from quamba_layers.quant import select_backend  # noqa: E402
-from quamba_layers.quant.modules import SCALE_NAMES, QuantizedConfig, QuantizedMambaLM  # noqa: E402
+from quamba_layers.quant import QuantRecipe, select_backend  # noqa: E402
+from quamba_layers.quant.modules import SCALE_NAMES, QuantizedMambaLM  # noqa: E402
+from quamba_layers.quant.quantize import quantized_config_for  # noqa: E402
 from quamba_modes import resolve_mode  # noqa: E402
 
 
@@ -68,12 +69,8 @@ def fp16_model(cfg: MambaConfig, gen: torch.Generator) -> MambaLM:
 
 def w8a8_model(cfg: MambaConfig, gen: torch.Generator) -> QuantizedMambaLM:
     """Random INT8 weights and plausible per-tensor scales in the Quamba1 layout, Mode 0."""
-    qcfg = QuantizedConfig(
-        d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
-        padded_vocab_size=cfg.padded_vocab_size, d_inner=cfg.d_inner, d_state=cfg.d_state,
-        d_conv=cfg.d_conv, dt_rank=cfg.resolved_dt_rank, rms_norm_eps=cfg.rms_norm_eps,
-        online_hadamard=True,
-    )  # fmt: skip
+    # The Quamba1 recipe's structure for this config (a meta-device float model allocates nothing).
+    qcfg = quantized_config_for(MambaLM(cfg, seed=None, device="meta"), QuantRecipe())
     with torch.device("meta"):
         model = QuantizedMambaLM(qcfg)
     model = model.to_empty(device="cuda").eval()

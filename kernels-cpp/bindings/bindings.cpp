@@ -19,6 +19,7 @@
 #include "elem_type.h"
 #include "gemm_int8.h"
 #include "hadamard.h"
+#include "launch.h"
 #include "quantize.h"
 #include "rmsnorm.h"
 #include "scan.h"
@@ -685,6 +686,11 @@ NB_MODULE(_C, m) {
   m.attr("rmsnorm_max_dim") = quamba::kRmsNormMaxDim;
   m.def("device_count", &device_count, "Number of CUDA devices the runtime sees (0 when none).");
   m.def("device_error", &device_error, "Why no CUDA device can be used, or '' when one can.");
+  m.def("set_programmatic_launch", &quamba::set_programmatic_launch, nb::arg("enabled"),
+        "Turn programmatic dependent launch (sm_90+) on or off for later launches; results are "
+        "the same either way.");
+  m.def("programmatic_launch_enabled", &quamba::programmatic_launch_enabled,
+        "Whether launches use programmatic dependent launch where the device supports it.");
   m.def("quantize_int8", &quantize_int8, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("rounding"), nb::arg("stream"),
         nb::call_guard<nb::gil_scoped_release>(),

@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
+
 namespace quamba {
 
 // Rounding rules of the INT8 sites. They differ only at exact .5 ties.

@@ -181,6 +181,8 @@ __global__ void __launch_bounds__(kThreads)
     conv1d_int8_fwd_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ weight,
                            const int8_t* __restrict__ bias, TOut* __restrict__ out, int64_t rows,
                            int64_t dim, int64_t seqlen, ConvScalars c) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   constexpr int kN = sizeof(TOut) == 1 ? 16 : 8;
   constexpr int kW = kN / 4 + 1;
   const int64_t chunks_per_row = (seqlen + kN - 1) / kN;
@@ -270,6 +272,8 @@ __global__ void __launch_bounds__(kThreads)
     conv1d_float_fwd_kernel(const TIn* __restrict__ x, const TW* __restrict__ weight,
                             const TW* __restrict__ bias, TOut* __restrict__ out, int64_t rows,
                             int64_t dim, int64_t seqlen, ConvScalars c) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   const int64_t chunks_per_row = (seqlen + kItems - 1) / kItems;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (item >= rows * chunks_per_row) return;
@@ -334,6 +338,8 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
                                      const TW* __restrict__ weight, const TW* __restrict__ bias,
                                      TOut* __restrict__ out, int64_t rows, int64_t dim,
                                      ConvScalars c) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const int64_t channel = row % dim;
@@ -412,19 +418,19 @@ cudaError_t run_fwd(const Conv1dArgs& a, cudaStream_t stream) {
   c.index32 = chunks < (int64_t{1} << 32) && rows < (int64_t{1} << 32);
   if constexpr (kInt8) {
     if (aligned) {
-      conv1d_int8_fwd_kernel<K, TOut, true>
-          <<<blocks, kThreads, 0, stream>>>(x, w, bias, out, rows, a.dim, a.seqlen, c);
+      launch::launch_kernel(conv1d_int8_fwd_kernel<K, TOut, true>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     } else {
-      conv1d_int8_fwd_kernel<K, TOut, false>
-          <<<blocks, kThreads, 0, stream>>>(x, w, bias, out, rows, a.dim, a.seqlen, c);
+      launch::launch_kernel(conv1d_int8_fwd_kernel<K, TOut, false>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     }
   } else {
     if (aligned) {
-      conv1d_float_fwd_kernel<K, TIn, TW, TOut, true>
-          <<<blocks, kThreads, 0, stream>>>(x, w, bias, out, rows, a.dim, a.seqlen, c);
+      launch::launch_kernel(conv1d_float_fwd_kernel<K, TIn, TW, TOut, true>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     } else {
-      conv1d_float_fwd_kernel<K, TIn, TW, TOut, false>
-          <<<blocks, kThreads, 0, stream>>>(x, w, bias, out, rows, a.dim, a.seqlen, c);
+      launch::launch_kernel(conv1d_float_fwd_kernel<K, TIn, TW, TOut, false>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     }
   }
   return cudaGetLastError();
@@ -435,7 +441,8 @@ cudaError_t run_update(const Conv1dArgs& a, cudaStream_t stream) {
   const int64_t rows = a.batch * a.dim;
   if (rows == 0) return cudaSuccess;
   const int threads = 128;
-  conv1d_update_kernel<K, TIn, TW, TOut, kInt8><<<blocks_for(rows, threads), threads, 0, stream>>>(
+  launch::launch_kernel(conv1d_update_kernel<K, TIn, TW, TOut, kInt8>, blocks_for(rows, threads),
+                        threads, 0, stream,
       static_cast<const TIn*>(a.x), static_cast<TIn*>(a.state), static_cast<const TW*>(a.weight),
       static_cast<const TW*>(a.bias), static_cast<TOut*>(a.out), rows, a.dim, scalars_of(a));
   return cudaGetLastError();

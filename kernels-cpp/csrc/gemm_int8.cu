@@ -135,6 +135,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 8;
+  // While the previous kernel finishes: this block's 8 weight rows into L2 (see launch.cuh).
+  if (blockIdx.y == 0) {
+    const int64_t row_bytes = (N - n0 < 8 ? N - n0 : 8) * K;
+    for (int64_t off = 128 * static_cast<int64_t>(threadIdx.x); off < row_bytes;
+         off += 128 * kWarps * 32) {
+      launch::prefetch_l2(w + n0 * K + off);
+    }
+  }
+  launch::wait_for_prior_grids();
+  launch::allow_dependent_grids();
   const bool w_row_ok = n0 + g < N;
   const int8_t* w_row = w + (n0 + g) * K;
   const int4 zero = make_int4(0, 0, 0, 0);
@@ -197,6 +207,15 @@ __global__ void __launch_bounds__(kStreamThreads)
   const int lane = threadIdx.x % 32;
   const int64_t n0 =
       (static_cast<int64_t>(blockIdx.x) * (kStreamThreads / 32) + threadIdx.x / 32) * kRows;
+  // While the previous kernel finishes: this warp's weight rows into L2 (see launch.cuh).
+  if (n0 < N) {
+    const int64_t row_bytes = (N - n0 < kRows ? N - n0 : kRows) * K;
+    for (int64_t off = 128 * static_cast<int64_t>(lane); off < row_bytes; off += 128 * 32) {
+      launch::prefetch_l2(w + n0 * K + off);
+    }
+  }
+  launch::wait_for_prior_grids();
+  launch::allow_dependent_grids();
   if (n0 >= N) return;  // whole warp leaves together
   const int4 zero = make_int4(0, 0, 0, 0);
   int acc[V];
@@ -246,7 +265,8 @@ cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int6
   constexpr int kWarpsPerBlock = kStreamThreads / 32;
   const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 2147483647LL) return cudaErrorInvalidValue;
-  int8_gemv_stream_kernel<MT, 1><<<static_cast<unsigned>(blocks), kStreamThreads, 0, stream>>>(
+  launch::launch_kernel(int8_gemv_stream_kernel<MT, 1>, static_cast<unsigned>(blocks),
+                        kStreamThreads, 0, stream,
       x, w, out, M, N, K, ep);
   return cudaGetLastError();
 }
@@ -300,6 +320,8 @@ __global__ void __launch_bounds__(kTileThreads)
     int8_gemm_tiled_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   extern __shared__ int4 smem_tiles[];
   int8_t* smem = reinterpret_cast<int8_t*>(smem_tiles);
   const int tid = threadIdx.x;
@@ -435,6 +457,8 @@ __global__ void __launch_bounds__(kGemvThreads)
     int8_gemv_bytes_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   constexpr int V = MT * kCols;
   constexpr int kLeft = V >= 32 ? V / 32 : 1;
   const int lane = threadIdx.x % 32;
@@ -484,7 +508,8 @@ cudaError_t launch_gemv_bytes(const int8_t* x, const int8_t* w, void* out, int64
   if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(col_blocks),
                   static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
-  int8_gemv_bytes_kernel<MT><<<grid, kGemvThreads, 0, stream>>>(x, w, out, M, N, K, ep);
+  launch::launch_kernel(int8_gemv_bytes_kernel<MT>, grid, kGemvThreads, 0, stream, x, w, out, M, N,
+                        K, ep);
   return cudaGetLastError();
 }
 
@@ -497,6 +522,8 @@ constexpr int kTile = 32;
 __global__ void __launch_bounds__(256)
     int32_epilogue_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
                           int64_t N, EpilogueConsts ep) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   __shared__ int32_t tile[kTile][kTile + 1];
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kTile;
   const int tx = threadIdx.x % kTile;
@@ -560,7 +587,8 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
         if (err != cudaSuccess) return err;
         smem_opt_in |= bit;
       }
-      int8_gemm_tiled_kernel<<<grid, kTileThreads, kTileSmemBytes, stream>>>(x, w, out, M, N, K,
+      launch::launch_kernel(int8_gemm_tiled_kernel, grid, kTileThreads, kTileSmemBytes, stream, x,
+                            w, out, M, N, K,
                                                                             c);
       return cudaGetLastError();
     }
@@ -571,9 +599,11 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
                     static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
     // Enough warps in flight to cover the memory latency: 8 per block when the blocks are few.
     if (col_blocks * (row_blocks < 65535 ? row_blocks : 65535) < 4LL * sms) {
-      int8_mma_skinny_kernel<8><<<grid, 8 * 32, 0, stream>>>(x, w, out, M, N, K, c);
+      launch::launch_kernel(int8_mma_skinny_kernel<8>, grid, 8 * 32, 0, stream, x, w, out, M,
+                            N, K, c);
     } else {
-      int8_mma_skinny_kernel<4><<<grid, 4 * 32, 0, stream>>>(x, w, out, M, N, K, c);
+      launch::launch_kernel(int8_mma_skinny_kernel<4>, grid, 4 * 32, 0, stream, x, w, out, M,
+                            N, K, c);
     }
     return cudaGetLastError();
   }
@@ -590,7 +620,8 @@ cudaError_t launch_int32_epilogue(const int32_t* acc, void* out, int64_t M, int6
   if (col_tiles > 2147483647LL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(col_tiles),
                   static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
-  int32_epilogue_kernel<<<grid, 256, 0, stream>>>(acc, out, M, N, make_consts(ep));
+  launch::launch_kernel(int32_epilogue_kernel, grid, 256, 0, stream, acc, out, M, N,
+                        make_consts(ep));
   return cudaGetLastError();
 }
 

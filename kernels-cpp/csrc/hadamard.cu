@@ -60,6 +60,8 @@ template <int EPT, typename TIn, typename TOut>
 __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ out,
                                 const float* __restrict__ h_m, HadamardShape shape, float scale,
                                 float out_scale, Rounding rule) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   extern __shared__ __align__(16) float smem[];
   const int m = shape.m, p = shape.p, tps = shape.tps, tpr = shape.tpr, rpb = shape.rpb;
   const int64_t n = shape.n;
@@ -247,6 +249,8 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
     hadamard_paley_kernel(const TIn* __restrict__ x, TOut* __restrict__ out,
                           const float* __restrict__ h_m, int64_t rows, float scale,
                           float out_scale, Rounding rule) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   using S = PaleyShape<M, P>;
   constexpr int K2 = S::kK2, R = S::kR, N = M * P;
   extern __shared__ __align__(16) float smem[];
@@ -362,7 +366,7 @@ cudaError_t launch_paley(const HadamardArgs& a, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<blocks_for(a.rows, S::kRowsPerBlock), S::kThreads, smem, stream>>>(
+  launch::launch_kernel(kernel, blocks_for(a.rows, S::kRowsPerBlock), S::kThreads, smem, stream,
       static_cast<const TIn*>(a.x), static_cast<TOut*>(a.out), a.h_m, a.rows, a.scale,
       a.out_scale, static_cast<Rounding>(a.rounding));
   return cudaGetLastError();
@@ -422,7 +426,8 @@ cudaError_t run(const HadamardArgs& a, cudaStream_t stream) {
   TOut* out = static_cast<TOut*>(a.out);
   const Rounding rule = static_cast<Rounding>(a.rounding);
 #define QUAMBA_HADAMARD_LAUNCH(EPT)                                                            \
-  hadamard_kernel<EPT, TIn, TOut><<<blocks, threads, smem, stream>>>(x, out, a.h_m, shape,     \
+  launch::launch_kernel(hadamard_kernel<EPT, TIn, TOut>, blocks, threads, smem, stream, x, out, \
+                        a.h_m, shape,                                                  \
                                                                      a.scale, a.out_scale, rule)
   switch (ept) {
     case 1: QUAMBA_HADAMARD_LAUNCH(1); break;

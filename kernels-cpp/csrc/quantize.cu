@@ -5,6 +5,8 @@ namespace quamba {
 
 __global__ void quantize_int8_kernel(const float* __restrict__ x, int8_t* __restrict__ out, int64_t n,
                                      float scale, Rounding rule) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   const float inv_scale = __frcp_rn(scale);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -18,7 +20,7 @@ cudaError_t launch_quantize_int8(const float* x, int8_t* out, int64_t n, float s
   const int threads = 256;
   const int64_t wanted = (n + threads - 1) / threads;
   const int blocks = static_cast<int>(wanted < 65535 ? wanted : 65535);
-  quantize_int8_kernel<<<blocks, threads, 0, stream>>>(x, out, n, scale,
+  launch::launch_kernel(quantize_int8_kernel, blocks, threads, 0, stream, x, out, n, scale,
                                                        static_cast<Rounding>(rounding));
   return cudaGetLastError();
 }

@@ -68,6 +68,8 @@ __global__ void __launch_bounds__(kThreads)
                         const TW* __restrict__ weight, TOut* __restrict__ out,
                         float* __restrict__ residual_out, int64_t dim, float eps, float out_scale,
                         Rounding rule) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   const int64_t row = blockIdx.x;
   const int64_t groups = dim / 8;
   const TX* xr = x + row * dim;
@@ -141,6 +143,8 @@ __global__ void __launch_bounds__(kThreads)
                            const TW* __restrict__ weight, TOut* __restrict__ out,
                            float* __restrict__ residual_out, int64_t dim, float eps,
                            float out_scale, Rounding rule) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   const int64_t row = blockIdx.x;
   const TX* xr = x + row * dim;
   const float* rr = residual != nullptr ? residual + row * dim : nullptr;
@@ -172,7 +176,7 @@ cudaError_t run(const RmsNormArgs& a, cudaStream_t stream) {
   const Rounding rule = static_cast<Rounding>(a.rounding);
   const unsigned int blocks = static_cast<unsigned int>(a.rows);
   if (a.dim % 8 != 0) {
-    rmsnorm_any_dim_kernel<TX, TW, TOut><<<blocks, kThreads, 0, stream>>>(
+    launch::launch_kernel(rmsnorm_any_dim_kernel<TX, TW, TOut>, blocks, kThreads, 0, stream,
         x, a.residual, w, out, a.residual_out, a.dim, a.eps, a.out_scale, rule);
     return cudaGetLastError();
   }
@@ -186,7 +190,8 @@ cudaError_t run(const RmsNormArgs& a, cudaStream_t stream) {
   // the squares in the same order, so the results are the same.
   const bool decode = small && a.rows <= 64;
 #define QUAMBA_RMSNORM_LAUNCH(ITERS, ALIGNED, DECODE)                                     \
-  rmsnorm_vec8_kernel<TX, TW, TOut, ITERS, ALIGNED, DECODE><<<blocks, kThreads, 0, stream>>>( \
+  launch::launch_kernel(rmsnorm_vec8_kernel<TX, TW, TOut, ITERS, ALIGNED, DECODE>, blocks,       \
+                        kThreads, 0, stream,                                               \
       x, a.residual, w, out, a.residual_out, a.dim, a.eps, a.out_scale, rule)
   if (decode && aligned) {
     QUAMBA_RMSNORM_LAUNCH(2, true, true);

@@ -121,6 +121,8 @@ __device__ __forceinline__ int table_index(int8_t q) { return static_cast<int>(q
 
 template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact>
 __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kernel(ScanArgs a) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   using L = Layout<NP, kBlock>;
   constexpr int G = L::kLanes;
   constexpr int S = L::kPerLane;
@@ -381,7 +383,8 @@ cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
   using Lay = Layout<NP>;
   const dim3 grid(static_cast<unsigned int>((a.dim + Lay::kChannels - 1) / Lay::kChannels),
                   static_cast<unsigned int>(a.batch));
-  selective_scan_kernel<NP, kThreads, TU, TX, TOut, kExact><<<grid, kThreads, 0, stream>>>(a);
+  launch::launch_kernel(selective_scan_kernel<NP, kThreads, TU, TX, TOut, kExact>, grid, kThreads,
+                        0, stream, a);
   return cudaGetLastError();
 }
 

@@ -27,6 +27,8 @@ struct StepLayout {
 
 template <int NP, int G, typename TState, typename TU, typename TX, typename TOut>
 __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_kernel(ScanArgs a) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
   using Lay = StepLayout<NP, G>;
   constexpr int S = Lay::kPerLane;
   constexpr int CPB = Lay::kChannels;
@@ -135,8 +137,8 @@ cudaError_t launch_step_layout(const ScanArgs& a, cudaStream_t stream) {
   constexpr int kChannels = StepLayout<NP, G>::kChannels;
   const dim3 grid(static_cast<unsigned int>((a.dim + kChannels - 1) / kChannels),
                   static_cast<unsigned int>(a.batch));
-  selective_scan_step_kernel<NP, G, TState, TU, TX, TOut>
-      <<<grid, scan_detail::kThreads, 0, stream>>>(a);
+  launch::launch_kernel(selective_scan_step_kernel<NP, G, TState, TU, TX, TOut>,
+      grid, scan_detail::kThreads, 0, stream, a);
   return cudaGetLastError();
 }
 

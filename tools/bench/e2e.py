@@ -14,9 +14,12 @@ decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
 
 Models are built one at a time (peak memory is the model's own). --profile prints where a
 prefill and a decode step of the last size spend their GPU time, per kernel.
+--programmatic-launch both measures every configuration with programmatic dependent launch
+(quamba_kernels.set_programmatic_launch) on and off, side by side.
 
 Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--prompts 1024,2048]
-       [--new-tokens 128] [--reps 3] [--profile] [--json PATH]   (writes $OUT/e2e.json with OUT)
+       [--new-tokens 128] [--reps 3] [--profile] [--programmatic-launch on|off|both]
+       [--json PATH]   (writes $OUT/e2e.json with OUT)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import copy_bandwidth, write_result  # noqa: E402
 
+import quamba_kernels  # noqa: E402
 from quamba_layers.config import MambaConfig  # noqa: E402
 from quamba_layers.cuda_graph import GraphedStep  # noqa: E402
 from quamba_layers.model import MambaLM  # noqa: E402
@@ -228,12 +232,19 @@ def main() -> int:
         action="store_true",
         help="kernel time tables of a prefill and 20 decode steps (last size)",
     )
+    parser.add_argument(
+        "--programmatic-launch",
+        choices=("on", "off", "both"),
+        default="on",
+        help="programmatic dependent launch of the quamba kernels (both: measure each way)",
+    )
     args = parser.parse_args()
+    launch_modes = {"on": [True], "off": [False], "both": [True, False]}[args.programmatic_launch]
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = copy_bandwidth(10) * 1e9
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
-    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'TTFT ms':>9} {'graphed':>9} {'TPOT ms':>8} "
+    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'PDL':>3} {'TTFT ms':>9} {'graphed':>9} {'TPOT ms':>8} "
               f"{'floor ms':>8} {'TPOT/floor':>10} {'peak GiB':>8}")  # fmt: skip
     rows, lines = [], []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -251,35 +262,49 @@ def main() -> int:
             runner = Runner(kind, model)
             for batch in batches:
                 for prompt in prompts:
-                    ttft, ttft_graph, tpot, peak, sbytes = measure(
-                        runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
-                    )
-                    floor = (weights + 2 * sbytes) / bandwidth * 1e3
-                    got[kind, batch, prompt] = (ttft, tpot, peak, ttft_graph)
-                    rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
-                                 "ttft_ms": ttft, "ttft_graph_ms": ttft_graph, "tpot_ms": tpot, "floor_ms": floor,
-                                 "peak_GiB": peak / 2**30, "weight_bytes": weights,
-                                 "state_bytes": sbytes})  # fmt: skip
-                    line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {ttft:9.2f} {ttft_graph:9.2f} {tpot:8.3f} "
-                            f"{floor:8.3f} {tpot / floor:10.2f} {peak / 2**30:8.2f}")  # fmt: skip
-                    lines.append(line)
-                    print(line, flush=True)
+                    for pdl in launch_modes:
+                        quamba_kernels.set_programmatic_launch(pdl)
+                        ttft, ttft_graph, tpot, peak, sbytes = measure(
+                            runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
+                        )
+                        floor = (weights + 2 * sbytes) / bandwidth * 1e3
+                        got[kind, batch, prompt, pdl] = (ttft, tpot, peak, ttft_graph)
+                        rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
+                                     "programmatic_launch": pdl, "ttft_ms": ttft,
+                                     "ttft_graph_ms": ttft_graph, "tpot_ms": tpot, "floor_ms": floor,
+                                     "peak_GiB": peak / 2**30, "weight_bytes": weights,
+                                     "state_bytes": sbytes})  # fmt: skip
+                        line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {'on' if pdl else 'off':>3} "
+                                f"{ttft:9.2f} {ttft_graph:9.2f} {tpot:8.3f} "
+                                f"{floor:8.3f} {tpot / floor:10.2f} {peak / 2**30:8.2f}")  # fmt: skip
+                        lines.append(line)
+                        print(line, flush=True)
+                    quamba_kernels.set_programmatic_launch(True)
             if args.profile and size == args.sizes.split(",")[-1]:
                 profile_steps(runner, batches[0], prompts[0], cfg.vocab_size)
             del model, runner
             torch.cuda.empty_cache()
         for batch in batches:
             for prompt in prompts:
-                f, q = got["fp16", batch, prompt], got["w8a8", batch, prompt]
-                ratio = (f"{size:6} {batch:3d} {prompt:6d} W8A8 vs FP16: prefill "
-                         f"{f[0] / q[0]:.2f}x (graphed {f[3] / q[3]:.2f}x), decode "
-                         f"{f[1] / q[1]:.2f}x, peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
-                lines.append(ratio)
-                print(ratio, flush=True)
+                for pdl in launch_modes:
+                    f, q = got["fp16", batch, prompt, pdl], got["w8a8", batch, prompt, pdl]
+                    ratio = (f"{size:6} {batch:3d} {prompt:6d} PDL {'on' if pdl else 'off':3} "
+                             f"W8A8 vs FP16: prefill {f[0] / q[0]:.2f}x (graphed {f[3] / q[3]:.2f}x), "
+                             f"decode {f[1] / q[1]:.2f}x, peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
+                    lines.append(ratio)
+                    print(ratio, flush=True)
+                if len(launch_modes) == 2:
+                    for kind in ("fp16", "w8a8"):
+                        on, off = got[kind, batch, prompt, True], got[kind, batch, prompt, False]
+                        effect = (f"{size:6} {batch:3d} {prompt:6d} {kind} PDL on vs off: TPOT "
+                                  f"{off[1] / on[1]:.2f}x faster, graphed prefill "
+                                  f"{off[3] / on[3]:.2f}x")  # fmt: skip
+                        lines.append(effect)
+                        print(effect, flush=True)
     print("\n" + header)
     print("\n".join(lines))
     payload = {"device": device, "copy_GBps": bandwidth / 1e9, "new_tokens": args.new_tokens,
-               "torch": torch.__version__, "rows": rows}  # fmt: skip
+               "torch": torch.__version__, "build": quamba_kernels.build_info(), "rows": rows}  # fmt: skip
     write_result(payload, "e2e.json", args.json)
     return 0
 

@@ -360,3 +360,28 @@ def test_compiled_calls_receive_tensors_as_dlpack_capsules():
     # The capsules carry the tensors' memory: importing them back gives the same values.
     assert torch.equal(torch.utils.dlpack.from_dlpack(args[0]), x)
     assert torch.equal(torch.utils.dlpack.from_dlpack(kwargs["out"]), weight.detach())
+
+
+def test_programmatic_launch_switch():
+    """set_programmatic_launch takes a bool only, round-trips, and is reported by build_info;
+    without the compiled module both calls say why instead of failing obscurely."""
+    from quamba_kernels import build_info, programmatic_launch_enabled, set_programmatic_launch
+
+    with pytest.raises(TypeError, match="True or False"):
+        set_programmatic_launch(1)
+    if not build_info()["compiled"]:
+        with pytest.raises(KernelsUnavailable, match=r"\w"):
+            set_programmatic_launch(False)
+        with pytest.raises(KernelsUnavailable, match=r"\w"):
+            programmatic_launch_enabled()
+        return
+    before = programmatic_launch_enabled()
+    assert before is True  # the default
+    try:
+        set_programmatic_launch(False)
+        assert programmatic_launch_enabled() is False
+        assert build_info()["programmatic_launch"] is False
+        set_programmatic_launch(True)
+        assert programmatic_launch_enabled() is True
+    finally:
+        set_programmatic_launch(before)

@@ -174,3 +174,29 @@ def test_kernel_quantize_matches_reference_and_defers_the_nan_check(setup):
     with pytest.raises(ValueError, match="NaN"):
         backend.check_deferred()
     backend.check_deferred()  # the flag is cleared once reported
+
+
+@pytest.mark.parametrize("mode", ["0", "2-4"])
+def test_programmatic_launch_changes_no_bits(setup, mode):
+    """Forward logits and CUDA-graph decode (logits and state) with programmatic dependent launch
+    on equal those with it off, bit for bit."""
+    from quamba_kernels import programmatic_launch_enabled, set_programmatic_launch
+
+    qmodel, tokens, backend = setup
+    resolved = resolve_mode(mode, device="cuda", kernels_available=True,
+                            backend_implementations=backend.implementations())  # fmt: skip
+    qmodel.set_datapath(resolved.datapath, backend)
+    before = programmatic_launch_enabled()
+    results = []
+    try:
+        for enabled in (True, False):
+            set_programmatic_launch(enabled)
+            logits = qmodel(tokens[:2, :100]).logits
+            generated = qmodel.generate(tokens[:2, :40], 10) if mode == "0" else None
+            results.append((logits, generated))
+    finally:
+        set_programmatic_launch(before)
+    (on_logits, on_tokens), (off_logits, off_tokens) = results
+    assert torch.equal(on_logits, off_logits)
+    if mode == "0":
+        assert torch.equal(on_tokens, off_tokens)

@@ -12,7 +12,14 @@ preallocated), launches on the current torch stream, and has a pure-PyTorch refe
 
 from __future__ import annotations
 
-from quamba_kernels._loader import KernelsUnavailable, available, build_info, require
+from quamba_kernels._loader import (
+    KernelsUnavailable,
+    available,
+    build_info,
+    programmatic_launch_enabled,
+    require,
+    set_programmatic_launch,
+)
 from quamba_kernels.conv1d import (
     causal_conv1d,
     causal_conv1d_update,
@@ -40,6 +47,7 @@ __all__ = [
     "gemm_implementation",
     "hadamard",
     "int8_linear",
+    "programmatic_launch_enabled",
     "quantize_int8",
     "require",
     "rmsnorm",
@@ -48,4 +56,5 @@ __all__ = [
     "selective_scan_sim",
     "selective_scan_step_int8",
     "selective_state_update",
+    "set_programmatic_launch",
 ]

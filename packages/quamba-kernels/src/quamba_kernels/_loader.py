@@ -100,4 +100,30 @@ def build_info() -> dict:
         "cuda_runtime_version": module.cuda_runtime_version,
         "device_count": module.device_count(),
         "device_error": module.device_error(),
+        "programmatic_launch": module.programmatic_launch_enabled(),
     }
+
+
+def set_programmatic_launch(enabled: bool) -> None:
+    """Turn programmatic dependent launch (PDL) on or off for the kernels launched afterwards.
+
+    With PDL (sm_90 and newer; on by default) the next kernel in a stream is scheduled while the
+    current one runs and waits on the GPU for it to finish, which hides most of the launch gap
+    between the small kernels of a decode step. Every kernel waits for its predecessor before it
+    touches memory, so the results are bit-identical either way; the switch exists for timing
+    comparisons and as an escape hatch. Older GPUs always get ordinary launches.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    module, reason = _import()
+    if module is None:
+        raise KernelsUnavailable(reason)
+    module.set_programmatic_launch(enabled)
+
+
+def programmatic_launch_enabled() -> bool:
+    """Whether kernels are launched with programmatic dependent launch where supported."""
+    module, reason = _import()
+    if module is None:
+        raise KernelsUnavailable(reason)
+    return bool(module.programmatic_launch_enabled())

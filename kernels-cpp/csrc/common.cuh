@@ -56,6 +56,11 @@ __device__ __forceinline__ bool q8_if_clear(float q, float rel_margin, uint32_t&
   return distance > fabsf(c) * rel_margin;
 }
 
+// q8_if_clear's margin for q = RN(v * RN(1 / s)), the cheap stand-in for v / s: q is within
+// 3 * 2^-24 |q| of the quotient, and the quotient's rounding within 2^-24 more (RN(1 / s) must be
+// a normal float: callers check 1e-30 <= RN(1 / s) <= 1e30).
+constexpr float kQuotientMargin = 4e-7f;
+
 // ---- element conversions (all exact or round-to-nearest-even) ----
 __device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }

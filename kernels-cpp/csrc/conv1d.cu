@@ -132,6 +132,29 @@ __device__ __forceinline__ void chunk_of(int64_t item, int64_t chunks_per_row, i
   }
 }
 
+// This thread's chunk of `items` outputs of a prefill launch: its row (batch * dim + channel),
+// first step, channel and batch; false for threads past the last chunk. 32-bit division when the
+// sizes allow it.
+struct ChunkPosition {
+  int64_t row, t0, channel, batch;
+};
+
+__device__ __forceinline__ bool chunk_position(int items, int64_t rows, int64_t dim,
+                                               int64_t seqlen, bool index32, ChunkPosition& p) {
+  const int64_t chunks_per_row = (seqlen + items - 1) / items;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= rows * chunks_per_row) return false;
+  chunk_of(item, chunks_per_row, items, index32, p.row, p.t0);
+  if (index32) {
+    p.channel = static_cast<uint32_t>(p.row) % static_cast<uint32_t>(dim);
+    p.batch = static_cast<uint32_t>(p.row) / static_cast<uint32_t>(dim);
+  } else {
+    p.channel = p.row % dim;
+    p.batch = p.row / dim;
+  }
+  return true;
+}
+
 // INT8 input: the window bytes x[t0 - 4 .. t0 + kN - 1] as kN / 4 + 1 little-endian words (word 0
 // holds x[t0-4..t0-1]); zero outside [0, seqlen).
 template <int kN, bool kVector>
@@ -185,15 +208,9 @@ __global__ void __launch_bounds__(kThreads)
   launch::allow_dependent_grids();
   constexpr int kN = sizeof(TOut) == 1 ? 16 : 8;
   constexpr int kW = kN / 4 + 1;
-  const int64_t chunks_per_row = (seqlen + kN - 1) / kN;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (item >= rows * chunks_per_row) return;
-  int64_t row, t0;
-  chunk_of(item, chunks_per_row, kN, c.index32, row, t0);
-  const int64_t channel = c.index32 ? static_cast<uint32_t>(row) % static_cast<uint32_t>(dim)
-                                    : row % dim;
-  const int64_t batch = c.index32 ? static_cast<uint32_t>(row) / static_cast<uint32_t>(dim)
-                                  : row / dim;
+  ChunkPosition pos;
+  if (!chunk_position(kN, rows, dim, seqlen, c.index32, pos)) return;
+  const int64_t row = pos.row, t0 = pos.t0, channel = pos.channel, batch = pos.batch;
   const bool full = t0 + kN <= seqlen;
   uint32_t words[kW];
   if (kAligned && full) {
@@ -274,13 +291,9 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t dim, int64_t seqlen, ConvScalars c) {
   launch::wait_for_prior_grids();  // first: see launch.cuh
   launch::allow_dependent_grids();
-  const int64_t chunks_per_row = (seqlen + kItems - 1) / kItems;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (item >= rows * chunks_per_row) return;
-  int64_t row, t0;
-  chunk_of(item, chunks_per_row, kItems, c.index32, row, t0);
-  const int64_t channel = c.index32 ? static_cast<uint32_t>(row) % static_cast<uint32_t>(dim)
-                                    : row % dim;
+  ChunkPosition pos;
+  if (!chunk_position(kItems, rows, dim, seqlen, c.index32, pos)) return;
+  const int64_t row = pos.row, t0 = pos.t0, channel = pos.channel;
   const TIn* xr = x + row * seqlen;
 
   // window[j] holds x[t0 - (K - 1) + j]; zero left padding (causal).

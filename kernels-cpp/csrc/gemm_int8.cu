@@ -20,6 +20,7 @@ struct EpilogueConsts {
   float scale;
   float out_scale;
   float inv_out_scale;
+  bool fast_q;  // inv_out_scale is normal: q8_if_clear's bound holds
   Rounding rule;
   int64_t seq_len;
 };
@@ -30,6 +31,7 @@ EpilogueConsts make_consts(const GemmEpilogue& ep) {
   c.scale = ep.scale;
   c.out_scale = ep.out_scale;
   c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
+  c.fast_q = c.inv_out_scale <= 1e30f && c.inv_out_scale >= 1e-30f;
   c.rule = static_cast<Rounding>(ep.rounding);
   c.seq_len = ep.seq_len;
   return c;
@@ -42,31 +44,38 @@ __device__ __forceinline__ int64_t out_index(const EpilogueConsts& c, int64_t m,
   return (b * N + n) * c.seq_len + (m - b * c.seq_len);
 }
 
-__device__ __forceinline__ void store_epilogue(const EpilogueConsts& c, void* out, int64_t index,
-                                               int32_t acc) {
+// Converts acc with the epilogue and writes it at dst (an element of the output type).
+__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
   if (c.type == GemmOut::Int32) {
-    static_cast<int32_t*>(out)[index] = acc;
+    *static_cast<int32_t*>(dst) = acc;
     return;
   }
   const float v = __fmul_rn(__int2float_rn(acc), c.scale);
   switch (c.type) {
-    case GemmOut::Int8:
-      static_cast<int8_t*>(out)[index] = quantize_int8_fast(v, c.out_scale, c.inv_out_scale, c.rule);
+    case GemmOut::Int8: {
+      // Q8(v, out_scale): the multiply by the reciprocal decides unless it lies too close to a
+      // rounding boundary, where the IEEE division does (common.cuh).
+      uint32_t code;
+      const bool clear =
+          c.fast_q && q8_if_clear(__fmul_rn(v, c.inv_out_scale), kQuotientMargin, code);
+      *static_cast<int8_t*>(dst) =
+          clear ? static_cast<int8_t>(code) : quantize_int8(v, c.out_scale, c.rule);
       break;
-    case GemmOut::Float16:
-      static_cast<__half*>(out)[index] = __float2half_rn(v);
-      break;
-    case GemmOut::BFloat16:
-      static_cast<__nv_bfloat16*>(out)[index] = __float2bfloat16_rn(v);
-      break;
-    default:
-      static_cast<float*>(out)[index] = v;
-      break;
+    }
+    case GemmOut::Float16: *static_cast<__half*>(dst) = __float2half_rn(v); break;
+    case GemmOut::BFloat16: *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v); break;
+    default: *static_cast<float*>(dst) = v; break;
   }
 }
 
 __host__ __device__ __forceinline__ int out_elem_size(GemmOut type) {
   return type == GemmOut::Int8 ? 1 : (type == GemmOut::Float16 || type == GemmOut::BFloat16 ? 2 : 4);
+}
+
+// Converts acc with the epilogue and writes it as element `index` of out.
+__device__ __forceinline__ void store_epilogue(const EpilogueConsts& c, void* out, int64_t index,
+                                               int32_t acc) {
+  convert_to(c, static_cast<char*>(out) + index * out_elem_size(c.type), acc);
 }
 
 // Reduce-scatter across the lanes at xor-distances D, D/2, ..., 1. While a lane carries more than
@@ -297,23 +306,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Converts acc with the epilogue and writes it at dst (an element of the output type).
-__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
-  if (c.type == GemmOut::Int32) {
-    *static_cast<int32_t*>(dst) = acc;
-    return;
-  }
-  const float v = __fmul_rn(__int2float_rn(acc), c.scale);
-  switch (c.type) {
-    case GemmOut::Int8:
-      *static_cast<int8_t*>(dst) = quantize_int8_fast(v, c.out_scale, c.inv_out_scale, c.rule);
-      break;
-    case GemmOut::Float16: *static_cast<__half*>(dst) = __float2half_rn(v); break;
-    case GemmOut::BFloat16: *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v); break;
-    default: *static_cast<float*>(dst) = v; break;
-  }
 }
 
 __global__ void __launch_bounds__(kTileThreads)
@@ -550,6 +542,70 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The same epilogue in 64 x 64 tiles with 16-byte accesses, for N % 4 == 0 and (sequence-last)
+// seq_len % 16 == 0 with 16-byte aligned buffers: a thread converts 4 consecutive n of one m per
+// pass (one 16-byte load of acc); row-major outputs go straight out (4 elements, one store),
+// sequence-last ones are staged in shared memory as converted elements and leave as 16-byte runs
+// of consecutive l (within one sequence: seq_len % 16 == 0). The index arithmetic runs once per
+// 4 or 16 elements instead of per element, which is what bounded the kernel above.
+constexpr int kVecTile = 64;
+
+__global__ void __launch_bounds__(256)
+    int32_epilogue_vec_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
+                              int64_t N, EpilogueConsts ep) {
+  launch::wait_for_prior_grids();  // first: see launch.cuh
+  launch::allow_dependent_grids();
+  // [n][m] converted elements (up to 4 bytes each), rows padded by 16 bytes.
+  __shared__ __align__(16) char tile[kVecTile][kVecTile * 4 + 16];
+  const int esize = out_elem_size(ep.type);
+  const bool seq_last = ep.seq_len > 0;
+  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kVecTile;
+  const int quad = threadIdx.x % 16;  // columns n_base + 4 quad .. + 3
+  const int row0 = threadIdx.x / 16;  // rows row0, row0 + 16, ...
+  char* out_bytes = static_cast<char*>(out);
+  for (int64_t m_base = static_cast<int64_t>(blockIdx.y) * kVecTile; m_base < M;
+       m_base += static_cast<int64_t>(gridDim.y) * kVecTile) {
+    for (int r = row0; r < kVecTile; r += 16) {
+      const int64_t m = m_base + r, n = n_base + 4 * quad;
+      if (m >= M || n >= N) continue;  // N % 4 == 0: the 4 columns are all in or all out
+      const int4 a = *reinterpret_cast<const int4*>(acc + m * N + n);
+      const int32_t v[4] = {a.x, a.y, a.z, a.w};
+      if (seq_last) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) convert_to(ep, &tile[4 * quad + j][r * esize], v[j]);
+      } else {
+        __align__(16) char packed[16];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) convert_to(ep, packed + j * esize, v[j]);
+        char* dst = out_bytes + (m * N + n) * esize;
+        if (esize == 1) {
+          *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(packed);
+        } else if (esize == 2) {
+          *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
+        }
+      }
+    }
+    if (!seq_last) continue;
+    __syncthreads();
+    // Row nn of the tile holds 64 consecutive m (= l) of column n: 64 * esize bytes.
+    const int runs_per_row = kVecTile * esize / 16;
+    const int per_run = 16 / esize;
+    for (int i = threadIdx.x; i < kVecTile * runs_per_row; i += blockDim.x) {
+      const int nn = i / runs_per_row, run = i % runs_per_row;
+      const int64_t n = n_base + nn, m = m_base + run * per_run;
+      if (n < N && m < M) {  // M % 16 == 0: the run is all in
+        const int64_t b = m / ep.seq_len;
+        const int64_t index = (b * N + n) * ep.seq_len + (m - b * ep.seq_len);
+        *reinterpret_cast<uint4*>(out_bytes + index * esize) =
+            *reinterpret_cast<const uint4*>(&tile[nn][run * 16]);
+      }
+    }
+    __syncthreads();  // the tile is reused by the next row block
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
@@ -588,8 +644,7 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
         smem_opt_in |= bit;
       }
       launch::launch_kernel(int8_gemm_tiled_kernel, grid, kTileThreads, kTileSmemBytes, stream, x,
-                            w, out, M, N, K,
-                                                                            c);
+                            w, out, M, N, K, c);
       return cudaGetLastError();
     }
     const int64_t col_blocks = (N + 7) / 8;
@@ -618,6 +673,17 @@ cudaError_t launch_int32_epilogue(const int32_t* acc, void* out, int64_t M, int6
   const int64_t col_tiles = (N + kTile - 1) / kTile;
   const int64_t row_tiles = (M + kTile - 1) / kTile;
   if (col_tiles > 2147483647LL) return cudaErrorInvalidValue;
+  const bool aligned = reinterpret_cast<uintptr_t>(acc) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if (aligned && N % 4 == 0 && (ep.seq_len <= 0 || ep.seq_len % 16 == 0)) {
+    const int64_t vec_col_tiles = (N + kVecTile - 1) / kVecTile;
+    const int64_t vec_row_tiles = (M + kVecTile - 1) / kVecTile;
+    const dim3 grid(static_cast<unsigned>(vec_col_tiles),
+                    static_cast<unsigned>(vec_row_tiles < 65535 ? vec_row_tiles : 65535));
+    launch::launch_kernel(int32_epilogue_vec_kernel, grid, 256, 0, stream, acc, out, M, N,
+                          make_consts(ep));
+    return cudaGetLastError();
+  }
   const dim3 grid(static_cast<unsigned>(col_tiles),
                   static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
   launch::launch_kernel(int32_epilogue_kernel, grid, 256, 0, stream, acc, out, M, N,

@@ -225,10 +225,6 @@ struct PaleyShape {
   static constexpr int kSmemFloats = (M * M + 3) / 4 * 4 + kRowsPerBlock * kRowFloats;
 };
 
-// Q8 of y / out_scale: y * RN(1 / out_scale) is within 3 * 2^-24 |q| of the quotient, and the
-// quotient's rounding within 2^-24 more; decided exactly when closer than that to a boundary.
-constexpr float kQuotientMargin = 4e-7f;
-
 template <typename TOut>
 __device__ __forceinline__ TOut hadamard_output(float acc, float scale, float out_scale,
                                                 float inv_out_scale, bool fast_q, Rounding rule) {

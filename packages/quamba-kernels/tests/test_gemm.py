@@ -138,11 +138,15 @@ def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
         (2, 100, 200, 48),
         (1, 2048, 64, 768),
         (2, 256, 1000, 160),
+        (2, 48, 1000, 512),  # cuBLASLt + the 16-byte epilogue (L % 16 == 0)
+        (3, 40, 96, 512),  # cuBLASLt + the element-wise epilogue (L % 16 != 0)
     ],
 )
-@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled"])
+@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled", "cublaslt"])
 @pytest.mark.parametrize("output", ["int8", "float16"])
 def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
+    if impl == "cublaslt" and not cublaslt_applies(batch * length, n, k):
+        pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
     g = _gen("seq-last", batch, length, n, k, impl, output)
     x, w = _int8(g, (batch, length, k)), _int8(g, (n, k))
     s_x, s_w = 0.03, 0.004
@@ -228,7 +232,8 @@ def test_gemm_implementation_choice():
     assert gemm_implementation(5, 3072, 768) == "skinny"
     assert gemm_implementation(16, 10240, 2560) == "skinny"
     assert gemm_implementation(17, 10240, 2560) == "cublaslt"
-    assert gemm_implementation(2048, 5120, 160) == "tiled"  # small K
+    assert gemm_implementation(2048, 5120, 160) == "cublaslt"  # small K too (bench_gemm.py)
+    assert gemm_implementation(2048, 5120, 100) == "tiled"  # K not a multiple of 8
     assert gemm_implementation(2048, 10240, 2552) == "cublaslt"
     assert gemm_implementation(2048, 10239, 2560) == "tiled"  # N not a multiple of 8
     assert gemm_implementation(2048, 3072, 768, "skinny") == "skinny"

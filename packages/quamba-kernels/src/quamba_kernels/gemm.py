@@ -7,15 +7,16 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 - ``"skinny"``: our tensor-core kernel (mma.sync m16n8k32 s8) over tiles of 16 rows x 8 columns,
   the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
 - ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
-  coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank).
+  coalesced epilogue through shared memory: prefill shapes cuBLASLt does not take.
 - ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
-  nothing but the CUDA runtime) writing int32, then our epilogue kernel. Needs M > 16 and K, N
-  multiples of 8: prefill with large K.
+  nothing but the CUDA runtime) writing int32, then our epilogue kernel (16-byte accesses in
+  64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
 ``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then cuBLASLt where it
-applies and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py, benchmarks/README.md).
+applies, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
+benchmarks/README.md; with the 16-byte epilogue cuBLASLt also wins at dt_proj's K = 160).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
 
 Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
@@ -30,7 +31,7 @@ from quamba_kernels._torch import check_cuda, check_tensor, current_stream, floa
 IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt")
 STREAM_MAX_ROWS = 4
 SKINNY_MAX_ROWS = 16
-CUBLASLT_MIN_K = 512  # below it the tiled kernel wins (bench_gemm.py, dt_proj)
+STREAM_MIN_K = 512  # below it the skinny kernel beats the stream GEMV (bench_gemm.py, dt_proj)
 _ALGO = {"skinny": 1, "tiled": 2, "stream": 3}
 MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
 
@@ -57,10 +58,10 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
         raise ValueError(f"the stream GEMV takes M <= {STREAM_MAX_ROWS} rows, got M={m}")
     if impl == "auto":
         if m <= STREAM_MAX_ROWS:
-            return "stream" if k >= CUBLASLT_MIN_K else "skinny"  # small K: skinny measured faster
+            return "stream" if k >= STREAM_MIN_K else "skinny"  # small K: skinny measured faster
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
-        return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"
+        return "cublaslt" if cublaslt_applies(m, n, k) else "tiled"
     return impl
 
 

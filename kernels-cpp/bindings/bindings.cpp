@@ -23,6 +23,7 @@
 #include "quantize.h"
 #include "rmsnorm.h"
 #include "scan.h"
+#include "transpose.h"
 
 namespace nb = nanobind;
 using quamba::ElemType;
@@ -190,6 +191,23 @@ void quantize_int8(CudaArray<const float> x, CudaArray<int8_t> out, float scale,
   check_cuda(quamba::launch_quantize_int8(x.data(), out.data(), static_cast<int64_t>(x.size()), scale,
                                           rounding, as_stream(stream)),
              "quantize_int8 launch");
+}
+
+// ---- transpose ----
+
+void transpose_int8(CudaArray<const int8_t> x, CudaArray<int8_t> out, std::uintptr_t stream) {
+  if (x.ndim() != 3 || out.ndim() != 3) {
+    throw std::invalid_argument("x and out must be 3-d (B, R, C) and (B, C, R)");
+  }
+  if (out.shape(0) != x.shape(0) || out.shape(1) != x.shape(2) || out.shape(2) != x.shape(1)) {
+    throw std::invalid_argument("out must have shape (B, C, R) for x of shape (B, R, C)");
+  }
+  if (x.device_id() != out.device_id()) throw std::invalid_argument("x and out must be on the same device");
+  DeviceGuard guard(x.device_id());
+  check_cuda(quamba::launch_transpose_int8(x.data(), out.data(), static_cast<int64_t>(x.shape(0)),
+                                           static_cast<int64_t>(x.shape(1)),
+                                           static_cast<int64_t>(x.shape(2)), as_stream(stream)),
+             "transpose_int8 launch");
 }
 
 // ---- conv1d ----
@@ -695,6 +713,9 @@ NB_MODULE(_C, m) {
         nb::arg("scale"), nb::arg("rounding"), nb::arg("stream"),
         nb::call_guard<nb::gil_scoped_release>(),
         "out = clamp(round(x / scale), -128, 127) for float32 x and int8 out.");
+  m.def("transpose_int8", &transpose_int8, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
+        nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "out (B, C, R) = x (B, R, C) transposed, int8.");
   m.def("conv1d_fwd", &conv1d_fwd, nb::arg("x").noconvert(), nb::arg("weight").noconvert(),
         nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("s_x"),
         nb::arg("s_x_per_seq").noconvert().none(), nb::arg("s_w"), nb::arg("s_b"),

@@ -147,6 +147,19 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
 
     add("hadamard 5120 fp16->int8", had, 3 * bel)
 
+    # x_proj's token-major copy of the sequence-last conv output: (B, E, L) -> (B, L, E)
+    from quamba_kernels.transpose import transpose_int8
+
+    def transpose(i, use_kernel):
+        x = _int8(b, e, length)
+        out = torch.empty(b, length, e, dtype=torch.int8, device="cuda")
+        if use_kernel:
+            return lambda: transpose_int8(x, out=out)
+        return lambda: out.copy_(x.transpose(1, 2))
+
+    t_transpose = add("transpose int8 (E,L)->(L,E)", lambda i: transpose(i, True), 2 * bel)
+    t_torch_copy = add("  torch copy_ of the view", lambda i: transpose(i, False), 2 * bel)
+
     # scans
     a_log_q, d_q, dtb_q = _int8(e, n).abs(), _int8(e), _int8(e)
     bnl = b * n * length
@@ -194,6 +207,7 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
         "int8_exact_vs_int8_fast": (t_int8_exact, t_int8),
         "sim_vs_int8_fast": (t_sim, t_int8),
         "sim_vs_int8_exact": (t_sim, t_int8_exact),
+        "torch_copy_vs_transpose_kernel": (t_torch_copy, t_transpose),
     }
     ratios = {k: a / b for k, (a, b) in pairs.items() if a is not None and b is not None}
     return rows, ratios
@@ -318,6 +332,11 @@ def sweep() -> None:
         selective_scan_step_int8(_int8(b, e, n), *step)
         selective_state_update(_randn(b, e, n), uf[..., 0].contiguous(), dtf[..., 0].contiguous(),
                                A, bf[..., 0].contiguous(), cf[..., 0].contiguous())  # fmt: skip
+    from quamba_kernels.transpose import transpose_int8
+
+    for shape in ((3, 37, 133), (2, 128, 64), (1, 5120, 48)):
+        transpose_int8(_int8(*shape))
+        transpose_int8(_int8(shape[0] * shape[1] * shape[2] + 1)[1:].view(shape))  # unaligned
     # A grid large enough for the 256-thread scan blocks.
     e_big, l_big = 3001, 70
     u, dt, z = _int8(3, e_big, l_big), _int8(3, e_big, l_big), _int8(3, e_big, l_big)

@@ -963,3 +963,32 @@ def test_programmatic_launch_keeps_dependent_kernels_ordered(batch):
         assert value.float().std() > 0, "degenerate chain: constant outputs"
         if value.dtype == torch.int8:
             assert (value.abs() < 127).float().mean() > 0.5, "mostly saturated codes"
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 transpose
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 5120, 1024), (2, 1536, 48), (3, 17, 33), (2, 64, 64), (1, 1, 1), (4, 100, 48),
+     (65, 130), (1, 7, 2048), (2, 2048, 7)],
+)  # fmt: skip
+@pytest.mark.parametrize("offset", [0, 1])
+def test_transpose_int8_equals_torch(shape, offset):
+    """Aligned and 1-byte-offset (unaligned) buffers, tile edges, odd sizes; poisoned output."""
+    from quamba_kernels import transpose_int8
+
+    g = _gen("transpose", shape, offset)
+    numel = math.prod(shape)
+    storage = _int8(g, (numel + offset,))
+    x = storage[offset:].view(shape)
+    want = x.transpose(-1, -2).contiguous()
+    for sentinel in (127, -128):  # an unwritten element keeps one of them
+        out_storage = torch.full((numel + offset,), sentinel, dtype=torch.int8, device=DEVICE)
+        out = out_storage[offset:].view(*shape[:-2], shape[-1], shape[-2])
+        got = transpose_int8(x, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        _assert_equal(got, want, f"transpose {shape} offset {offset} poison {sentinel}")
+    _assert_equal(transpose_int8(x), want, "transpose with an allocated output")

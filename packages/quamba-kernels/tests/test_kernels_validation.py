@@ -385,3 +385,17 @@ def test_programmatic_launch_switch():
         assert programmatic_launch_enabled() is True
     finally:
         set_programmatic_launch(before)
+
+
+def test_transpose_int8_validation():
+    from quamba_kernels import transpose_int8
+
+    with pytest.raises(TypeError, match="int8"):
+        transpose_int8(_f(3, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        transpose_int8(_i8(5))
+    with pytest.raises(ValueError, match="contiguous"):
+        transpose_int8(_i8(4, 6).t())
+    with pytest.raises(ValueError, match="last two axes swapped"):
+        transpose_int8(_i8(2, 3, 4), out=_i8(2, 3, 4))
+    _expect_unavailable_or_cuda_error(lambda: transpose_int8(_i8(2, 3, 4)))

@@ -32,6 +32,7 @@ from quamba_kernels.quantize import quantize_int8
 from quamba_kernels.rmsnorm import rmsnorm
 from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
 from quamba_kernels.scan_step import selective_scan_step_int8, selective_state_update
+from quamba_kernels.transpose import transpose_int8
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,5 @@ __all__ = [
     "selective_scan_step_int8",
     "selective_state_update",
     "set_programmatic_launch",
+    "transpose_int8",
 ]

@@ -58,9 +58,19 @@ class KernelBackend(Backend):
         self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16, layout="row"
     ):
         return self._k.int8_linear(
-            x_q.contiguous(), w_q, s_x, s_w, s_out, rounding,
+            self._token_major(x_q), w_q, s_x, s_w, s_out, rounding,
             out_dtype=None if s_out is not None else out_dtype, layout=layout,
         )  # fmt: skip
+
+    def _token_major(self, x_q):
+        """x_q as a contiguous tensor. A transposed view of a contiguous int8 tensor (x_proj reads
+        the sequence-last conv output as (B, L, E)) goes through the transpose kernel instead of
+        the byte-wise strided copy of ``.contiguous()``."""
+        if x_q.is_contiguous():
+            return x_q
+        if x_q.dtype == torch.int8 and x_q.dim() >= 2 and x_q.transpose(-1, -2).is_contiguous():
+            return self._k.transpose_int8(x_q.transpose(-1, -2))
+        return x_q.contiguous()
 
     def conv1d_int8_update(self, x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         return self._k.conv1d_int8_update(

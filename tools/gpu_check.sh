@@ -8,7 +8,8 @@
 # and prints a compact summary table last. Full logs go to $OUT (default /tmp/gpu_check).
 #
 # Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
-# SKIP_E2E=1, SKIP_EVAL_SPEED=1, PYTEST_ARGS="-k conv", BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
+# SKIP_E2E=1, SKIP_EVAL_SPEED=1, PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
+# BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
 # The whole set takes longer than one 10-minute device call: split it with the SKIP_* options.
 set -uo pipefail
@@ -53,6 +54,7 @@ if [[ "$status_build" != "FAILED" ]]; then
     start=$(date +%s)
     # -s shows the statistics printed by the last test (tie counts, fast-scan error ratios).
     timeout $(( $(left) - 30 )) "$PYTHON" -m pytest -m gpu -q -s -p no:cacheprovider ${PYTEST_ARGS:-} \
+      ${PYTEST_K:+-k "$PYTEST_K"} \
       packages/quamba-kernels/tests packages/quamba-layers/tests packages/quamba-modes/tests \
       >"$OUT/pytest.log" 2>&1
     rc=$?

@@ -43,7 +43,8 @@ class KernelBackend(Backend):
         return {
             "rmsnorm": KERNEL,
             "gemm": "kernel (quamba_kernels.int8_linear: dp4a GEMV for M <= 4, tensor-core "
-            "kernels for M <= 16 and small K, cuBLASLt INT8 + epilogue kernel otherwise)",
+            "kernel for M <= 16, cuBLASLt INT8 + epilogue kernel for more rows, tensor-core "
+            "tiles where cuBLASLt does not apply)",
             "conv1d": KERNEL,
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,

@@ -44,15 +44,14 @@ __device__ __forceinline__ int64_t out_index(const EpilogueConsts& c, int64_t m,
   return (b * N + n) * c.seq_len + (m - b * c.seq_len);
 }
 
-// Converts acc with the epilogue and writes it at dst (an element of the output type).
-__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
-  if (c.type == GemmOut::Int32) {
+// Converts acc with the epilogue and writes it at dst, an element of output type T.
+template <GemmOut T>
+__device__ __forceinline__ void convert_as(const EpilogueConsts& c, void* dst, int32_t acc) {
+  if constexpr (T == GemmOut::Int32) {
     *static_cast<int32_t*>(dst) = acc;
-    return;
-  }
-  const float v = __fmul_rn(__int2float_rn(acc), c.scale);
-  switch (c.type) {
-    case GemmOut::Int8: {
+  } else {
+    const float v = __fmul_rn(__int2float_rn(acc), c.scale);
+    if constexpr (T == GemmOut::Int8) {
       // Q8(v, out_scale): the multiply by the reciprocal decides unless it lies too close to a
       // rounding boundary, where the IEEE division does (common.cuh).
       uint32_t code;
@@ -60,11 +59,24 @@ __device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, i
           c.fast_q && q8_if_clear(__fmul_rn(v, c.inv_out_scale), kQuotientMargin, code);
       *static_cast<int8_t*>(dst) =
           clear ? static_cast<int8_t>(code) : quantize_int8(v, c.out_scale, c.rule);
-      break;
+    } else if constexpr (T == GemmOut::Float16) {
+      *static_cast<__half*>(dst) = __float2half_rn(v);
+    } else if constexpr (T == GemmOut::BFloat16) {
+      *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v);
+    } else {
+      *static_cast<float*>(dst) = v;
     }
-    case GemmOut::Float16: *static_cast<__half*>(dst) = __float2half_rn(v); break;
-    case GemmOut::BFloat16: *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v); break;
-    default: *static_cast<float*>(dst) = v; break;
+  }
+}
+
+// The same with the output type chosen at run time.
+__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
+  switch (c.type) {
+    case GemmOut::Int32: convert_as<GemmOut::Int32>(c, dst, acc); break;
+    case GemmOut::Int8: convert_as<GemmOut::Int8>(c, dst, acc); break;
+    case GemmOut::Float16: convert_as<GemmOut::Float16>(c, dst, acc); break;
+    case GemmOut::BFloat16: convert_as<GemmOut::BFloat16>(c, dst, acc); break;
+    default: convert_as<GemmOut::Float32>(c, dst, acc); break;
   }
 }
 
@@ -308,6 +320,37 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Step 1 of the tiled kernel's epilogue: this thread's 64 accumulators (mma fragment (i, j, r)
+// at tile row ml0 + 16 i + 8 (r >= 2), column nl0 + 8 j + (r & 1)) converted into the shared
+// tile, row-major or transposed (sequence-last).
+template <GemmOut T, bool kSeqLast>
+__device__ __forceinline__ void stage_tile(const EpilogueConsts& ep, int8_t* smem,
+                                           const int (&c)[2][8][4], int ml0, int nl0) {
+  constexpr int kSize = T == GemmOut::Int8 ? 1 : (T == GemmOut::Float16 ||
+                                                  T == GemmOut::BFloat16 ? 2 : 4);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int ml = ml0 + i * 16 + (r >= 2 ? 8 : 0);
+        const int nl = nl0 + j * 8 + (r & 1);
+        const int slot = kSeqLast ? nl * kTileM + ml : ml * kTileN + nl;
+        convert_as<T>(ep, smem + slot * kSize, c[i][j][r]);
+      }
+    }
+  }
+}
+
+// a / b for non-negative a, b > 0; 32-bit division when both fit.
+__device__ __forceinline__ int64_t divide_small(int64_t a, int64_t b) {
+  if (((a | b) >> 31) == 0) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  return a / b;
+}
+
 __global__ void __launch_bounds__(kTileThreads)
     int8_gemm_tiled_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
@@ -385,22 +428,23 @@ __global__ void __launch_bounds__(kTileThreads)
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers become the output tile
 
-  // 1. converted values into shared memory, laid out along the output's contiguous axis
+  // 1. converted values into shared memory, laid out along the output's contiguous axis (the
+  // output type and layout are decided once here, not per element: with a small K this
+  // conversion is most of the kernel's work)
   const bool seq_last = ep.seq_len > 0;
   const int esize = out_elem_size(ep.type);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int ml = wm * 32 + i * 16 + g + (r >= 2 ? 8 : 0);
-        const int nl = wn * 64 + j * 8 + 2 * t + (r & 1);
-        const int slot = seq_last ? nl * kTileM + ml : ml * kTileN + nl;
-        convert_to(ep, smem + slot * esize, c[i][j][r]);
-      }
-    }
+  const int ml0 = wm * 32 + g, nl0 = wn * 64 + 2 * t;
+#define QUAMBA_STAGE(T)                                                                     \
+  seq_last ? stage_tile<GemmOut::T, true>(ep, smem, c, ml0, nl0)                           \
+           : stage_tile<GemmOut::T, false>(ep, smem, c, ml0, nl0)
+  switch (ep.type) {
+    case GemmOut::Int32: QUAMBA_STAGE(Int32); break;
+    case GemmOut::Int8: QUAMBA_STAGE(Int8); break;
+    case GemmOut::Float16: QUAMBA_STAGE(Float16); break;
+    case GemmOut::BFloat16: QUAMBA_STAGE(BFloat16); break;
+    default: QUAMBA_STAGE(Float32); break;
   }
+#undef QUAMBA_STAGE
   __syncthreads();
 
   // 2. 16-byte pieces of each tile row out to global memory (element-wise at the edges)
@@ -415,9 +459,10 @@ __global__ void __launch_bounds__(kTileThreads)
     bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
     if (seq_last) {
       const int64_t n = n_block + row, m = m_block + col;
-      const int64_t b = m / ep.seq_len;
-      first = (b * N + n) * ep.seq_len + (m - b * ep.seq_len);
-      whole = n < N && m + per_piece <= M && (m + per_piece - 1) / ep.seq_len == b;
+      const int64_t b = divide_small(m, ep.seq_len);
+      const int64_t l = m - b * ep.seq_len;
+      first = (b * N + n) * ep.seq_len + l;
+      whole = n < N && m + per_piece <= M && l + per_piece <= ep.seq_len;
     } else {
       const int64_t m = m_block + row, n = n_block + col;
       first = m * N + n;
@@ -550,6 +595,7 @@ __global__ void __launch_bounds__(256)
 // 4 or 16 elements instead of per element, which is what bounded the kernel above.
 constexpr int kVecTile = 64;
 
+template <GemmOut T>
 __global__ void __launch_bounds__(256)
     int32_epilogue_vec_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
                               int64_t N, EpilogueConsts ep) {
@@ -557,7 +603,8 @@ __global__ void __launch_bounds__(256)
   launch::allow_dependent_grids();
   // [n][m] converted elements (up to 4 bytes each), rows padded by 16 bytes.
   __shared__ __align__(16) char tile[kVecTile][kVecTile * 4 + 16];
-  const int esize = out_elem_size(ep.type);
+  constexpr int esize = T == GemmOut::Int8 ? 1 : (T == GemmOut::Float16 ||
+                                                  T == GemmOut::BFloat16 ? 2 : 4);
   const bool seq_last = ep.seq_len > 0;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kVecTile;
   const int quad = threadIdx.x % 16;  // columns n_base + 4 quad .. + 3
@@ -572,15 +619,15 @@ __global__ void __launch_bounds__(256)
       const int32_t v[4] = {a.x, a.y, a.z, a.w};
       if (seq_last) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) convert_to(ep, &tile[4 * quad + j][r * esize], v[j]);
+        for (int j = 0; j < 4; ++j) convert_as<T>(ep, &tile[4 * quad + j][r * esize], v[j]);
       } else {
         __align__(16) char packed[16];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) convert_to(ep, packed + j * esize, v[j]);
+        for (int j = 0; j < 4; ++j) convert_as<T>(ep, packed + j * esize, v[j]);
         char* dst = out_bytes + (m * N + n) * esize;
-        if (esize == 1) {
+        if constexpr (esize == 1) {
           *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(packed);
-        } else if (esize == 2) {
+        } else if constexpr (esize == 2) {
           *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
         } else {
           *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
@@ -590,13 +637,13 @@ __global__ void __launch_bounds__(256)
     if (!seq_last) continue;
     __syncthreads();
     // Row nn of the tile holds 64 consecutive m (= l) of column n: 64 * esize bytes.
-    const int runs_per_row = kVecTile * esize / 16;
-    const int per_run = 16 / esize;
+    constexpr int runs_per_row = kVecTile * esize / 16;
+    constexpr int per_run = 16 / esize;
     for (int i = threadIdx.x; i < kVecTile * runs_per_row; i += blockDim.x) {
       const int nn = i / runs_per_row, run = i % runs_per_row;
       const int64_t n = n_base + nn, m = m_base + run * per_run;
       if (n < N && m < M) {  // M % 16 == 0: the run is all in
-        const int64_t b = m / ep.seq_len;
+        const int64_t b = divide_small(m, ep.seq_len);
         const int64_t index = (b * N + n) * ep.seq_len + (m - b * ep.seq_len);
         *reinterpret_cast<uint4*>(out_bytes + index * esize) =
             *reinterpret_cast<const uint4*>(&tile[nn][run * 16]);
@@ -680,8 +727,29 @@ cudaError_t launch_int32_epilogue(const int32_t* acc, void* out, int64_t M, int6
     const int64_t vec_row_tiles = (M + kVecTile - 1) / kVecTile;
     const dim3 grid(static_cast<unsigned>(vec_col_tiles),
                     static_cast<unsigned>(vec_row_tiles < 65535 ? vec_row_tiles : 65535));
-    launch::launch_kernel(int32_epilogue_vec_kernel, grid, 256, 0, stream, acc, out, M, N,
-                          make_consts(ep));
+    const EpilogueConsts c = make_consts(ep);
+    switch (c.type) {
+      case GemmOut::Int32:
+        launch::launch_kernel(int32_epilogue_vec_kernel<GemmOut::Int32>, grid, 256, 0, stream,
+                              acc, out, M, N, c);
+        break;
+      case GemmOut::Int8:
+        launch::launch_kernel(int32_epilogue_vec_kernel<GemmOut::Int8>, grid, 256, 0, stream,
+                              acc, out, M, N, c);
+        break;
+      case GemmOut::Float16:
+        launch::launch_kernel(int32_epilogue_vec_kernel<GemmOut::Float16>, grid, 256, 0, stream,
+                              acc, out, M, N, c);
+        break;
+      case GemmOut::BFloat16:
+        launch::launch_kernel(int32_epilogue_vec_kernel<GemmOut::BFloat16>, grid, 256, 0,
+                              stream, acc, out, M, N, c);
+        break;
+      default:
+        launch::launch_kernel(int32_epilogue_vec_kernel<GemmOut::Float32>, grid, 256, 0, stream,
+                              acc, out, M, N, c);
+        break;
+    }
     return cudaGetLastError();
   }
   const dim3 grid(static_cast<unsigned>(col_tiles),

@@ -179,8 +179,10 @@ class W8A8Mixer(nn.Module):
                 x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], None, rnd.gemm, torch.float32,
                 layout="seq_last",
             )  # fmt: skip
-            x_fp = xz[:, :e].contiguous()
-            z = xz[:, e:].contiguous()
+            # Views: the scale and Q8 read them as they are (no float32 copy of x); the scan
+            # makes z contiguous if its implementation needs it.
+            x_fp = xz[:, :e]
+            z = xz[:, e:]
             z_q = None
             s_conv_in = dynamic_scale_per_sequence(x_fp, seq_lens)
             x_q_conv = quantize_per_sequence(x_fp, s_conv_in, rnd.requant)

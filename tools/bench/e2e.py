@@ -25,6 +25,7 @@ Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--p
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -142,7 +143,11 @@ def _time(fn) -> float:
 @torch.no_grad()
 def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, reps: int, vocab: int):
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    # Graphs and states of earlier measurements sit in reference cycles until a collection:
+    # without one they would count towards this measurement's peak.
+    gc.collect()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     result = {}
 
@@ -283,6 +288,7 @@ def main() -> int:
             if args.profile and size == args.sizes.split(",")[-1]:
                 profile_steps(runner, batches[0], prompts[0], cfg.vocab_size)
             del model, runner
+            gc.collect()
             torch.cuda.empty_cache()
         for batch in batches:
             for prompt in prompts:

@@ -8,7 +8,8 @@ decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
 - TTFT: prefill of the prompt + lm_head on the last position + argmax (median of --reps), run
   eagerly as generate() does, and replayed from a CUDA graph ("graphed": the GPU's own time).
 - TPOT: mean time per token of 128 graph-replayed decode steps, argmax fed back on the GPU.
-- peak: torch.cuda.max_memory_allocated over prefill + decode (weights included).
+- peak: torch.cuda.max_memory_allocated over prefill + decode (weights included), less what was
+  allocated before the model was built (whatever earlier sizes left behind is not counted).
 - floor: bytes one decode step must move (weights once, except the embedding rows; the
   recurrent state read and written) / the device-to-device copy bandwidth measured in the run.
 
@@ -260,10 +261,14 @@ def main() -> int:
         got = {}
         # One model on the GPU at a time, so that peak memory is that model's alone.
         for kind, build in (("fp16", fp16_model), ("w8a8", w8a8_model)):
+            gc.collect()
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated()  # not this model's: subtracted from peaks
             t0 = time.time()
             model = build(cfg, gen)
             weights = weight_bytes(model)
-            print(f"built {size} {kind} in {time.time() - t0:.1f} s", flush=True)
+            print(f"built {size} {kind} in {time.time() - t0:.1f} s "
+                  f"({baseline / 2**30:.2f} GiB allocated before it)", flush=True)  # fmt: skip
             runner = Runner(kind, model)
             for batch in batches:
                 for prompt in prompts:
@@ -272,6 +277,7 @@ def main() -> int:
                         ttft, ttft_graph, tpot, peak, sbytes = measure(
                             runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
                         )
+                        peak -= baseline
                         floor = (weights + 2 * sbytes) / bandwidth * 1e3
                         got[kind, batch, prompt, pdl] = (ttft, tpot, peak, ttft_graph)
                         rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,

@@ -515,3 +515,24 @@ def test_gpu_choice_is_recorded_and_unsupported_config_falls_back():
     ids = random_ids(SMALL, 1, 3, seed=0, device=DEVICE)
     deep = copy.deepcopy(model)
     assert torch.equal(deep(ids).logits, model(ids).logits)
+
+
+@pytest.mark.gpu
+def test_gpu_repeated_graph_captures_do_not_grow_memory():
+    """Every GraphedStep warms up on the same side stream: capturing (and dropping) graphs again
+    and again, as repeated generate() calls do, leaves allocated memory flat (a new stream each
+    time would keep a new 32 MiB cuBLAS workspace each time)."""
+    import gc
+
+    model = _gpu_model(SMALL, torch.float16, seed=5)
+    ids = random_ids(SMALL, 2, 8, seed=5, device=DEVICE)
+    state = model(ids[:, :4]).state
+    allocated = []
+    for _ in range(6):
+        graphed = GraphedStep(model.step_unchecked, ids[:, 4], state)
+        graphed(ids[:, 4])
+        del graphed
+        gc.collect()
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[-1] - allocated[1] < 8 * 2**20, allocated

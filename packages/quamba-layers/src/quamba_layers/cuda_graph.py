@@ -84,6 +84,19 @@ def _check_same_layout(new: State, static: State, what: str) -> None:
                 )
 
 
+_WARM_UP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warm_up_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up: torch gives each new stream its own cuBLAS
+    workspace (32 MiB on Hopper) and keeps it for the life of the process, so a new stream per
+    GraphedStep (one per ``generate`` call) would add up."""
+    stream = _WARM_UP_STREAMS.get(device)
+    if stream is None:
+        stream = _WARM_UP_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class GraphedStep:
     """A decode step captured into a CUDA graph, with static token, state and logits buffers.
 
@@ -167,7 +180,7 @@ class GraphedStep:
     # --- capture ------------------------------------------------------------------------------
 
     def _warm_up(self, steps: int) -> None:
-        side = torch.cuda.Stream(self.device)
+        side = _warm_up_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(steps):

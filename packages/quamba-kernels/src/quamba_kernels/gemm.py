@@ -7,16 +7,17 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 - ``"skinny"``: our tensor-core kernel (mma.sync m16n8k32 s8) over tiles of 16 rows x 8 columns,
   the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
 - ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
-  coalesced epilogue through shared memory: prefill shapes cuBLASLt does not take.
+  coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank: its
+  output, not its arithmetic, is the work) and shapes cuBLASLt does not take.
 - ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
   nothing but the CUDA runtime) writing int32, then our epilogue kernel (16-byte accesses in
-  64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill.
+  64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill with K >= 512.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
 ``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then cuBLASLt where it
-applies, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
-benchmarks/README.md; with the 16-byte epilogue cuBLASLt also wins at dt_proj's K = 160).
+applies and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
+benchmarks/README.md).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
 
 Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
@@ -32,6 +33,7 @@ IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt")
 STREAM_MAX_ROWS = 4
 SKINNY_MAX_ROWS = 16
 STREAM_MIN_K = 512  # below it the skinny kernel beats the stream GEMV (bench_gemm.py, dt_proj)
+CUBLASLT_MIN_K = 512  # below it the tiled kernel beats cuBLASLt + epilogue (dt_proj, K = 160)
 _ALGO = {"skinny": 1, "tiled": 2, "stream": 3}
 MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
 
@@ -61,7 +63,7 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
             return "stream" if k >= STREAM_MIN_K else "skinny"  # small K: skinny measured faster
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
-        return "cublaslt" if cublaslt_applies(m, n, k) else "tiled"
+        return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"
     return impl
 
 

@@ -43,8 +43,8 @@ class KernelBackend(Backend):
         return {
             "rmsnorm": KERNEL,
             "gemm": "kernel (quamba_kernels.int8_linear: dp4a GEMV for M <= 4, tensor-core "
-            "kernel for M <= 16, cuBLASLt INT8 + epilogue kernel for more rows, tensor-core "
-            "tiles where cuBLASLt does not apply)",
+            "kernel for M <= 16, cuBLASLt INT8 + epilogue kernel for more rows and K >= 512, "
+            "tensor-core tiles otherwise)",
             "conv1d": KERNEL,
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,

@@ -144,8 +144,7 @@ def _time(fn) -> float:
 @torch.no_grad()
 def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, reps: int, vocab: int):
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
-    # Graphs and states of earlier measurements sit in reference cycles until a collection:
-    # without one they would count towards this measurement's peak.
+    # Free what earlier measurements left (their graphs and states) before the peak is reset.
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

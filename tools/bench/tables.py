@@ -27,35 +27,46 @@ def gemm_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _pdl(row: dict) -> str:
+    """Programmatic dependent launch of the row's measurement: "on", "off" or "-" (not recorded)."""
+    value = row.get("programmatic_launch")
+    return "-" if value is None else ("on" if value else "off")
+
+
 def e2e_table(data: dict) -> str:
     lines = [
         f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
         f"{data.get('torch', '?')}, {data['new_tokens']} new tokens.",
         "",
-        "| model | batch | prompt | kind | TTFT ms | TTFT graphed ms | TPOT ms | floor ms | "
+        "| model | batch | prompt | kind | PDL | TTFT ms | TTFT graphed ms | TPOT ms | floor ms | "
         "TPOT / floor | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = data["rows"]
+    # Rows of full measurements (e2e.py --l2-prefetch rows carry a TPOT only; older files have
+    # no programmatic_launch field: their launches were ordinary).
+    rows = [r for r in data["rows"] if "ttft_ms" in r]
     for r in rows:
+        pdl = _pdl(r)
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {r['ttft_ms']:.2f} | "
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {pdl} | "
+            f"{r['ttft_ms']:.2f} | "
             f"{r.get('ttft_graph_ms', float('nan')):.2f} | {r['tpot_ms']:.3f} | "
             f"{r['floor_ms']:.3f} | {r['tpot_ms'] / r['floor_ms']:.2f} | {r['peak_GiB']:.2f} |"
         )
     lines += [
         "",
-        "| model | batch | prompt | prefill speed-up | (graphed) | decode speed-up | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | prompt | PDL | prefill speed-up | (graphed) | decode speed-up | "
+        "peak memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    by_key = {(r["model"], r["batch"], r["prompt"], r["kind"]): r for r in rows}
-    for (model, batch, prompt, kind), q in by_key.items():
-        f = by_key.get((model, batch, prompt, "fp16"))
+    by_key = {(r["model"], r["batch"], r["prompt"], _pdl(r), r["kind"]): r for r in rows}
+    for (model, batch, prompt, pdl, kind), q in by_key.items():
+        f = by_key.get((model, batch, prompt, pdl, "fp16"))
         if kind != "w8a8" or f is None:
             continue
         graphed = f.get("ttft_graph_ms", float("nan")) / q.get("ttft_graph_ms", float("nan"))
         lines.append(
-            f"| {model} | {batch} | {prompt} | {f['ttft_ms'] / q['ttft_ms']:.2f}x | "
+            f"| {model} | {batch} | {prompt} | {pdl} | {f['ttft_ms'] / q['ttft_ms']:.2f}x | "
             f"{graphed:.2f}x | {f['tpot_ms'] / q['tpot_ms']:.2f}x | "
             f"{q['peak_GiB'] / f['peak_GiB']:.2f}x |"
         )

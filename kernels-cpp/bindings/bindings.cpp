@@ -535,7 +535,8 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
                          float u_scale, float delta_scale, float A_scale, float B_scale,
                          float C_scale, float D_scale, float z_scale, float delta_bias_scale,
                          float state_scale, int state_rounding, bool softplus,
-                         std::uintptr_t stream) {
+                         std::uintptr_t stream, OptArray dt_x, OptArray dt_w,
+                         float dt_gemm_scale, int dt_rounding) {
   quamba::ScanArgs a;
   expect_ndim(u, "u", 2);
   a.batch = static_cast<int64_t>(u.shape(0));
@@ -584,6 +585,30 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
     if (delta_bias) expect_scale(delta_bias_scale, "delta_bias_scale");
   }
   expect_rounding(state_rounding);
+  if (dt_x.has_value() != dt_w.has_value()) {
+    throw std::invalid_argument("dt_x and dt_w come together (the fused dt_proj) or not at all");
+  }
+  if (dt_x) {
+    if (a.state_type != ElemType::Int8) throw nb::type_error("the fused dt_proj needs an int8 state");
+    expect_type(*dt_x, "dt_x", ElemType::Int8);
+    expect_type(*dt_w, "dt_w", ElemType::Int8);
+    expect_ndim(*dt_x, "dt_x", 2);
+    expect_ndim(*dt_w, "dt_w", 2);
+    a.dt_rank = static_cast<int64_t>(dt_w->shape(1));
+    a.dt_x_row = static_cast<int64_t>(dt_x->shape(1));
+    expect_shape(*dt_w, "dt_w", {a.dim, a.dt_rank});
+    if (static_cast<int64_t>(dt_x->shape(0)) != a.batch || a.dt_x_row < a.dt_rank ||
+        a.dt_rank < 1) {
+      throw std::invalid_argument("dt_x must have shape (B, >= R) for dt_w of shape (E, R), got " +
+                                  shape_str(*dt_x));
+    }
+    expect_scale(dt_gemm_scale, "dt_gemm_scale");
+    expect_rounding(dt_rounding);
+    a.dt_x = static_cast<const int8_t*>(dt_x->data());
+    a.dt_w = static_cast<const int8_t*>(dt_w->data());
+    a.dt_gemm_scale = dt_gemm_scale;
+    a.dt_rounding = dt_rounding;
+  }
   a.state = state.data();
   a.u = u.data();
   a.delta = delta.data();
@@ -604,7 +629,7 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
   a.state_rounding = state_rounding;
   a.exact = true;
   const int device = common_device({&state, &u, &delta, &A, &B, &C, opt_ptr(D), opt_ptr(z),
-                                    opt_ptr(delta_bias), &out});
+                                    opt_ptr(delta_bias), &out, opt_ptr(dt_x), opt_ptr(dt_w)});
   DeviceGuard guard(device);
   check_cuda(quamba::launch_selective_scan_step(a, as_stream(stream)), "selective_scan_step launch");
 }
@@ -755,8 +780,11 @@ NB_MODULE(_C, m) {
         nb::arg("A_scale"), nb::arg("B_scale"), nb::arg("C_scale"), nb::arg("D_scale"),
         nb::arg("z_scale"), nb::arg("delta_bias_scale"), nb::arg("state_scale"),
         nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("stream"),
-        nb::call_guard<nb::gil_scoped_release>(),
-        "One selective-scan decode step; the state (B, E, N) is updated in place.");
+        nb::arg("dt_x").noconvert().none() = nb::none(),
+        nb::arg("dt_w").noconvert().none() = nb::none(), nb::arg("dt_gemm_scale") = 1.0f,
+        nb::arg("dt_rounding") = 0, nb::call_guard<nb::gil_scoped_release>(),
+        "One selective-scan decode step; the state (B, E, N) is updated in place. With dt_x and "
+        "dt_w, delta is an int8 output: dt_proj's W8A8 GEMM computed inside the step.");
   m.def("int8_gemm", &int8_gemm, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
         nb::arg("out").noconvert(), nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"),
         nb::arg("seq_len"), nb::arg("algo"), nb::arg("stream"),

@@ -66,6 +66,17 @@ struct ScanArgs {
   int state_rounding = 0;  // 0 half away from zero, 1 half to even
 
   bool exact = true;
+
+  // Step with an INT8 state only: dt_proj fused in. When dt_x is set, the kernel computes
+  // delta = Q8(float32(dt_x[b, :R] . dt_w[e, :R]) * dt_gemm_scale, delta_scale, dt_rounding) --
+  // the W8A8 epilogue of the dt_proj GEMM, exactly -- writes the codes to `delta` (then an int8
+  // (B, E) output) and uses them. dt_x rows are dt_x_row elements apart (x_proj's output as is).
+  const int8_t* dt_x = nullptr;  // (B, dt_x_row), the first dt_rank columns are dt_proj's input
+  const int8_t* dt_w = nullptr;  // (E, dt_rank)
+  int64_t dt_rank = 0;
+  int64_t dt_x_row = 0;
+  float dt_gemm_scale = 1.0f;  // float32(s_x * s_w)
+  int dt_rounding = 0;
 };
 
 // Supported combinations (cudaErrorInvalidValue otherwise):

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
   float A[S], Bn[S], Cn[S];
   if (channel_ok) {
     u_raw = static_cast<const TU*>(a.u)[be];
-    d_raw = static_cast<const TX*>(a.delta)[be];
+    if (a.dt_x == nullptr) d_raw = static_cast<const TX*>(a.delta)[be];
     if (a.delta_bias != nullptr) bias = param_value(a.delta_bias, e, int8_params, a.delta_bias_scale);
     if (a.z != nullptr) z_raw = static_cast<const TX*>(a.z)[be];
     if (a.D != nullptr) D = param_value(a.D, e, int8_params, a.D_scale);
@@ -69,6 +69,39 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
       A[s] = a_value(a, e * N + n);
       Bn[s] = dequant(static_cast<const TX*>(a.B)[b * N + n], a.B_scale);
       Cn[s] = dequant(static_cast<const TX*>(a.C)[b * N + n], a.C_scale);
+    }
+  }
+
+  if constexpr (sizeof(TX) == 1) {
+    if (a.dt_x != nullptr) {
+      // dt_proj fused: the channel's G lanes split the dot product over the rank (exact int32
+      // sum in any order), then the GEMM epilogue's Q8, decided exactly as gemm_int8.cu does.
+      const int8_t* xr = a.dt_x + b * a.dt_x_row;
+      const int8_t* wr = a.dt_w + e * a.dt_rank;
+      int acc = 0;
+      if (channel_ok) {
+        const bool words = a.dt_rank % 4 == 0 && a.dt_x_row % 4 == 0 &&
+                           reinterpret_cast<uintptr_t>(a.dt_x) % 4 == 0 &&
+                           reinterpret_cast<uintptr_t>(a.dt_w) % 4 == 0;
+        if (words) {
+          for (int64_t k = 4 * lane; k < a.dt_rank; k += 4 * G) {
+            acc = __dp4a(*reinterpret_cast<const int*>(xr + k),
+                         *reinterpret_cast<const int*>(wr + k), acc);
+          }
+        } else {
+          for (int64_t k = lane; k < a.dt_rank; k += G) acc += int(xr[k]) * int(wr[k]);
+        }
+      }
+#pragma unroll
+      for (int dist = G / 2; dist >= 1; dist /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, dist);
+      const float v = __fmul_rn(__int2float_rn(acc), a.dt_gemm_scale);
+      const float inv = __frcp_rn(a.delta_scale);
+      uint32_t code;
+      const bool clear = inv <= 1e30f && inv >= 1e-30f &&
+                         q8_if_clear(__fmul_rn(v, inv), kQuotientMargin, code);
+      d_raw = clear ? static_cast<TX>(static_cast<int8_t>(code))
+                    : quantize_int8(v, a.delta_scale, static_cast<Rounding>(a.dt_rounding));
+      if (channel_ok && lane == 0) const_cast<TX*>(static_cast<const TX*>(a.delta))[be] = d_raw;
     }
   }
 
@@ -177,6 +210,10 @@ cudaError_t launch_float_step(const ScanArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_selective_scan_step(const ScanArgs& a, cudaStream_t stream) {
+  if (a.dt_x != nullptr && (a.state_type != ElemType::Int8 || a.dt_w == nullptr ||
+                            a.dt_rank < 1 || a.dt_x_row < a.dt_rank)) {
+    return cudaErrorInvalidValue;
+  }
   if (a.state_type == ElemType::Int8) {
     if (a.x_type != ElemType::Int8 || a.out_type != ElemType::Float16) return cudaErrorInvalidValue;
     if (a.u_type == ElemType::Int8) return launch_step<int8_t, int8_t, int8_t, __half>(a, stream);

@@ -330,6 +330,9 @@ def sweep() -> None:
                 bm[..., 0].contiguous(), 0.02, cm[..., 0].contiguous(), 0.02, d_q, 0.01,
                 z[..., 0].contiguous(), 0.03, dtb, 0.04, 0.1)  # fmt: skip
         selective_scan_step_int8(_int8(b, e, n), *step)
+        for rank, row in ((48, 80), (17, 19)):  # fused dt_proj: dp4a and byte paths
+            fused = (_int8(b, row), _int8(e, rank), 0.03, 0.002, "half_even")
+            selective_scan_step_int8(_int8(b, e, n), *step, dt_from=fused)
         selective_state_update(_randn(b, e, n), uf[..., 0].contiguous(), dtf[..., 0].contiguous(),
                                A, bf[..., 0].contiguous(), cf[..., 0].contiguous())  # fmt: skip
     from quamba_kernels.transpose import transpose_int8

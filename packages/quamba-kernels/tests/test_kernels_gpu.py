@@ -739,6 +739,50 @@ def test_selective_scan_step_int8(batch, n, rounding):
         ref_state = new_ref
 
 
+@pytest.mark.parametrize(
+    "batch,rank,extra,ties",
+    [(1, 160, 32, False), (3, 48, 32, False), (16, 96, 32, False), (2, 17, 5, False),
+     (5, 160, 0, False), (4, 64, 32, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_selective_scan_step_with_fused_dt_proj(batch, rank, extra, ties, rounding):
+    """dt_proj's GEMM inside the step writes int8_linear's dt codes, and the step's y and state
+    equal the unfused step's, bit for bit: dp4a and byte paths (rank 17), x rows wider than the
+    rank (x_proj's whole output), batch 1..16, and exact ties where the two rules differ."""
+    from quamba_kernels import int8_linear
+    from quamba_kernels.scan_step import selective_scan_step_int8
+
+    channels, n = 200, 16
+    g = _gen("step-dt-proj", batch, rank, extra, ties, rounding)
+    tensors, s = _int8_scan_inputs(g, batch, channels, 1, n)
+    args = list(_int8_args(tuple(t[..., 0].contiguous() if t.dim() == 3 else t for t in tensors),
+                           s, 0.05))  # fmt: skip
+    if ties:  # v = acc / 2 on the grid s_dt = 1: every odd accumulator is a tie
+        x = torch.randint(-3, 4, (batch, rank + extra), generator=g, dtype=torch.int8).to(DEVICE)
+        w = torch.randint(-3, 4, (channels, rank), generator=g, dtype=torch.int8).to(DEVICE)
+        s_x, s_w, args[3] = 0.5, 1.0, 1.0
+    else:  # codes spread over the INT8 range, some saturated
+        x, w = _int8(g, (batch, rank + extra)), _int8(g, (channels, rank))
+        s_x, s_w = 0.03, 40.0 * args[3] / (0.03 * rank**0.5 * 5500.0)
+    dt_want = int8_linear(x[:, :rank].contiguous(), w, s_x, s_w, args[3], rounding)
+    if ties:
+        other = "half_even" if rounding == "half_away" else "half_away"
+        assert not torch.equal(dt_want, int8_linear(x[:, :rank].contiguous(), w, s_x, s_w, 1.0,
+                                                    other))  # fmt: skip
+    else:
+        assert dt_want.float().std() > 10 and (dt_want.abs() < 127).float().mean() > 0.5
+    state = _int8(g, (batch, channels, n))
+    fused_state = state.clone()
+    args[2] = dt_want
+    y_want, _ = selective_scan_step_int8(state, *args)
+    args[2] = torch.full((batch, channels), 127, dtype=torch.int8, device=DEVICE)  # poisoned
+    y, _, dt = selective_scan_step_int8(fused_state, *args, dt_from=(x, w, s_x, s_w, rounding))
+    assert dt.data_ptr() == args[2].data_ptr()
+    _assert_equal(dt, dt_want, "fused dt codes")
+    _assert_equal(y, y_want, "fused step y")
+    _assert_equal(fused_state, state, "fused step state")
+
+
 def test_selective_scan_step_int8_from_zero_equals_prefill_of_one_token():
     from quamba_kernels.scan import selective_scan_int8
     from quamba_kernels.scan_step import selective_scan_step_int8

@@ -324,6 +324,19 @@ def test_selective_scan_step_validation():
     with pytest.raises(TypeError, match="state_q must have dtype int8"):
         selective_scan_step_int8(state.float(), *step)
     _expect_unavailable_or_cuda_error(lambda: selective_scan_step_int8(state, *step))
+    # The fused dt_proj: (x (B, >= R), w (E, R), s_x, s_w, rounding).
+    fused = (_i8(2, 40), _i8(6, 32), 0.1, 0.01, "half_away")
+    with pytest.raises(TypeError, match="dt_from must be a tuple"):
+        selective_scan_step_int8(state, *step, dt_from=list(fused))
+    with pytest.raises(ValueError, match=r"dt_from w must have shape \(E, R\)"):
+        selective_scan_step_int8(state, *step, dt_from=(fused[0], _i8(5, 32), *fused[2:]))
+    with pytest.raises(ValueError, match=r"dt_from x must have shape \(B, >= R\)"):
+        selective_scan_step_int8(state, *step, dt_from=(_i8(2, 31), *fused[1:]))
+    with pytest.raises(ValueError, match="s_w must be a finite float > 0"):
+        selective_scan_step_int8(state, *step, dt_from=(*fused[:3], -1.0, "half_away"))
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        selective_scan_step_int8(state, *step, dt_from=(*fused[:4], "up"))
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_step_int8(state, *step, dt_from=fused))
     x, A, b = _f(2, 6, dtype=F16), -_f(6, 16).abs(), _f(2, 16, dtype=F16)
     with pytest.raises(TypeError, match="state must have x's dtype"):
         selective_state_update(_f(2, 6, 16, dtype=torch.bfloat16), x, x, A, b, b)

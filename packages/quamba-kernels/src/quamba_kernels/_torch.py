@@ -104,6 +104,15 @@ def scale32(name: str, value) -> float:
     return float32_value(scale64(name, value))
 
 
+def scale_product32(name_a: str, a, name_b: str, b) -> float:
+    """float32(a * b) of two checked scales, the product formed in float64 and rounded once (the
+    W8A8 epilogue's ``s_x * s_w``)."""
+    product = float32_value(scale64(name_a, a) * scale64(name_b, b))
+    if not (0.0 < product < math.inf):
+        raise ValueError(f"{name_a} * {name_b} = {a} * {b} is not a positive finite float32")
+    return product
+
+
 def check_scale(name: str, value) -> float:
     """Alias of scale32 (kept for the first wrappers)."""
     return scale32(name, value)

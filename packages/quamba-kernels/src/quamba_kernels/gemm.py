@@ -27,7 +27,14 @@ then Q8 with the site's rounding (IEEE division at near-ties) or one rounding to
 from __future__ import annotations
 
 from quamba_kernels._loader import require
-from quamba_kernels._torch import check_cuda, check_tensor, current_stream, float32_value, scale64
+from quamba_kernels._torch import (
+    check_cuda,
+    check_tensor,
+    current_stream,
+    float32_value,
+    scale64,
+    scale_product32,
+)
 
 IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt")
 STREAM_MAX_ROWS = 4
@@ -70,9 +77,7 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
 def _epilogue_scales(s_x, s_w, out_scale, out_dtype):
     import torch
 
-    scale = float32_value(scale64("s_x", s_x) * scale64("s_w", s_w))
-    if not (0.0 < scale < float("inf")):
-        raise ValueError(f"s_x * s_w = {s_x} * {s_w} is not a positive finite float32")
+    scale = scale_product32("s_x", s_x, "s_w", s_w)
     if out_scale is not None:
         if out_dtype not in (None, torch.int8):
             raise ValueError("out_dtype must be None or torch.int8 when out_scale is given")

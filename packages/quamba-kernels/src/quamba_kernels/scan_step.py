@@ -22,6 +22,7 @@ from quamba_kernels._torch import (
     dtype_name,
     rounding_code,
     scale32,
+    scale_product32,
 )
 from quamba_kernels.scan import MAX_STATE
 
@@ -77,17 +78,28 @@ def selective_scan_step_int8(
     *,
     state_rounding: str = "half_away",
     out=None,
+    dt_from=None,
 ):
     """One INT8 decode step on the GPU; returns ``(y (B, E) float16, state_q)``.
 
     ``state_q`` (B, E, N) int8 on grid ``s_h`` is overwritten with ``Q8(h, s_h, state_rounding)``.
     ``u_q``, ``dt_q``, ``z_q`` (B, E) int8 (``u_q`` may be float32, ``s_u`` then ignored);
     ``B_q``, ``C_q`` (B, N) int8; ``A_log_q`` (E, N), ``D_q``, ``dtb_q`` (E,) int8.
+
+    ``dt_from = (x, w, s_x, s_w, rounding)`` fuses the dt_proj GEMM into the step: the kernel
+    computes ``dt_q = int8_linear(x[:, :R], w, s_x, s_w, s_dt, rounding)`` itself (the same codes:
+    exact int32 dot products, the same epilogue) for ``x`` (B, >= R) int8, e.g. x_proj's whole
+    output, and ``w`` (E, R) int8. ``dt_q`` is then an output (an int8 (B, E) buffer to write, or
+    None to allocate one) and is returned as a third value.
     """
     import torch
 
     i8 = torch.int8
     check_tensor("state_q", state_q, i8, ndim=3)
+    if dt_from is not None:
+        dt_x, dt_w, dt_gemm_scale, dt_code = _check_dt_from(dt_from, u_q)
+        if dt_q is None and isinstance(u_q, torch.Tensor):
+            dt_q = torch.empty(u_q.shape, dtype=i8, device=u_q.device)
     names = ("state_q", "u_q", "dt_q", "A_log_q", "B_q", "C_q", "D_q", "z_q", "dtb_q")
     _check_step(
         names, state_q, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, i8, (i8, torch.float32), i8
@@ -112,11 +124,40 @@ def selective_scan_step_int8(
     )  # fmt: skip
     if out is None:
         out = torch.empty(u_q.shape, dtype=torch.float16, device=u_q.device)
+    if dt_from is None:
+        module.selective_scan_step(
+            state_q, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, out,
+            s_u, s_dt, s_A, s_B, s_C, s_D, s_z, s_dtb, s_h, code, True, current_stream(u_q.device),
+        )  # fmt: skip
+        return out, state_q
+    check_cuda(state_q=state_q, dt_x=dt_x, dt_w=dt_w)
     module.selective_scan_step(
         state_q, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, out,
         s_u, s_dt, s_A, s_B, s_C, s_D, s_z, s_dtb, s_h, code, True, current_stream(u_q.device),
+        dt_x, dt_w, dt_gemm_scale, dt_code,
     )  # fmt: skip
-    return out, state_q
+    return out, state_q, dt_q
+
+
+def _check_dt_from(dt_from, u_q):
+    """(x, w, float32(s_x * s_w), rounding code) of a fused dt_proj, checked against u_q (B, E)."""
+    import torch
+
+    if not isinstance(dt_from, tuple) or len(dt_from) != 5:
+        raise TypeError("dt_from must be a tuple (x, w, s_x, s_w, rounding)")
+    x, w, s_x, s_w, rounding = dt_from
+    check_tensor("dt_from x", x, torch.int8, ndim=2)
+    check_tensor("dt_from w", w, torch.int8, ndim=2)
+    if isinstance(u_q, torch.Tensor) and u_q.dim() == 2:
+        batch, e = u_q.shape
+        if w.shape[0] != e or w.shape[1] < 1:
+            raise ValueError(f"dt_from w must have shape (E, R) with E = {e}, got {tuple(w.shape)}")
+        if x.shape[0] != batch or x.shape[1] < w.shape[1]:
+            raise ValueError(
+                f"dt_from x must have shape (B, >= R) = ({batch}, >= {w.shape[1]}), "
+                f"got {tuple(x.shape)}"
+            )
+    return x, w, scale_product32("s_x", s_x, "s_w", s_w), rounding_code(rounding)
 
 
 def selective_state_update(

@@ -68,6 +68,18 @@ class Backend:
         state_q.copy_(new_state)
         return y, state_q
 
+    def selective_scan_step_dt_proj(
+        self, state_q, u, s_u, dt_from, s_dt, *rest, state_rounding="half_away"
+    ):
+        """The decode step with dt_proj's W8A8 GEMM folded in: ``dt_from = (x, w, s_x, s_w,
+        rounding)`` with x (B, >= R) (x_proj's output; its first R columns are dt_proj's input)
+        and w (E, R). Here: the GEMM, then the step (a kernel backend fuses them)."""
+        x, w, s_x, s_w, rounding = dt_from
+        dt_q = self.w8a8_linear(x[:, : w.shape[1]], w, s_x, s_w, s_dt, rounding)
+        return self.selective_scan_step(
+            state_q, u, s_u, dt_q, s_dt, *rest, state_rounding=state_rounding
+        )
+
     def selective_scan_int8(self, *args, state_rounding="half_away"):
         """INT8 inputs -> (y float16 (B, L, E), INT8 state snapshot (B, E, N))."""
         return ops.selective_scan_int8(*args, state_rounding=state_rounding)

@@ -82,6 +82,18 @@ class KernelBackend(Backend):
         args = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
         return self._k.selective_scan_step_int8(state_q, *args, state_rounding=state_rounding)
 
+    def selective_scan_step_dt_proj(
+        self, state_q, u, s_u, dt_from, s_dt, *rest, state_rounding="half_away"
+    ):
+        # One kernel instead of the dt_proj GEMV + the step: same dt codes, same bits.
+        x, w, s_x, s_w, rounding = dt_from
+        rest = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in rest)
+        y, state_q, _ = self._k.selective_scan_step_int8(
+            state_q, u.contiguous(), s_u, None, s_dt, *rest, state_rounding=state_rounding,
+            dt_from=(x.contiguous(), w, s_x, s_w, rounding),
+        )  # fmt: skip
+        return y, state_q
+
     def lm_head_fp16(self, normed, weight):
         # cuBLAS float16 GEMM with float32 accumulation and output (the reference's arithmetic up
         # to the summation order); the reference would convert the weight to float32 per call.

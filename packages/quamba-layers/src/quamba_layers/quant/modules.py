@@ -310,9 +310,8 @@ class W8A8Mixer(nn.Module):
         xdbl_q = self.backend.w8a8_linear(
             xproj_in, self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm
         )
-        dt_q = self.backend.w8a8_linear(
-            xdbl_q[:, :r], self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm
-        )
+        # dt_proj's GEMM (input: the first r columns of xdbl_q) runs inside the scan step.
+        dt_from = (xdbl_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], rnd.gemm)
         b_q, c_q = xdbl_q[:, r : r + n].contiguous(), xdbl_q[:, r + n :].contiguous()
         if dp.ssm_input == "int8":
             u_in = u_codes
@@ -326,9 +325,9 @@ class W8A8Mixer(nn.Module):
                 u_in = self.backend.quantize_int8(source, s["s_u"], rnd.requant)
         else:
             u_in = v
-        y, ssm_state = self.backend.selective_scan_step(
-            ssm_state, u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
-            s["s_xo"], self.D, s["s_D"], z_t, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
+        y, ssm_state = self.backend.selective_scan_step_dt_proj(
+            ssm_state, u_in, s["s_u"], dt_from, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"],
+            c_q, s["s_xo"], self.D, s["s_D"], z_t, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
             state_rounding=rnd.ssm_state,
         )  # fmt: skip
         if self.cfg.online_hadamard:

@@ -58,8 +58,25 @@ __device__ __forceinline__ bool q8_if_clear(float q, float rel_margin, uint32_t&
 
 // q8_if_clear's margin for q = RN(v * RN(1 / s)), the cheap stand-in for v / s: q is within
 // 3 * 2^-24 |q| of the quotient, and the quotient's rounding within 2^-24 more (RN(1 / s) must be
-// a normal float: callers check 1e-30 <= RN(1 / s) <= 1e30).
+// a normal float: reciprocal_ok).
 constexpr float kQuotientMargin = 4e-7f;
+
+// Whether inv = RN(1 / s) is far enough from the float limits for the margins above to hold.
+__host__ __device__ __forceinline__ bool reciprocal_ok(float inv) {
+  return inv <= 1e30f && inv >= 1e-30f;
+}
+
+// Q8(v, scale) with the codes of quantize_int8: the product RN(v * inv_scale) decides unless it
+// lies within kQuotientMargin of a rounding boundary (or inv_scale_ok is false), where the IEEE
+// division does. inv_scale = RN(1 / scale), inv_scale_ok = reciprocal_ok(inv_scale).
+__device__ __forceinline__ int8_t quantize_int8_by_reciprocal(float v, float scale, float inv_scale,
+                                                              bool inv_scale_ok, Rounding rule) {
+  uint32_t code;
+  if (inv_scale_ok && q8_if_clear(__fmul_rn(v, inv_scale), kQuotientMargin, code)) {
+    return static_cast<int8_t>(code);
+  }
+  return quantize_int8(v, scale, rule);
+}
 
 // ---- element conversions (all exact or round-to-nearest-even) ----
 __device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   ep.out_scale = c.out_scale;
   ep.inv_out_scale = __frcp_rn(c.out_scale);
   // The fast paths' error bounds need a normal reciprocal (scales far from the float limits).
-  ep.fast_ok = ep.inv_out_scale <= 1e30f && ep.inv_out_scale >= 1e-30f;
+  ep.fast_ok = reciprocal_ok(ep.inv_out_scale);
   ep.rule = c.rule;
 
   TOut* out_row = out + row * seqlen;
@@ -383,7 +383,7 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
     ep.silu = c.silu;
     ep.out_scale = c.out_scale;
     ep.inv_out_scale = __frcp_rn(c.out_scale);
-    ep.fast_ok = ep.inv_out_scale <= 1e30f && ep.inv_out_scale >= 1e-30f;
+    ep.fast_ok = reciprocal_ok(ep.inv_out_scale);
     ep.rule = c.rule;
     const float v = int8_pre_silu(acc, ep);
     if constexpr (sizeof(TOut) == 1) {

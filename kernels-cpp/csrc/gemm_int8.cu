@@ -31,7 +31,7 @@ EpilogueConsts make_consts(const GemmEpilogue& ep) {
   c.scale = ep.scale;
   c.out_scale = ep.out_scale;
   c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
-  c.fast_q = c.inv_out_scale <= 1e30f && c.inv_out_scale >= 1e-30f;
+  c.fast_q = reciprocal_ok(c.inv_out_scale);
   c.rule = static_cast<Rounding>(ep.rounding);
   c.seq_len = ep.seq_len;
   return c;
@@ -52,13 +52,8 @@ __device__ __forceinline__ void convert_as(const EpilogueConsts& c, void* dst, i
   } else {
     const float v = __fmul_rn(__int2float_rn(acc), c.scale);
     if constexpr (T == GemmOut::Int8) {
-      // Q8(v, out_scale): the multiply by the reciprocal decides unless it lies too close to a
-      // rounding boundary, where the IEEE division does (common.cuh).
-      uint32_t code;
-      const bool clear =
-          c.fast_q && q8_if_clear(__fmul_rn(v, c.inv_out_scale), kQuotientMargin, code);
       *static_cast<int8_t*>(dst) =
-          clear ? static_cast<int8_t>(code) : quantize_int8(v, c.out_scale, c.rule);
+          quantize_int8_by_reciprocal(v, c.out_scale, c.inv_out_scale, c.fast_q, c.rule);
     } else if constexpr (T == GemmOut::Float16) {
       *static_cast<__half*>(dst) = __float2half_rn(v);
     } else if constexpr (T == GemmOut::BFloat16) {
@@ -80,7 +75,7 @@ __device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, i
   }
 }
 
-__host__ __device__ __forceinline__ int out_elem_size(GemmOut type) {
+__host__ __device__ constexpr int out_elem_size(GemmOut type) {
   return type == GemmOut::Int8 ? 1 : (type == GemmOut::Float16 || type == GemmOut::BFloat16 ? 2 : 4);
 }
 
@@ -326,8 +321,7 @@ __device__ __forceinline__ void cp_async_wait() {
 template <GemmOut T, bool kSeqLast>
 __device__ __forceinline__ void stage_tile(const EpilogueConsts& ep, int8_t* smem,
                                            const int (&c)[2][8][4], int ml0, int nl0) {
-  constexpr int kSize = T == GemmOut::Int8 ? 1 : (T == GemmOut::Float16 ||
-                                                  T == GemmOut::BFloat16 ? 2 : 4);
+  constexpr int kSize = out_elem_size(T);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -603,8 +597,7 @@ __global__ void __launch_bounds__(256)
   launch::allow_dependent_grids();
   // [n][m] converted elements (up to 4 bytes each), rows padded by 16 bytes.
   __shared__ __align__(16) char tile[kVecTile][kVecTile * 4 + 16];
-  constexpr int esize = T == GemmOut::Int8 ? 1 : (T == GemmOut::Float16 ||
-                                                  T == GemmOut::BFloat16 ? 2 : 4);
+  constexpr int esize = out_elem_size(T);
   const bool seq_last = ep.seq_len > 0;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kVecTile;
   const int quad = threadIdx.x % 16;  // columns n_base + 4 quad .. + 3

@@ -230,11 +230,7 @@ __device__ __forceinline__ TOut hadamard_output(float acc, float scale, float ou
                                                 float inv_out_scale, bool fast_q, Rounding rule) {
   const float y = __fmul_rn(acc, scale);
   if constexpr (sizeof(TOut) == 1) {
-    uint32_t code;
-    if (fast_q && q8_if_clear(__fmul_rn(y, inv_out_scale), kQuotientMargin, code)) {
-      return static_cast<TOut>(static_cast<int8_t>(code));
-    }
-    return quantize_int8(y, out_scale, rule);
+    return quantize_int8_by_reciprocal(y, out_scale, inv_out_scale, fast_q, rule);
   } else {
     return from_float<TOut>(y);
   }
@@ -330,7 +326,7 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
 #pragma unroll
   for (int jj = 0; jj < M; ++jj) col[jj] = s_row[pidx(jj * P + p)];
   const float inv_out_scale = __frcp_rn(out_scale);
-  const bool fast_q = inv_out_scale <= 1e30f && inv_out_scale >= 1e-30f;
+  const bool fast_q = reciprocal_ok(inv_out_scale);
   TOut* out_row = out + row * N + p;
   if (!other_matrix) {
 #pragma unroll

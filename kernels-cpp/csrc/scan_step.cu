@@ -96,11 +96,8 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
       for (int dist = G / 2; dist >= 1; dist /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, dist);
       const float v = __fmul_rn(__int2float_rn(acc), a.dt_gemm_scale);
       const float inv = __frcp_rn(a.delta_scale);
-      uint32_t code;
-      const bool clear = inv <= 1e30f && inv >= 1e-30f &&
-                         q8_if_clear(__fmul_rn(v, inv), kQuotientMargin, code);
-      d_raw = clear ? static_cast<TX>(static_cast<int8_t>(code))
-                    : quantize_int8(v, a.delta_scale, static_cast<Rounding>(a.dt_rounding));
+      d_raw = quantize_int8_by_reciprocal(v, a.delta_scale, inv, reciprocal_ok(inv),
+                                          static_cast<Rounding>(a.dt_rounding));
       if (channel_ok && lane == 0) const_cast<TX*>(static_cast<const TX*>(a.delta))[be] = d_raw;
     }
   }
@@ -118,7 +115,7 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
   const Rounding state_rule = static_cast<Rounding>(a.state_rounding);
   const float inv_state_scale = __frcp_rn(a.state_scale);
   // quantize_int8_fast's error bound needs a normal reciprocal (any sensible scale).
-  const bool fast_q = inv_state_scale <= 1e30f && inv_state_scale >= 1e-30f;
+  const bool fast_q = reciprocal_ok(inv_state_scale);
   float p[S];
 #pragma unroll
   for (int s = 0; s < S; ++s) {

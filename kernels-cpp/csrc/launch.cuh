@@ -72,18 +72,19 @@ inline bool programmatic_launch_supported(const void* kernel) {
   return ok;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with PDL where it is enabled and supported.
-// Returns the launch's error, which also stays recorded for the caller's cudaGetLastError().
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL when `programmatic` is set and PDL is
+// enabled and supported. Returns the launch's error, which also stays recorded for the caller's
+// cudaGetLastError().
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, Args&&... args) {
+cudaError_t launch_kernel_as(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
-  if (programmatic_launch_enabled() &&
+  if (programmatic && programmatic_launch_enabled() &&
       programmatic_launch_supported(reinterpret_cast<const void*>(kernel))) {
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
@@ -91,6 +92,24 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
     config.numAttrs = 1;
   }
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// The launch every kernel of the package uses: PDL where it is enabled and supported.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  return launch_kernel_as(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+}
+
+// An ordinary launch (never PDL), for grids of long-running blocks that do not fill the GPU (the
+// prefill scan at small E): launched early, such a grid is placed on whichever SMs the previous
+// kernel frees first, which packs several blocks onto some SMs while others stay idle (measured:
+// 130m prefill replayed from a graph 29% slower). Launched after its predecessor, its blocks
+// spread over all SMs. The kernel's wait_for_prior_grids() then returns at once.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel_spread(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
+  return launch_kernel_as(false, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace launch

@@ -383,8 +383,9 @@ cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
   using Lay = Layout<NP>;
   const dim3 grid(static_cast<unsigned int>((a.dim + Lay::kChannels - 1) / Lay::kChannels),
                   static_cast<unsigned int>(a.batch));
-  launch::launch_kernel(selective_scan_kernel<NP, kThreads, TU, TX, TOut, kExact>, grid, kThreads,
-                        0, stream, a);
+  // Ordinary launch: see launch_kernel_spread.
+  launch::launch_kernel_spread(selective_scan_kernel<NP, kThreads, TU, TX, TOut, kExact>, grid,
+                               kThreads, 0, stream, a);
   return cudaGetLastError();
 }
 

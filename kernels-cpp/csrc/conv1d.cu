@@ -204,8 +204,7 @@ __global__ void __launch_bounds__(kThreads)
     conv1d_int8_fwd_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ weight,
                            const int8_t* __restrict__ bias, TOut* __restrict__ out, int64_t rows,
                            int64_t dim, int64_t seqlen, ConvScalars c) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   constexpr int kN = sizeof(TOut) == 1 ? 16 : 8;
   constexpr int kW = kN / 4 + 1;
   ChunkPosition pos;
@@ -289,8 +288,7 @@ __global__ void __launch_bounds__(kThreads)
     conv1d_float_fwd_kernel(const TIn* __restrict__ x, const TW* __restrict__ weight,
                             const TW* __restrict__ bias, TOut* __restrict__ out, int64_t rows,
                             int64_t dim, int64_t seqlen, ConvScalars c) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   ChunkPosition pos;
   if (!chunk_position(kItems, rows, dim, seqlen, c.index32, pos)) return;
   const int64_t row = pos.row, t0 = pos.t0, channel = pos.channel;
@@ -351,8 +349,7 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
                                      const TW* __restrict__ weight, const TW* __restrict__ bias,
                                      TOut* __restrict__ out, int64_t rows, int64_t dim,
                                      ConvScalars c) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const int64_t channel = row % dim;

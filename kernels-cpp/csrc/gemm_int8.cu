@@ -159,8 +159,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       launch::prefetch_l2(w + n0 * K + off);
     }
   }
-  launch::wait_for_prior_grids();
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
   const bool w_row_ok = n0 + g < N;
   const int8_t* w_row = w + (n0 + g) * K;
   const int4 zero = make_int4(0, 0, 0, 0);
@@ -230,8 +229,7 @@ __global__ void __launch_bounds__(kStreamThreads)
       launch::prefetch_l2(w + n0 * K + off);
     }
   }
-  launch::wait_for_prior_grids();
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
   if (n0 >= N) return;  // whole warp leaves together
   const int4 zero = make_int4(0, 0, 0, 0);
   int acc[V];
@@ -349,8 +347,7 @@ __global__ void __launch_bounds__(kTileThreads)
     int8_gemm_tiled_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   extern __shared__ int4 smem_tiles[];
   int8_t* smem = reinterpret_cast<int8_t*>(smem_tiles);
   const int tid = threadIdx.x;
@@ -488,8 +485,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     int8_gemv_bytes_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   constexpr int V = MT * kCols;
   constexpr int kLeft = V >= 32 ? V / 32 : 1;
   const int lane = threadIdx.x % 32;
@@ -553,8 +549,7 @@ constexpr int kTile = 32;
 __global__ void __launch_bounds__(256)
     int32_epilogue_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
                           int64_t N, EpilogueConsts ep) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   __shared__ int32_t tile[kTile][kTile + 1];
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kTile;
   const int tx = threadIdx.x % kTile;
@@ -593,8 +588,7 @@ template <GemmOut T>
 __global__ void __launch_bounds__(256)
     int32_epilogue_vec_kernel(const int32_t* __restrict__ acc, void* __restrict__ out, int64_t M,
                               int64_t N, EpilogueConsts ep) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   // [n][m] converted elements (up to 4 bytes each), rows padded by 16 bytes.
   __shared__ __align__(16) char tile[kVecTile][kVecTile * 4 + 16];
   constexpr int esize = out_elem_size(T);

@@ -60,8 +60,7 @@ template <int EPT, typename TIn, typename TOut>
 __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ out,
                                 const float* __restrict__ h_m, HadamardShape shape, float scale,
                                 float out_scale, Rounding rule) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   extern __shared__ __align__(16) float smem[];
   const int m = shape.m, p = shape.p, tps = shape.tps, tpr = shape.tpr, rpb = shape.rpb;
   const int64_t n = shape.n;
@@ -241,8 +240,7 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
     hadamard_paley_kernel(const TIn* __restrict__ x, TOut* __restrict__ out,
                           const float* __restrict__ h_m, int64_t rows, float scale,
                           float out_scale, Rounding rule) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   using S = PaleyShape<M, P>;
   constexpr int K2 = S::kK2, R = S::kR, N = M * P;
   extern __shared__ __align__(16) float smem[];

@@ -4,19 +4,19 @@
 // A decode step is a chain of small kernels, each a few microseconds long, so the gap between one
 // kernel's end and the next one's start is a large share of a token's time. With PDL the next
 // kernel in the stream is scheduled while the current one is still running: its blocks become
-// resident and wait in `wait_for_prior_grids()` until the previous grid has completed and its
+// resident and wait in `start_after_prior_grids()` until the previous grid has completed and its
 // memory is visible, which hides the launch and block-scheduling latency.
 //
 // The contract every kernel of this package keeps:
-//   * it calls wait_for_prior_grids() as its first statement, before it reads or writes any
-//     global memory, so it never sees a predecessor's unfinished output and never overwrites
-//     anything a predecessor still reads;
+//   * its first statement is start_after_prior_grids(), which waits before the kernel reads or
+//     writes any global memory, so it never sees a predecessor's unfinished output and never
+//     overwrites anything a predecessor still reads;
 //     The one exception is an L2 prefetch of read-only operands (prefetch_l2 below): it moves
 //     no data into the kernel and cannot go stale, because L2 is where every write lands (the
 //     point of coherence), so the GEMVs use the wait to pull their weights into L2;
-//   * it then calls allow_dependent_grids(), so the kernel after it may be scheduled in turn (at
-//     most one kernel runs ahead: a successor can only start once every block of this kernel has
-//     passed its wait, i.e. once this kernel's predecessor has finished).
+//   * the same call then lets the kernel after it be scheduled in turn (at most one kernel runs
+//     ahead: a successor can only start once every block of this kernel has passed its wait, i.e.
+//     once this kernel's predecessor has finished).
 // Because of the first point, a kernel that waited has a predecessor that completed, so ordering is
 // transitive along the stream exactly as without PDL, and results are bit-identical either way.
 //
@@ -34,9 +34,13 @@
 namespace quamba {
 namespace launch {
 
-__device__ __forceinline__ void wait_for_prior_grids() {
+// The first statement of every kernel (after read-only L2 prefetches: the contract above): wait
+// until the previous grid in the stream has completed and its memory is visible, then let the next
+// grid be scheduled. A no-op without PDL (an ordinary launch, or a build for an older GPU).
+__device__ __forceinline__ void start_after_prior_grids() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
@@ -45,11 +49,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-__device__ __forceinline__ void allow_dependent_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // Whether `kernel` may be launched with PDL on the current device (cached per device and kernel).
 inline bool programmatic_launch_supported(const void* kernel) {
@@ -105,7 +104,7 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 // prefill scan at small E): launched early, such a grid is placed on whichever SMs the previous
 // kernel frees first, which packs several blocks onto some SMs while others stay idle (measured:
 // 130m prefill replayed from a graph 29% slower). Launched after its predecessor, its blocks
-// spread over all SMs. The kernel's wait_for_prior_grids() then returns at once.
+// spread over all SMs. The kernel's start_after_prior_grids() then returns at once.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel_spread(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                                  cudaStream_t stream, Args&&... args) {

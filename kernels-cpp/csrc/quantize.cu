@@ -5,8 +5,7 @@ namespace quamba {
 
 __global__ void quantize_int8_kernel(const float* __restrict__ x, int8_t* __restrict__ out, int64_t n,
                                      float scale, Rounding rule) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   const float inv_scale = __frcp_rn(scale);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {

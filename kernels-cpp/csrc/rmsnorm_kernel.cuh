@@ -68,8 +68,7 @@ __global__ void __launch_bounds__(kThreads)
                         const TW* __restrict__ weight, TOut* __restrict__ out,
                         float* __restrict__ residual_out, int64_t dim, float eps, float out_scale,
                         Rounding rule) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   const int64_t row = blockIdx.x;
   const int64_t groups = dim / 8;
   const TX* xr = x + row * dim;
@@ -143,8 +142,7 @@ __global__ void __launch_bounds__(kThreads)
                            const TW* __restrict__ weight, TOut* __restrict__ out,
                            float* __restrict__ residual_out, int64_t dim, float eps,
                            float out_scale, Rounding rule) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   const int64_t row = blockIdx.x;
   const TX* xr = x + row * dim;
   const float* rr = residual != nullptr ? residual + row * dim : nullptr;

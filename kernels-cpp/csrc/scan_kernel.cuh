@@ -121,8 +121,7 @@ __device__ __forceinline__ int table_index(int8_t q) { return static_cast<int>(q
 
 template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact>
 __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kernel(ScanArgs a) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   using L = Layout<NP, kBlock>;
   constexpr int G = L::kLanes;
   constexpr int S = L::kPerLane;

@@ -27,8 +27,7 @@ struct StepLayout {
 
 template <int NP, int G, typename TState, typename TU, typename TX, typename TOut>
 __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_kernel(ScanArgs a) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   using Lay = StepLayout<NP, G>;
   constexpr int S = Lay::kPerLane;
   constexpr int CPB = Lay::kChannels;

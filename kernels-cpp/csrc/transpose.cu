@@ -15,8 +15,7 @@ constexpr int kPitch = kTile + 4;  // bytes per tile row: word-aligned, 2-way co
 __global__ void __launch_bounds__(256)
     transpose_int8_kernel(const int8_t* __restrict__ x, int8_t* __restrict__ out, int64_t rows,
                           int64_t cols, bool vec_in, bool vec_out) {
-  launch::wait_for_prior_grids();  // first: see launch.cuh
-  launch::allow_dependent_grids();
+  launch::start_after_prior_grids();  // first: see launch.cuh
   __shared__ __align__(16) int8_t tile[kTile][kPitch];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;

@@ -681,8 +681,9 @@ quamba::GemmEpilogue gemm_epilogue(const AnyArray& out, int64_t M, int64_t N, fl
 
 void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scale, int rounding,
                int64_t seq_len, int algo, std::uintptr_t stream) {
-  if (algo < 0 || algo > 3) {
-    throw std::invalid_argument("algo must be 0 (auto), 1 (skinny), 2 (tiled) or 3 (stream)");
+  if (algo < 0 || algo > 4) {
+    throw std::invalid_argument(
+        "algo must be 0 (auto), 1 (skinny), 2 (tiled), 3 (stream) or 4 (wgmma)");
   }
   expect_type(x, "x", ElemType::Int8);
   expect_type(w, "w", ElemType::Int8);
@@ -698,6 +699,13 @@ void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scal
                                 std::to_string(K));
   }
   if (algo == 3 && M > 4) throw std::invalid_argument("the stream GEMV takes M <= 4 rows");
+  if (algo == 4 &&
+      (K % 16 != 0 || reinterpret_cast<std::uintptr_t>(x.data()) % 16 != 0 ||
+       reinterpret_cast<std::uintptr_t>(w.data()) % 16 != 0)) {
+    throw std::invalid_argument(
+        "the wgmma GEMM needs K % 16 == 0 and 16-byte aligned x and w, got K = " +
+        std::to_string(K));
+  }
   const quamba::GemmEpilogue ep = gemm_epilogue(out, M, N, scale, out_scale, rounding, seq_len);
   DeviceGuard guard(common_device({&x, &w, &out}));
   check_cuda(quamba::launch_int8_gemm(static_cast<const int8_t*>(x.data()),
@@ -732,6 +740,8 @@ NB_MODULE(_C, m) {
   m.def("set_programmatic_launch", &quamba::set_programmatic_launch, nb::arg("enabled"),
         "Turn programmatic dependent launch (sm_90+) on or off for later launches; results are "
         "the same either way.");
+  m.def("wgmma_gemm_built", &quamba::wgmma_gemm_built,
+        "Whether this build has the Hopper (sm_90a wgmma) INT8 GEMM.");
   m.def("programmatic_launch_enabled", &quamba::programmatic_launch_enabled,
         "Whether launches use programmatic dependent launch where the device supports it.");
   m.def("quantize_int8", &quantize_int8, nb::arg("x").noconvert(), nb::arg("out").noconvert(),

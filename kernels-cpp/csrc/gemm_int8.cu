@@ -6,84 +6,16 @@
 // Three kernels: for K % 16 == 0 (sm_80+, mma.sync m16n8k32 s8) a skinny kernel for few rows
 // (decode: M = batch; weights read once per 16 rows) and a tiled kernel for many (prefill); a
 // byte-wise kernel for any other K. The epilogue is fused into all three.
-#include "common.cuh"
+#include "gemm_epilogue.cuh"
 #include "gemm_int8.h"
 
 namespace quamba {
 namespace {
 
+using namespace gemm;  // EpilogueConsts, convert_as, store_epilogue, ... (gemm_epilogue.cuh)
+
 constexpr int kGemvThreads = 128;
 constexpr int kCols = 4;
-
-struct EpilogueConsts {
-  GemmOut type;
-  float scale;
-  float out_scale;
-  float inv_out_scale;
-  bool fast_q;  // inv_out_scale is normal: q8_if_clear's bound holds
-  Rounding rule;
-  int64_t seq_len;
-};
-
-EpilogueConsts make_consts(const GemmEpilogue& ep) {
-  EpilogueConsts c;
-  c.type = ep.out_type;
-  c.scale = ep.scale;
-  c.out_scale = ep.out_scale;
-  c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
-  c.fast_q = reciprocal_ok(c.inv_out_scale);
-  c.rule = static_cast<Rounding>(ep.rounding);
-  c.seq_len = ep.seq_len;
-  return c;
-}
-
-__device__ __forceinline__ int64_t out_index(const EpilogueConsts& c, int64_t m, int64_t n,
-                                             int64_t N) {
-  if (c.seq_len <= 0) return m * N + n;
-  const int64_t b = m / c.seq_len;
-  return (b * N + n) * c.seq_len + (m - b * c.seq_len);
-}
-
-// Converts acc with the epilogue and writes it at dst, an element of output type T.
-template <GemmOut T>
-__device__ __forceinline__ void convert_as(const EpilogueConsts& c, void* dst, int32_t acc) {
-  if constexpr (T == GemmOut::Int32) {
-    *static_cast<int32_t*>(dst) = acc;
-  } else {
-    const float v = __fmul_rn(__int2float_rn(acc), c.scale);
-    if constexpr (T == GemmOut::Int8) {
-      *static_cast<int8_t*>(dst) =
-          quantize_int8_by_reciprocal(v, c.out_scale, c.inv_out_scale, c.fast_q, c.rule);
-    } else if constexpr (T == GemmOut::Float16) {
-      *static_cast<__half*>(dst) = __float2half_rn(v);
-    } else if constexpr (T == GemmOut::BFloat16) {
-      *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v);
-    } else {
-      *static_cast<float*>(dst) = v;
-    }
-  }
-}
-
-// The same with the output type chosen at run time.
-__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
-  switch (c.type) {
-    case GemmOut::Int32: convert_as<GemmOut::Int32>(c, dst, acc); break;
-    case GemmOut::Int8: convert_as<GemmOut::Int8>(c, dst, acc); break;
-    case GemmOut::Float16: convert_as<GemmOut::Float16>(c, dst, acc); break;
-    case GemmOut::BFloat16: convert_as<GemmOut::BFloat16>(c, dst, acc); break;
-    default: convert_as<GemmOut::Float32>(c, dst, acc); break;
-  }
-}
-
-__host__ __device__ constexpr int out_elem_size(GemmOut type) {
-  return type == GemmOut::Int8 ? 1 : (type == GemmOut::Float16 || type == GemmOut::BFloat16 ? 2 : 4);
-}
-
-// Converts acc with the epilogue and writes it as element `index` of out.
-__device__ __forceinline__ void store_epilogue(const EpilogueConsts& c, void* out, int64_t index,
-                                               int32_t acc) {
-  convert_to(c, static_cast<char*>(out) + index * out_elem_size(c.type), acc);
-}
 
 // Reduce-scatter across the lanes at xor-distances D, D/2, ..., 1. While a lane carries more than
 // one value it keeps half (the upper half when its bit D is set) and adds the partner's matching
@@ -335,14 +267,6 @@ __device__ __forceinline__ void stage_tile(const EpilogueConsts& ep, int8_t* sme
   }
 }
 
-// a / b for non-negative a, b > 0; 32-bit division when both fit.
-__device__ __forceinline__ int64_t divide_small(int64_t a, int64_t b) {
-  if (((a | b) >> 31) == 0) {
-    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
-  }
-  return a / b;
-}
-
 __global__ void __launch_bounds__(kTileThreads)
     int8_gemm_tiled_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
@@ -423,7 +347,6 @@ __global__ void __launch_bounds__(kTileThreads)
   // output type and layout are decided once here, not per element: with a small K this
   // conversion is most of the kernel's work)
   const bool seq_last = ep.seq_len > 0;
-  const int esize = out_elem_size(ep.type);
   const int ml0 = wm * 32 + g, nl0 = wn * 64 + 2 * t;
 #define QUAMBA_STAGE(T)                                                                     \
   seq_last ? stage_tile<GemmOut::T, true>(ep, smem, c, ml0, nl0)                           \
@@ -439,41 +362,7 @@ __global__ void __launch_bounds__(kTileThreads)
   __syncthreads();
 
   // 2. 16-byte pieces of each tile row out to global memory (element-wise at the edges)
-  const int per_piece = 16 / esize;
-  const int pieces_per_row = kTileM * esize / 16;  // kTileM == kTileN
-  int8_t* out_bytes = static_cast<int8_t*>(out);
-  for (int p = tid; p < kTileM * pieces_per_row; p += kTileThreads) {
-    const int row = p / pieces_per_row;
-    const int col = (p % pieces_per_row) * per_piece;
-    const int8_t* src = smem + (row * kTileM + col) * esize;
-    int64_t first;  // output index of the piece's first element
-    bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
-    if (seq_last) {
-      const int64_t n = n_block + row, m = m_block + col;
-      const int64_t b = divide_small(m, ep.seq_len);
-      const int64_t l = m - b * ep.seq_len;
-      first = (b * N + n) * ep.seq_len + l;
-      whole = n < N && m + per_piece <= M && l + per_piece <= ep.seq_len;
-    } else {
-      const int64_t m = m_block + row, n = n_block + col;
-      first = m * N + n;
-      whole = m < M && n + per_piece <= N;
-    }
-    if (whole && (first * esize) % 16 == 0) {
-      *reinterpret_cast<int4*>(out_bytes + first * esize) = *reinterpret_cast<const int4*>(src);
-      continue;
-    }
-    for (int e = 0; e < per_piece; ++e) {
-      const int64_t m = m_block + (seq_last ? col + e : row);
-      const int64_t n = n_block + (seq_last ? row : col + e);
-      if (m < M && n < N) {
-        const int64_t index = out_index(ep, m, n, N);
-        for (int byte = 0; byte < esize; ++byte) {
-          out_bytes[index * esize + byte] = src[e * esize + byte];
-        }
-      }
-    }
-  }
+  write_staged_tile<kTileM, kTileN>(ep, smem, out, m_block, n_block, M, N, tid, kTileThreads);
 }
 
 // ---- byte-wise fallback (K not a multiple of 16, or unaligned pointers): dp4a-free and simple ----
@@ -642,6 +531,14 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
+bool wgmma_gemm_built() {
+#ifdef QUAMBA_HAVE_WGMMA_GEMM
+  return true;
+#else
+  return false;
+#endif
+}
+
 cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
                              int64_t K, const GemmEpilogue& ep, GemmAlgo algo,
                              cudaStream_t stream) {
@@ -654,6 +551,15 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
+  if (algo == GemmAlgo::Wgmma) {
+    int minor = 0;
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err != cudaSuccess) return err;
+    if (!wgmma_gemm_built() || !vec || major != 9 || minor != 0) return cudaErrorNotSupported;
+#ifdef QUAMBA_HAVE_WGMMA_GEMM
+    return gemm::launch_int8_gemm_wgmma(x, w, out, M, N, K, c, device, stream);
+#endif
+  }
   if (vec && major >= 8) {  // mma.sync with s8 operands: Ampere and newer
     if (algo == GemmAlgo::Auto) {
       algo = M <= 4 ? GemmAlgo::Stream : (M <= 16 ? GemmAlgo::Skinny : GemmAlgo::Tiled);

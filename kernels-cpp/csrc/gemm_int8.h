@@ -23,8 +23,13 @@ struct GemmEpilogue {
 
 // Which kernel: Auto = Stream (dp4a GEMV) for M <= 4, Skinny (mma) for M <= 16, Tiled above. They
 // need K % 16 == 0, 16-byte aligned x and w and sm_80+; otherwise a byte-wise kernel runs whatever
-// is asked, with the same results. Stream takes M <= 4 only.
-enum class GemmAlgo : int { Auto = 0, Skinny = 1, Tiled = 2, Stream = 3 };
+// is asked, with the same results. Stream takes M <= 4 only. Wgmma (Hopper) needs a build with
+// sm_90 (wgmma_gemm_built()), a device of compute capability 9.0, K % 16 == 0 and aligned x and w;
+// otherwise it returns cudaErrorNotSupported. Auto never picks it (the caller decides).
+enum class GemmAlgo : int { Auto = 0, Skinny = 1, Tiled = 2, Stream = 3, Wgmma = 4 };
+
+// Whether this build has the Hopper GEMM.
+bool wgmma_gemm_built();
 
 // x (M, K) and w (N, K) int8, row-major, contiguous; any M, N, K >= 1.
 cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,

@@ -1,5 +1,5 @@
 """W8A8 GEMM benchmark at Mamba shapes: our stream GEMV, skinny and tiled tensor-core kernels,
-cuBLASLt INT8 + our epilogue, and the cuBLAS FP16 GEMM of the same shape, side by side in one
+the Hopper wgmma kernel, cuBLASLt INT8 + our epilogue, and the cuBLAS FP16 GEMM of the same shape, side by side in one
 run (GPU machine).
 
 For each linear layer of Mamba-2.8B (in_proj, x_proj, dt_proj, out_proj) and the rows M of decode
@@ -58,9 +58,9 @@ def bench_layer(name, m, n, k, output, bandwidth, reps):
         def make(_):
             x, w = _int8(*x_shape), _int8(n, k)
             kw = {"layout": "seq_last" if seq_last else "row", "impl": impl}
-            if out_int8:
-                return lambda: qk.int8_linear(x, w, 0.02, 0.003, 0.05, "half_away", **kw)
-            return lambda: qk.int8_linear(x, w, 0.02, 0.003, None, **kw)
+            out_scale = 0.05 if out_int8 else None
+
+            return lambda: qk.int8_linear(x, w, 0.02, 0.003, out_scale, "half_away", **kw)
 
         return make
 
@@ -69,6 +69,8 @@ def bench_layer(name, m, n, k, output, bandwidth, reps):
         impls.append("skinny")  # for the record: it re-reads the weights per 16 rows
     if qk.gemm.cublaslt_applies(m, n, k):
         impls.append("cublaslt")
+    if qk.gemm.wgmma_applies(m, n, k):
+        impls.append("wgmma")
     for impl in impls:
         ms = time_kernel(int8_call(impl), int8_bytes, reps)
         floor = max(int8_bytes / bandwidth, ops / PEAK_INT8) * 1e3
@@ -96,6 +98,8 @@ def sweep() -> None:
         x3 = x.view(1, m, k)
         impls = ["stream"] if m <= 4 else []
         impls += ["skinny", "tiled"] + (["cublaslt"] if qk.gemm.cublaslt_applies(m, n, k) else [])
+        if qk.gemm.wgmma_applies(m, n, k):
+            impls.append("wgmma")
         for impl in impls:
             for out_scale, out_dtype in ((0.3, None), (None, torch.float16), (None, torch.int32)):
                 qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl)

@@ -2,8 +2,8 @@
 
 Accumulation is exact and the epilogue is the reference's arithmetic, so every output (INT8 codes,
 float16/bfloat16/float32 values, raw int32 accumulators) must equal the reference bit for bit, for
-both implementations (our skinny tensor-core kernel, cuBLASLt + our epilogue), both layouts and both rounding
-rules. Outputs are poisoned before each launch (two runs with different sentinels for integer
+every implementation (our stream, skinny, tiled and Hopper wgmma kernels, cuBLASLt + our epilogue), both
+layouts and both rounding rules. Outputs are poisoned before each launch (two runs with different sentinels for integer
 outputs, NaN for floats), so an element a kernel leaves unwritten fails the test.
 
 The tests without the gpu mark check argument handling and run anywhere.
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from quamba_kernels import KernelsUnavailable, available
-from quamba_kernels.gemm import cublaslt_applies, gemm_implementation, int8_linear
+from quamba_kernels import gemm as gemm_module
+from quamba_kernels.gemm import cublaslt_applies, gemm_implementation, int8_linear, wgmma_applies
 
 DEVICE = "cuda"
 I8 = torch.int8
@@ -47,6 +48,11 @@ def _gen(*key) -> torch.Generator:
     for part in key:
         seed = (seed * 1000003 + hash(str(part))) % (2**62)
     return torch.Generator().manual_seed(seed)
+
+
+def _skip_unless_wgmma_applies(impl, m, n, k):
+    if impl == "wgmma" and not wgmma_applies(m, n, k, DEVICE):
+        pytest.skip("the wgmma GEMM needs compute capability 9.0, M > 16 and K % 16 == 0")
 
 
 def _int8(g, shape):
@@ -102,11 +108,12 @@ OUTPUTS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", SHAPES)
-@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt"])
+@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma"])
 @pytest.mark.parametrize("output,rounding", OUTPUTS)
 def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
     if impl == "cublaslt" and not cublaslt_applies(m, n, k):
         pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
+    _skip_unless_wgmma_applies(impl, m, n, k)
     if impl == "stream" and m > 4:
         pytest.skip("the stream GEMV takes M <= 4")
     g = _gen("gemm", m, n, k, impl, output, rounding)
@@ -142,11 +149,12 @@ def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
         (3, 40, 96, 512),  # cuBLASLt + the element-wise epilogue (L % 16 != 0)
     ],
 )
-@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled", "cublaslt"])
+@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled", "cublaslt", "wgmma"])
 @pytest.mark.parametrize("output", ["int8", "float16"])
 def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
     if impl == "cublaslt" and not cublaslt_applies(batch * length, n, k):
         pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
+    _skip_unless_wgmma_applies(impl, batch * length, n, k)
     g = _gen("seq-last", batch, length, n, k, impl, output)
     x, w = _int8(g, (batch, length, k)), _int8(g, (n, k))
     s_x, s_w = 0.03, 0.004
@@ -164,12 +172,13 @@ def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["skinny", "tiled", "cublaslt"])
+@pytest.mark.parametrize("impl", ["skinny", "tiled", "cublaslt", "wgmma"])
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_int8_linear_rounding_rule_at_exact_ties(impl, rounding):
     """s_x * s_w = 0.5 and s_out = 1: v = acc / 2, so every odd accumulator is a tie."""
     g = _gen("gemm-ties", impl, rounding)
     m, n, k = 64, 128, 32
+    _skip_unless_wgmma_applies(impl, m, n, k)
     x = torch.randint(-3, 4, (m, k), generator=g, dtype=I8).to(DEVICE)
     w = torch.randint(-3, 4, (n, k), generator=g, dtype=I8).to(DEVICE)
     got = int8_linear(x, w, 0.5, 1.0, 1.0, rounding, impl=impl)
@@ -187,14 +196,70 @@ def test_int8_linear_extreme_accumulators():
     x = torch.full((3, 5120), -128, dtype=I8, device=DEVICE)
     w = torch.full((24, 5120), -128, dtype=I8, device=DEVICE)
     w[1::2] = 127
-    for impl in ("stream", "skinny", "tiled", "cublaslt"):
+    for impl in ("stream", "skinny", "tiled", "cublaslt", "wgmma"):
         if impl == "cublaslt":
             x = x.repeat(8, 1)
+        if impl == "wgmma" and not wgmma_applies(*x.shape, 5120, DEVICE):
+            continue
         got = int8_linear(x, w, 1.0, 1.0, out_dtype=torch.int32, impl=impl)
         _assert_equal(got, _reference(x, w, 1, 1, None, "half_even", torch.int32, "row"), impl)
         got = int8_linear(x, w, 0.37, 0.011, out_dtype=torch.float32, impl=impl)
         _assert_equal(got, _reference(x, w, 0.37, 0.011, None, "half_even", torch.float32, "row"),
                       impl)  # fmt: skip
+
+
+# Shapes for the wgmma GEMM: M, N and K off its 128 x 128 x 128-byte tiles, one partial tile only,
+# K = 16 (one zero-filled k tile), more than one band of 16 row tiles (M > 2048, a partial band),
+# Mamba's in_proj / x_proj / dt_proj / out_proj.
+WGMMA_SHAPES = [
+    (17, 24, 16),
+    (100, 300, 48),
+    (129, 257, 144),
+    (383, 129, 1040),
+    (640, 192, 1536),
+    (1000, 5120, 160),
+    (2048, 1536, 3072),
+    (513, 10240, 2560),
+    (4100, 136, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", WGMMA_SHAPES)
+@pytest.mark.parametrize("output", ["int8", "bfloat16", "float16", "float32", "int32"])
+@pytest.mark.parametrize("layout", ["row", "seq_last"])
+def test_wgmma_tiles_match_reference(m, n, k, output, layout):
+    if not wgmma_applies(m, n, k, DEVICE):
+        pytest.skip("the wgmma GEMM needs compute capability 9.0")
+    g = _gen("wgmma", m, n, k, output, layout)
+    batch = 1 if m % 2 else 2  # seq_last: two sequences where M is even
+    x, w = _int8(g, (batch, m // batch, k)), _int8(g, (n, k))
+    s_x, s_w = 0.01 + 0.05 * torch.rand((), generator=g).item(), 0.002
+    out_dtype = None if output == "int8" else getattr(torch, output)
+    out_scale = s_x * s_w * k**0.5 * 91.0 if output == "int8" else None
+    x_in = x if layout == "seq_last" else x.reshape(m, k)
+
+    def launch(out):
+        int8_linear(x_in, w, s_x, s_w, out_scale, "half_away", out_dtype=out_dtype, layout=layout,
+                    impl="wgmma", out=out)  # fmt: skip
+
+    shape = (batch, n, m // batch) if layout == "seq_last" else (m, n)
+    got = _run_poisoned(launch, shape, torch.int8 if output == "int8" else out_dtype)
+    want = _reference(x_in, w, s_x, s_w, out_scale, "half_away", out_dtype, layout)
+    _assert_equal(got, want, f"wgmma {output} {layout} M={m} N={n} K={k}")
+
+
+@pytest.mark.gpu
+def test_wgmma_rejects_unaligned_operands():
+    x = _int8(_gen("unaligned"), (64 * 48 + 1,))[1:].view(64, 48)  # 1 byte off 16-byte alignment
+    w = _int8(_gen("w-unaligned"), (32, 48))
+    if not wgmma_applies(64, 32, 48, DEVICE):
+        pytest.skip("the wgmma GEMM needs compute capability 9.0")
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        int8_linear(x, w, 0.1, 0.01, 0.5, impl="wgmma")
+    # auto takes a kernel without the alignment rule: same codes as from an aligned copy
+    _assert_equal(int8_linear(x, w, 0.1, 0.01, 0.5), int8_linear(x.clone(), w, 0.1, 0.01, 0.5),
+                  "auto on an unaligned x")  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -226,23 +291,46 @@ def test_int8_linear_default_picks_by_shape():
 
 
 def test_gemm_implementation_choice():
-    assert gemm_implementation(1, 3072, 768) == "stream"
-    assert gemm_implementation(4, 3072, 768) == "stream"
-    assert gemm_implementation(1, 5120, 160) == "skinny"  # dt_proj: small K
-    assert gemm_implementation(5, 3072, 768) == "skinny"
-    assert gemm_implementation(16, 10240, 2560) == "skinny"
-    assert gemm_implementation(17, 10240, 2560) == "cublaslt"
-    assert gemm_implementation(2048, 5120, 160) == "tiled"  # small K (bench_gemm.py)
-    assert gemm_implementation(2048, 10240, 2552) == "cublaslt"
-    assert gemm_implementation(2048, 10239, 2560) == "tiled"  # N not a multiple of 8
-    assert gemm_implementation(2048, 3072, 768, "skinny") == "skinny"
-    assert gemm_implementation(2048, 3072, 768, "cublaslt") == "cublaslt"
+    def pick(m, n, k, impl="auto"):  # a device without the wgmma GEMM
+        return gemm_implementation(m, n, k, impl, device="cpu")
+
+    assert pick(1, 3072, 768) == "stream"
+    assert pick(4, 3072, 768) == "stream"
+    assert pick(1, 5120, 160) == "skinny"  # dt_proj: small K
+    assert pick(5, 3072, 768) == "skinny"
+    assert pick(16, 10240, 2560) == "skinny"
+    assert pick(17, 10240, 2560) == "cublaslt"
+    assert pick(2048, 5120, 160) == "tiled"  # small K (bench_gemm.py)
+    assert pick(2048, 10240, 2552) == "cublaslt"
+    assert pick(2048, 10239, 2560) == "tiled"  # N not a multiple of 8
+    assert pick(2048, 3072, 768, "skinny") == "skinny"
+    assert pick(2048, 3072, 768, "cublaslt") == "cublaslt"
     with pytest.raises(ValueError, match="M > 16"):
-        gemm_implementation(4, 3072, 768, "cublaslt")
+        pick(4, 3072, 768, "cublaslt")
     with pytest.raises(ValueError, match="M <= 4"):
-        gemm_implementation(5, 3072, 768, "stream")
+        pick(5, 3072, 768, "stream")
     with pytest.raises(ValueError, match="impl must be one of"):
-        gemm_implementation(4, 8, 8, "cutlass")
+        pick(4, 8, 8, "cutlass")
+    with pytest.raises(ValueError, match=r"compute capability 9\.0"):
+        pick(2048, 3072, 768, "wgmma")
+
+
+def test_gemm_implementation_choice_on_hopper(monkeypatch):
+    """Where the wgmma GEMM runs (a build with it, compute capability 9.0), auto takes it for
+    M > 16 and K % 16 == 0 with at least one 128 x 128 tile per SM; decode shapes, other K and
+    narrow outputs keep their kernels."""
+    monkeypatch.setattr(gemm_module, "_device_index", lambda device: 0)
+    monkeypatch.setattr(gemm_module, "_wgmma_device", lambda index: (True, 132))
+    assert gemm_implementation(1, 3072, 768) == "stream"
+    assert gemm_implementation(16, 10240, 2560) == "skinny"
+    assert gemm_implementation(17, 10240, 2560) == "cublaslt"  # 80 tiles < 132 SMs
+    assert gemm_implementation(17, 10240, 2560, "wgmma") == "wgmma"
+    assert gemm_implementation(2048, 10240, 2560) == "wgmma"  # in_proj
+    assert gemm_implementation(2048, 5120, 160) == "wgmma"  # dt_proj
+    assert gemm_implementation(2048, 192, 5120) == "cublaslt"  # x_proj: 32 tiles
+    assert gemm_implementation(16384, 192, 5120) == "wgmma"  # 256 tiles
+    assert gemm_implementation(2048, 10240, 2552) == "cublaslt"  # K % 16 != 0
+    assert gemm_implementation(2048, 10240, 2560, "cublaslt") == "cublaslt"
 
 
 def _cpu(*shape):

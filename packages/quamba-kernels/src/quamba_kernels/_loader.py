@@ -101,6 +101,7 @@ def build_info() -> dict:
         "device_count": module.device_count(),
         "device_error": module.device_error(),
         "programmatic_launch": module.programmatic_launch_enabled(),
+        "wgmma_gemm": module.wgmma_gemm_built(),
     }
 
 

@@ -12,12 +12,19 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 - ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
   nothing but the CUDA runtime) writing int32, then our epilogue kernel (16-byte accesses in
   64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill with K >= 512.
+- ``"wgmma"``: our Hopper kernel (kernels-cpp/csrc/sm90a/gemm_int8_wgmma.cu): TMA loads, warpgroup
+  MMA (wgmma, sm_90a only) in 128 x 128 tiles, two blocks per SM, the epilogue fused. Needs a build whose
+  architectures include sm_90, a device of compute capability 9.0 (H100, H200), K % 16 == 0 and
+  16-byte aligned tensors (``wgmma_applies``). cuBLASLt's INT8 GEMM runs an sm80 kernel on these
+  GPUs, no faster than FP16; wgmma is what reaches Hopper's INT8 rate.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
-``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then cuBLASLt where it
-applies and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
-benchmarks/README.md).
+``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then wgmma where it
+applies and its 128 x 128 tiles are at least one per SM, else cuBLASLt where it applies and
+K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
+benchmarks/README.md; with fewer tiles than SMs, e.g. x_proj's N = 192 at M = 2048, cuBLASLt's
+split of K wins).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
 
 Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
@@ -26,7 +33,9 @@ then Q8 with the site's rounding (IEEE division at near-ties) or one rounding to
 
 from __future__ import annotations
 
-from quamba_kernels._loader import require
+import functools
+
+from quamba_kernels._loader import _import, require
 from quamba_kernels._torch import (
     check_cuda,
     check_tensor,
@@ -36,12 +45,12 @@ from quamba_kernels._torch import (
     scale_product32,
 )
 
-IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt")
+IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt", "wgmma")
 STREAM_MAX_ROWS = 4
 SKINNY_MAX_ROWS = 16
 STREAM_MIN_K = 512  # below it the skinny kernel beats the stream GEMV (bench_gemm.py, dt_proj)
 CUBLASLT_MIN_K = 512  # below it the tiled kernel beats cuBLASLt + epilogue (dt_proj, K = 160)
-_ALGO = {"skinny": 1, "tiled": 2, "stream": 3}
+_ALGO = {"skinny": 1, "tiled": 2, "stream": 3, "wgmma": 4}
 MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
 
 # cuBLASLt's INT8 GEMM (torch._int_mm) shape rules.
@@ -54,10 +63,53 @@ def cublaslt_applies(m: int, n: int, k: int) -> bool:
     return m >= _CUBLASLT_MIN_M and k % _CUBLASLT_MULTIPLE == 0 and n % _CUBLASLT_MULTIPLE == 0
 
 
-def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
-    """ "skinny" or "cublaslt": what ``int8_linear`` runs for rows M, outputs N, inputs K."""
+@functools.cache
+def _wgmma_device(index: int) -> tuple[bool, int]:
+    """(whether the wgmma GEMM runs on CUDA device `index`, its number of SMs)."""
+    import torch
+
+    module, _ = _import()
+    if module is None or not module.wgmma_gemm_built() or not torch.cuda.is_available():
+        return False, 0
+    properties = torch.cuda.get_device_properties(index)
+    return (properties.major, properties.minor) == (9, 0), properties.multi_processor_count
+
+
+def _device_index(device) -> int | None:
+    import torch
+
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def wgmma_applies(m: int, n: int, k: int, device=None) -> bool:
+    """Whether the Hopper wgmma GEMM takes an (M, K) x (K, N) product on `device` (default: the
+    current CUDA device): a build with it, compute capability 9.0, M > 16 and K % 16 == 0."""
+    index = _device_index(device)
+    if index is None or m <= SKINNY_MAX_ROWS or k % 16 != 0:
+        return False
+    return _wgmma_device(index)[0]
+
+
+def _wgmma_fills_gpu(m: int, n: int, index: int) -> bool:
+    """Whether the wgmma GEMM's 128 x 128 output tiles number at least one per SM."""
+    return -(-m // 128) * -(-n // 128) >= _wgmma_device(index)[1]
+
+
+def gemm_implementation(m: int, n: int, k: int, impl: str = "auto", device=None) -> str:
+    """What ``int8_linear`` runs for rows M, outputs N, inputs K on `device` (default: the current
+    CUDA device): one of IMPLEMENTATIONS other than "auto"."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
+    if impl == "wgmma" and not wgmma_applies(m, n, k, device):
+        raise ValueError(
+            "the wgmma GEMM needs a build for sm_90, a device of compute capability 9.0, M > 16 and "
+            f"K % 16 == 0, got M={m}, N={n}, K={k} on device {device!r} (use impl='auto')"
+        )
     if impl == "cublaslt" and not cublaslt_applies(m, n, k):
         raise ValueError(
             f"cuBLASLt's INT8 GEMM needs M > 16 and K, N multiples of 8, got M={m}, N={n}, K={k} "
@@ -70,6 +122,8 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto") -> str:
             return "stream" if k >= STREAM_MIN_K else "skinny"  # small K: skinny measured faster
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
+        if wgmma_applies(m, n, k, device) and _wgmma_fills_gpu(m, n, _device_index(device)):
+            return "wgmma"
         return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"
     return impl
 
@@ -111,7 +165,8 @@ def int8_linear(
     - otherwise ``out_dtype`` (float16 by default, bfloat16, float32; int32 returns ``acc``).
     - ``layout="row"``: output (..., N); ``"seq_last"``: x is (B, L, K), output (B, N, L) (the
       layout the conv and scan read, written by the epilogue without a separate transpose).
-    - ``impl``: "auto", "stream", "skinny", "tiled" (our kernels) or "cublaslt" (module doc).
+    - ``impl``: "auto", "stream", "skinny", "tiled", "wgmma" (our kernels) or "cublaslt" (module
+      doc).
     x and w must be contiguous CUDA int8 tensors on one device.
     """
     import torch
@@ -137,7 +192,11 @@ def int8_linear(
     code = rounding_code(rounding)
     scale, out_scale_32, out_dtype = _epilogue_scales(s_x, s_w, out_scale, out_dtype)
     m = x.numel() // k
-    which = gemm_implementation(m, n, k, impl)
+    which = gemm_implementation(m, n, k, impl, x.device)
+    if which == "wgmma" and (x.data_ptr() % 16 or w.data_ptr() % 16):
+        if impl == "wgmma":
+            raise ValueError("the wgmma GEMM needs 16-byte aligned x and w (use impl='auto')")
+        which = gemm_implementation(m, n, k, "tiled", x.device)  # same bits, any alignment
     if layout == "seq_last":
         out_shape = (x.shape[0], n, x.shape[1])
         seq_len = x.shape[1]

@@ -1,0 +1,150 @@
+#pragma once
+// The W8A8 GEMM epilogue shared by the GEMM kernels (gemm_int8.cu; the Hopper kernel in
+// sm90a/gemm_int8_wgmma.cu): the conversion of an exact int32 accumulator into the output type
+// (reference_ops.w8a8_linear's arithmetic, see gemm_int8.h) and the write-out of a converted tile
+// staged in shared memory.
+#include "common.cuh"
+#include "gemm_int8.h"
+
+namespace quamba {
+namespace gemm {
+
+struct EpilogueConsts {
+  GemmOut type;
+  float scale;
+  float out_scale;
+  float inv_out_scale;
+  bool fast_q;  // inv_out_scale is normal: q8_if_clear's bound holds
+  Rounding rule;
+  int64_t seq_len;
+};
+
+inline EpilogueConsts make_consts(const GemmEpilogue& ep) {
+  EpilogueConsts c;
+  c.type = ep.out_type;
+  c.scale = ep.scale;
+  c.out_scale = ep.out_scale;
+  c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
+  c.fast_q = reciprocal_ok(c.inv_out_scale);
+  c.rule = static_cast<Rounding>(ep.rounding);
+  c.seq_len = ep.seq_len;
+  return c;
+}
+
+__device__ __forceinline__ int64_t out_index(const EpilogueConsts& c, int64_t m, int64_t n,
+                                             int64_t N) {
+  if (c.seq_len <= 0) return m * N + n;
+  const int64_t b = m / c.seq_len;
+  return (b * N + n) * c.seq_len + (m - b * c.seq_len);
+}
+
+// Converts acc with the epilogue and writes it at dst, an element of output type T.
+template <GemmOut T>
+__device__ __forceinline__ void convert_as(const EpilogueConsts& c, void* dst, int32_t acc) {
+  if constexpr (T == GemmOut::Int32) {
+    *static_cast<int32_t*>(dst) = acc;
+  } else {
+    const float v = __fmul_rn(__int2float_rn(acc), c.scale);
+    if constexpr (T == GemmOut::Int8) {
+      *static_cast<int8_t*>(dst) =
+          quantize_int8_by_reciprocal(v, c.out_scale, c.inv_out_scale, c.fast_q, c.rule);
+    } else if constexpr (T == GemmOut::Float16) {
+      *static_cast<__half*>(dst) = __float2half_rn(v);
+    } else if constexpr (T == GemmOut::BFloat16) {
+      *static_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v);
+    } else {
+      *static_cast<float*>(dst) = v;
+    }
+  }
+}
+
+// The same with the output type chosen at run time.
+__device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
+  switch (c.type) {
+    case GemmOut::Int32: convert_as<GemmOut::Int32>(c, dst, acc); break;
+    case GemmOut::Int8: convert_as<GemmOut::Int8>(c, dst, acc); break;
+    case GemmOut::Float16: convert_as<GemmOut::Float16>(c, dst, acc); break;
+    case GemmOut::BFloat16: convert_as<GemmOut::BFloat16>(c, dst, acc); break;
+    default: convert_as<GemmOut::Float32>(c, dst, acc); break;
+  }
+}
+
+__host__ __device__ constexpr int out_elem_size(GemmOut type) {
+  return type == GemmOut::Int8 ? 1 : (type == GemmOut::Float16 || type == GemmOut::BFloat16 ? 2 : 4);
+}
+
+// Converts acc with the epilogue and writes it as element `index` of out.
+__device__ __forceinline__ void store_epilogue(const EpilogueConsts& c, void* out, int64_t index,
+                                               int32_t acc) {
+  convert_to(c, static_cast<char*>(out) + index * out_elem_size(c.type), acc);
+}
+
+// a / b for non-negative a, b > 0; 32-bit division when both fit.
+__device__ __forceinline__ int64_t divide_small(int64_t a, int64_t b) {
+  if (((a | b) >> 31) == 0) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  return a / b;
+}
+
+// Step 2 of a staged epilogue: a converted tile of kTileM rows (m) x kTileN columns (n), laid out
+// in shared memory along the output's contiguous axis (row-major output: [m][n]; sequence-last:
+// [n][m]; each row followed by kRowPad bytes, a multiple of 16), goes out as 16-byte pieces
+// (element-wise at the edges and where a piece is not contiguous or aligned in the output).
+// `threads` threads, numbered from `tid`, share the work.
+template <int kTileM, int kTileN, int kRowPad = 0>
+__device__ __forceinline__ void write_staged_tile(const EpilogueConsts& ep, const int8_t* smem,
+                                                  void* out, int64_t m_block, int64_t n_block,
+                                                  int64_t M, int64_t N, int tid, int threads) {
+  static_assert(kRowPad % 16 == 0, "staged rows must stay 16-byte aligned");
+  const bool seq_last = ep.seq_len > 0;
+  const int esize = out_elem_size(ep.type);
+  const int per_piece = 16 / esize;
+  const int row_length = seq_last ? kTileM : kTileN;  // elements along the contiguous axis
+  const int rows = seq_last ? kTileN : kTileM;
+  const int pieces_per_row = row_length * esize / 16;
+  const int pitch = row_length * esize + kRowPad;  // bytes from one staged row to the next
+  int8_t* out_bytes = static_cast<int8_t*>(out);
+  for (int p = tid; p < rows * pieces_per_row; p += threads) {
+    const int row = p / pieces_per_row;
+    const int col = (p % pieces_per_row) * per_piece;
+    const int8_t* src = smem + row * pitch + col * esize;
+    int64_t first;  // output index of the piece's first element
+    bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
+    if (seq_last) {
+      const int64_t n = n_block + row, m = m_block + col;
+      const int64_t b = divide_small(m, ep.seq_len);
+      const int64_t l = m - b * ep.seq_len;
+      first = (b * N + n) * ep.seq_len + l;
+      whole = n < N && m + per_piece <= M && l + per_piece <= ep.seq_len;
+    } else {
+      const int64_t m = m_block + row, n = n_block + col;
+      first = m * N + n;
+      whole = m < M && n + per_piece <= N;
+    }
+    if (whole && (first * esize) % 16 == 0) {
+      *reinterpret_cast<int4*>(out_bytes + first * esize) = *reinterpret_cast<const int4*>(src);
+      continue;
+    }
+    for (int e = 0; e < per_piece; ++e) {
+      const int64_t m = m_block + (seq_last ? col + e : row);
+      const int64_t n = n_block + (seq_last ? row : col + e);
+      if (m < M && n < N) {
+        const int64_t index = out_index(ep, m, n, N);
+        for (int byte = 0; byte < esize; ++byte) {
+          out_bytes[index * esize + byte] = src[e * esize + byte];
+        }
+      }
+    }
+  }
+}
+
+// The Hopper GEMM (sm90a/gemm_int8_wgmma.cu), for devices of compute capability 9.0, K % 16 == 0
+// and 16-byte aligned x and w. Compiled only when the architecture list includes sm_90 (then
+// QUAMBA_HAVE_WGMMA_GEMM is defined for the other sources).
+cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, int64_t M,
+                                   int64_t N, int64_t K, const EpilogueConsts& ep, int device,
+                                   cudaStream_t stream);
+
+}  // namespace gemm
+}  // namespace quamba

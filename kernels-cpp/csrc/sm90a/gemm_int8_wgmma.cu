@@ -1,0 +1,313 @@
+// INT8 x INT8 -> INT32 GEMM for Hopper (sm_90a): TMA loads, wgmma, the exact W8A8 epilogue fused.
+//
+// On the H100, cuBLASLt's INT8 GEMM runs an sm80 (mma.sync) kernel that is no faster than cuBLAS
+// FP16 (benchmarks/README.md); Hopper's INT8 throughput (twice FP16's) needs the asynchronous
+// warpgroup MMA, which only sm_90a code can issue. This file is compiled for sm_90a alone
+// (kernels-cpp/CMakeLists.txt) and used only on devices of compute capability 9.0.
+//
+// One block = one output tile of 128 rows (m) x 128 columns (n), 2 warpgroups and a warp:
+//   * warpgroups 0 and 1: the consumers, 64 rows each. Per K tile, four wgmma m64 x n128 x k32
+//     (s8 x s8 -> s32) read both operands from shared memory; a stage is handed back to the
+//     producer once the wgmma that read it have completed;
+//   * warp 8, one thread: the producer. It streams K in tiles of 128 bytes through a
+//     kStages-deep ring of shared-memory stages with TMA (x rows and w rows, 128-byte swizzle;
+//     rows and k beyond the tensors are filled with zeros by TMA, so any M, N and K % 16 == 0 work).
+// Two blocks run per SM (3 stages each), so that one block's epilogue overlaps the other's wgmma.
+// (Measured on the H100: 128 x 256 tiles at one block per SM, 4 stages, were slower: in_proj at
+// M = 2048 184 us against 114 us.) Blocks take their tiles in bands of kBandTiles row tiles, column
+// by column within a band: the band's x rows stay in L2 while w streams past once per band.
+// Accumulation is exact int32, so the order of the sum does not matter: the results equal
+// reference_ops.w8a8_linear bit for bit. The epilogue converts the accumulators in registers
+// (convert_as, the same arithmetic as every other GEMM path), stages the converted tile in the
+// pipeline's shared memory along the output's contiguous axis and writes it out in 16-byte pieces.
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's entry point query)
+
+#include "../gemm_epilogue.cuh"
+
+namespace quamba {
+namespace gemm {
+namespace {
+
+constexpr int kBlockM = 128;
+constexpr int kTileK = 128;  // bytes = int8 elements: one 128-byte swizzle row
+constexpr int kConsumerThreads = 256;  // warpgroups 0 and 1 (wgmma needs aligned warpgroups)
+constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+constexpr int kRowPad = 16;  // bytes after each staged output row: conflict-free staging stores
+
+constexpr int kBlockN = 128;
+constexpr int kBandTiles = 16;  // row tiles per band (2048 rows of x)
+constexpr int kBlocksPerSm = 2;
+constexpr int kStages = 3;
+constexpr int kBytesA = kBlockM * kTileK;
+constexpr int kBytesB = kBlockN * kTileK;
+constexpr int kStageBytes = kBytesA + kBytesB;
+constexpr int kRingBytes = kStages * kStageBytes;  // 96 KB
+constexpr int kSmemBytes = kRingBytes + 1024 /* alignment */ + 2 * kStages * 8;
+// The staged output tile (4-byte elements at most, padded rows, either layout) reuses the ring.
+static_assert(kBlockN * (kBlockM * 4 + kRowPad) <= kRingBytes, "seq-last tile must fit");
+static_assert(kBlockM * (kBlockN * 4 + kRowPad) <= kRingBytes, "row-major tile must fit");
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers ----
+__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
+}
+__device__ __forceinline__ void barrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, int parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// A 2-D TMA load of the box at (k, row) into shared memory; completion is counted on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int k, int row,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_address(bar)), "r"(k), "r"(row)
+      : "memory");
+}
+
+// ---- wgmma ----
+// Shared-memory matrix descriptor of a K-major operand in 128-byte swizzle: rows of 128 bytes,
+// groups of 8 rows 1024 bytes apart (the stride byte offset); the leading byte offset is unused
+// in this mode. Advancing the start address by 32 bytes selects the next k32 slice.
+__device__ __forceinline__ uint64_t operand_descriptor(const void* p) {
+  const uint64_t address = smem_address(p);
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous wgmma.
+template <int R>
+__device__ __forceinline__ void fence_registers(int (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// clang-format off
+__device__ __forceinline__ void wgmma_m64n128k32_s8(int (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                     int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+// clang-format on
+
+// The consumer warpgroup's accumulators converted into the shared output tile. Accumulator
+// 4 j + r of lane (g = lane / 4, t = lane % 4) of warp w is tile row row0 + 8 (r >= 2) and column
+// 8 j + 2 t + (r & 1), with row0 = 64 (consumer) + 16 w + g (the wgmma D fragment layout). Staged
+// rows are kRowPad bytes longer than their data, which spreads a warp's stores over the banks.
+template <GemmOut T, bool kSeqLast>
+__device__ __forceinline__ void stage_accumulators(const EpilogueConsts& ep, int8_t* smem,
+                                                   const int (&d)[kBlockN / 2], int row0,
+                                                   int col0) {
+  constexpr int kSize = out_elem_size(T);
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = row0 + (r >= 2 ? 8 : 0);
+      const int col = col0 + 8 * j + (r & 1);
+      const int offset = kSeqLast ? col * (kBlockM * kSize + kRowPad) + row * kSize
+                                  : row * (kBlockN * kSize + kRowPad) + col * kSize;
+      convert_as<T>(ep, smem + offset, d[4 * j + r]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    int8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
+                           const __grid_constant__ CUtensorMap w_map, void* __restrict__ out,
+                           int64_t M, int64_t N, int64_t K, EpilogueConsts ep) {
+  extern __shared__ uint8_t smem_raw[];
+  // 128-byte swizzled TMA boxes and wgmma operands need 1024-byte aligned stages.
+  int8_t* ring = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                           ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kRingBytes);
+  uint64_t* empty = full + kStages;
+  // This block's tile: bands of kBandTiles row tiles, row tiles varying fastest within a band.
+  const int row_tiles = static_cast<int>((M + kBlockM - 1) / kBlockM);
+  const int col_tiles = static_cast<int>((N + kBlockN - 1) / kBlockN);
+  const int band_size = kBandTiles * col_tiles;
+  const int band = static_cast<int>(blockIdx.x) / band_size;
+  const int in_band = static_cast<int>(blockIdx.x) % band_size;
+  const int band_rows = min(kBandTiles, row_tiles - band * kBandTiles);
+  const int64_t m_block = static_cast<int64_t>(band * kBandTiles + in_band % band_rows) * kBlockM;
+  const int64_t n_block = static_cast<int64_t>(in_band / band_rows) * kBlockN;
+  const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      barrier_init(&full[s], 1);   // the producer's expect_tx; TMA completes the bytes
+      barrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  launch::start_after_prior_grids();  // before the first global access: see launch.cuh
+
+  if (threadIdx.x >= kConsumerThreads) {
+    if (threadIdx.x == kConsumerThreads) {
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % kStages;
+        if (kt >= kStages) barrier_wait(&empty[s], ((kt / kStages) & 1) ^ 1);
+        int8_t* stage = ring + s * kStageBytes;
+        barrier_expect_bytes(&full[s], kStageBytes);
+        tma_load(stage, &x_map, kt * kTileK, static_cast<int>(m_block), &full[s]);
+        tma_load(stage + kBytesA, &w_map, kt * kTileK, static_cast<int>(n_block), &full[s]);
+      }
+    }
+    return;  // the epilogue below synchronises the consumers only (named barrier 1)
+  }
+
+  const int consumer = threadIdx.x / 128;
+  int d[kBlockN / 2];
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) d[i] = 0;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int s = kt % kStages;
+    barrier_wait(&full[s], (kt / kStages) & 1);
+    const int8_t* a = ring + s * kStageBytes + consumer * 64 * kTileK;
+    const int8_t* b = ring + s * kStageBytes + kBytesA;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kTileK / 32; ++kk) {
+      wgmma_m64n128k32_s8(d, operand_descriptor(a + 32 * kk), operand_descriptor(b + 32 * kk), 1);
+    }
+    wgmma_commit();
+    // Keep this tile's wgmma in flight and hand back the stage the previous tile's have read.
+    wgmma_wait<1>();
+    fence_registers(d);
+    if (kt > 0 && threadIdx.x % 128 == 0) barrier_arrive(&empty[(kt - 1) % kStages]);
+  }
+  wgmma_wait<0>();
+  fence_registers(d);
+
+  // Every stage has been consumed by both warpgroups: the ring becomes the output tile.
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int row0 = consumer * 64 + warp * 16 + lane / 4, col0 = 2 * (lane % 4);
+  const bool seq_last = ep.seq_len > 0;
+#define QUAMBA_STAGE(T)                                                                 \
+  seq_last ? stage_accumulators<GemmOut::T, true>(ep, ring, d, row0, col0)    \
+           : stage_accumulators<GemmOut::T, false>(ep, ring, d, row0, col0)
+  switch (ep.type) {
+    case GemmOut::Int32: QUAMBA_STAGE(Int32); break;
+    case GemmOut::Int8: QUAMBA_STAGE(Int8); break;
+    case GemmOut::Float16: QUAMBA_STAGE(Float16); break;
+    case GemmOut::BFloat16: QUAMBA_STAGE(BFloat16); break;
+    default: QUAMBA_STAGE(Float32); break;
+  }
+#undef QUAMBA_STAGE
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+  write_staged_tile<kBlockM, kBlockN, kRowPad>(ep, ring, out, m_block, n_block, M, N,
+                                               threadIdx.x, kConsumerThreads);
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver, found once through the runtime (nothing links libcuda).
+EncodeTiled encode_tiled() {
+  static const EncodeTiled encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(fn);
+  }();
+  return encode;
+}
+
+// The TMA map of a row-major int8 matrix (rows, K), read in boxes of box_rows x 128 bytes.
+cudaError_t make_map(CUtensorMap* map, const int8_t* data, int64_t rows, int64_t K,
+                     int box_rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};  // bytes between rows
+  const cuuint32_t box[2] = {kTileK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(data), dims, strides, box,
+             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, int64_t M,
+                                   int64_t N, int64_t K, const EpilogueConsts& ep, int device,
+                                   cudaStream_t stream) {
+  const int64_t tiles = ((M + kBlockM - 1) / kBlockM) * ((N + kBlockN - 1) / kBlockN);
+  // TMA coordinates and the tile numbering are int32.
+  if (M > 2147483647LL || N > 2147483647LL || K > 2147483647LL || tiles > 2147483647LL) {
+    return cudaErrorInvalidValue;
+  }
+  CUtensorMap x_map, w_map;
+  cudaError_t err = make_map(&x_map, x, M, K, kBlockM);
+  if (err == cudaSuccess) err = make_map(&w_map, w, N, K, kBlockN);
+  if (err != cudaSuccess) return err;
+  static unsigned long long smem_opt_in = 0;  // one bit per device (< 64) already set up
+  const unsigned long long bit = device < 64 ? 1ULL << device : 0;
+  if (!(smem_opt_in & bit)) {
+    err = cudaFuncSetAttribute(int8_gemm_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kSmemBytes);
+    if (err != cudaSuccess) return err;
+    smem_opt_in |= bit;
+  }
+  launch::launch_kernel(int8_gemm_wgmma_kernel, static_cast<unsigned>(tiles), kThreads,
+                        kSmemBytes, stream, x_map, w_map, out, M, N, K, ep);
+  return cudaGetLastError();
+}
+
+}  // namespace gemm
+}  // namespace quamba

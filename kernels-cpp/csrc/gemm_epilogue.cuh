@@ -1,8 +1,8 @@
 #pragma once
 // The W8A8 GEMM epilogue shared by the GEMM kernels (gemm_int8.cu; the Hopper kernel in
 // sm90a/gemm_int8_wgmma.cu): the conversion of an exact int32 accumulator into the output type
-// (reference_ops.w8a8_linear's arithmetic, see gemm_int8.h) and the write-out of a converted tile
-// staged in shared memory.
+// (reference_ops.w8a8_linear's arithmetic, see gemm_int8.h) and the conversion and write-out of a
+// tile of accumulators staged in shared memory.
 #include "common.cuh"
 #include "gemm_int8.h"
 
@@ -87,28 +87,39 @@ __device__ __forceinline__ int64_t divide_small(int64_t a, int64_t b) {
   return a / b;
 }
 
-// Step 2 of a staged epilogue: a converted tile of kTileM rows (m) x kTileN columns (n), laid out
-// in shared memory along the output's contiguous axis (row-major output: [m][n]; sequence-last:
-// [n][m]; each row followed by kRowPad bytes, a multiple of 16), goes out as 16-byte pieces
-// (element-wise at the edges and where a piece is not contiguous or aligned in the output).
-// `threads` threads, numbered from `tid`, share the work.
-template <int kTileM, int kTileN, int kRowPad = 0>
-__device__ __forceinline__ void write_staged_tile(const EpilogueConsts& ep, const int8_t* smem,
-                                                  void* out, int64_t m_block, int64_t n_block,
-                                                  int64_t M, int64_t N, int tid, int threads) {
-  static_assert(kRowPad % 16 == 0, "staged rows must stay 16-byte aligned");
+// A staged epilogue over raw accumulators: the int32 tile of kTileM rows (m) x kTileN columns (n),
+// staged in shared memory along the output's contiguous axis (row-major output: [m][n];
+// sequence-last: [n][m]) with kPitch int32 from one staged row to the next (a multiple of 4), is
+// converted 16 output bytes at a time and written with 16-byte stores (element-wise at the edges
+// and where a piece is not contiguous or aligned in the output). The conversion is a short loop,
+// not unrolled per accumulator: unrolled over a thread's 64 accumulators in each of 10 output
+// variants, the wgmma GEMM's epilogue spent 46% of its warp cycles waiting for instructions (ncu).
+template <GemmOut T, int kTileM, int kTileN, int kPitch>
+__device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
+                                                       const int32_t* staged, void* out,
+                                                       int64_t m_block, int64_t n_block, int64_t M,
+                                                       int64_t N, int tid, int threads) {
+  static_assert(kPitch % 4 == 0, "staged rows must stay 16-byte aligned");
+  constexpr int kSize = out_elem_size(T);
+  constexpr int kPer = 16 / kSize;  // elements per 16-byte piece
   const bool seq_last = ep.seq_len > 0;
-  const int esize = out_elem_size(ep.type);
-  const int per_piece = 16 / esize;
-  const int row_length = seq_last ? kTileM : kTileN;  // elements along the contiguous axis
+  const int row_length = seq_last ? kTileM : kTileN;
   const int rows = seq_last ? kTileN : kTileM;
-  const int pieces_per_row = row_length * esize / 16;
-  const int pitch = row_length * esize + kRowPad;  // bytes from one staged row to the next
+  const int pieces_per_row = row_length / kPer;
   int8_t* out_bytes = static_cast<int8_t*>(out);
   for (int p = tid; p < rows * pieces_per_row; p += threads) {
     const int row = p / pieces_per_row;
-    const int col = (p % pieces_per_row) * per_piece;
-    const int8_t* src = smem + row * pitch + col * esize;
+    const int col = (p % pieces_per_row) * kPer;
+    const int4* src = reinterpret_cast<const int4*>(staged + row * kPitch + col);
+    __align__(16) int8_t packed[16];
+#pragma unroll
+    for (int q = 0; q < kPer / 4; ++q) {
+      const int4 acc = src[q];
+      convert_as<T>(ep, packed + (4 * q + 0) * kSize, acc.x);
+      convert_as<T>(ep, packed + (4 * q + 1) * kSize, acc.y);
+      convert_as<T>(ep, packed + (4 * q + 2) * kSize, acc.z);
+      convert_as<T>(ep, packed + (4 * q + 3) * kSize, acc.w);
+    }
     int64_t first;  // output index of the piece's first element
     bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
     if (seq_last) {
@@ -116,23 +127,23 @@ __device__ __forceinline__ void write_staged_tile(const EpilogueConsts& ep, cons
       const int64_t b = divide_small(m, ep.seq_len);
       const int64_t l = m - b * ep.seq_len;
       first = (b * N + n) * ep.seq_len + l;
-      whole = n < N && m + per_piece <= M && l + per_piece <= ep.seq_len;
+      whole = n < N && m + kPer <= M && l + kPer <= ep.seq_len;
     } else {
       const int64_t m = m_block + row, n = n_block + col;
       first = m * N + n;
-      whole = m < M && n + per_piece <= N;
+      whole = m < M && n + kPer <= N;
     }
-    if (whole && (first * esize) % 16 == 0) {
-      *reinterpret_cast<int4*>(out_bytes + first * esize) = *reinterpret_cast<const int4*>(src);
+    if (whole && (first * kSize) % 16 == 0) {
+      *reinterpret_cast<int4*>(out_bytes + first * kSize) = *reinterpret_cast<const int4*>(packed);
       continue;
     }
-    for (int e = 0; e < per_piece; ++e) {
+    for (int e = 0; e < kPer; ++e) {
       const int64_t m = m_block + (seq_last ? col + e : row);
       const int64_t n = n_block + (seq_last ? row : col + e);
       if (m < M && n < N) {
         const int64_t index = out_index(ep, m, n, N);
-        for (int byte = 0; byte < esize; ++byte) {
-          out_bytes[index * esize + byte] = src[e * esize + byte];
+        for (int byte = 0; byte < kSize; ++byte) {
+          out_bytes[index * kSize + byte] = packed[e * kSize + byte];
         }
       }
     }

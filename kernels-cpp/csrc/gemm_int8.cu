@@ -223,9 +223,9 @@ cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int6
 // staged through a 3-deep cp.async pipeline (96 KB). A K tile is kept as two 64-byte-wide halves:
 // the 16-byte fragment loads of a quarter-warp then cover one contiguous 128-byte span (no bank
 // conflicts). The fragments use the skinny kernel's permuted k order. Out-of-range rows and k
-// segments are zero-filled by cp.async, so any M, N and K % 16 == 0 work. The epilogue converts
-// the tile into shared memory and writes it with 16-byte stores along the output's contiguous
-// axis (n for row-major, l for sequence-last).
+// segments are zero-filled by cp.async, so any M, N and K % 16 == 0 work. The epilogue stages the
+// raw accumulators in shared memory along the output's contiguous axis (n for row-major, l for
+// sequence-last), then converts and writes them in 16-byte pieces (write_accumulator_tile).
 constexpr int kTileM = 128, kTileN = 128, kTileK = 128, kStages = 3;
 constexpr int kHalfK = 64;
 constexpr int kTileThreads = 256;
@@ -245,13 +245,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Step 1 of the tiled kernel's epilogue: this thread's 64 accumulators (mma fragment (i, j, r)
-// at tile row ml0 + 16 i + 8 (r >= 2), column nl0 + 8 j + (r & 1)) converted into the shared
-// tile, row-major or transposed (sequence-last).
-template <GemmOut T, bool kSeqLast>
-__device__ __forceinline__ void stage_tile(const EpilogueConsts& ep, int8_t* smem,
-                                           const int (&c)[2][8][4], int ml0, int nl0) {
-  constexpr int kSize = out_elem_size(T);
+// Step 1 of the tiled kernel's epilogue: this thread's 64 raw accumulators (mma fragment (i, j, r)
+// at tile row ml0 + 16 i + 8 (r >= 2), column nl0 + 8 j + (r & 1)) into the shared tile, rows of
+// kStagedPitch int32 along the output's contiguous axis (n for row-major, m for sequence-last).
+constexpr int kStagedPitch = kTileN + 4;
+static_assert(kTileM == kTileN && kTileM * kStagedPitch * 4 <= kTileSmemBytes, "tile must fit");
+
+template <bool kSeqLast>
+__device__ __forceinline__ void stage_tile(int32_t* staged, const int (&c)[2][8][4], int ml0,
+                                           int nl0) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -260,8 +262,7 @@ __device__ __forceinline__ void stage_tile(const EpilogueConsts& ep, int8_t* sme
       for (int r = 0; r < 4; ++r) {
         const int ml = ml0 + i * 16 + (r >= 2 ? 8 : 0);
         const int nl = nl0 + j * 8 + (r & 1);
-        const int slot = kSeqLast ? nl * kTileM + ml : ml * kTileN + nl;
-        convert_as<T>(ep, smem + slot * kSize, c[i][j][r]);
+        staged[kSeqLast ? nl * kStagedPitch + ml : ml * kStagedPitch + nl] = c[i][j][r];
       }
     }
   }
@@ -343,26 +344,29 @@ __global__ void __launch_bounds__(kTileThreads)
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers become the output tile
 
-  // 1. converted values into shared memory, laid out along the output's contiguous axis (the
-  // output type and layout are decided once here, not per element: with a small K this
-  // conversion is most of the kernel's work)
-  const bool seq_last = ep.seq_len > 0;
+  // 1. the raw accumulators into shared memory, along the output's contiguous axis
+  int32_t* staged = reinterpret_cast<int32_t*>(smem);
   const int ml0 = wm * 32 + g, nl0 = wn * 64 + 2 * t;
-#define QUAMBA_STAGE(T)                                                                     \
-  seq_last ? stage_tile<GemmOut::T, true>(ep, smem, c, ml0, nl0)                           \
-           : stage_tile<GemmOut::T, false>(ep, smem, c, ml0, nl0)
-  switch (ep.type) {
-    case GemmOut::Int32: QUAMBA_STAGE(Int32); break;
-    case GemmOut::Int8: QUAMBA_STAGE(Int8); break;
-    case GemmOut::Float16: QUAMBA_STAGE(Float16); break;
-    case GemmOut::BFloat16: QUAMBA_STAGE(BFloat16); break;
-    default: QUAMBA_STAGE(Float32); break;
+  if (ep.seq_len > 0) {
+    stage_tile<true>(staged, c, ml0, nl0);
+  } else {
+    stage_tile<false>(staged, c, ml0, nl0);
   }
-#undef QUAMBA_STAGE
   __syncthreads();
 
-  // 2. 16-byte pieces of each tile row out to global memory (element-wise at the edges)
-  write_staged_tile<kTileM, kTileN>(ep, smem, out, m_block, n_block, M, N, tid, kTileThreads);
+  // 2. converted and written in 16-byte pieces (the output type decided once, not per element)
+#define QUAMBA_WRITE(T)                                                                        \
+  write_accumulator_tile<GemmOut::T, kTileM, kTileN, kStagedPitch>(ep, staged, out, m_block,  \
+                                                                   n_block, M, N, tid,        \
+                                                                   kTileThreads)
+  switch (ep.type) {
+    case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
+    case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
+    case GemmOut::Float16: QUAMBA_WRITE(Float16); break;
+    case GemmOut::BFloat16: QUAMBA_WRITE(BFloat16); break;
+    default: QUAMBA_WRITE(Float32); break;
+  }
+#undef QUAMBA_WRITE
 }
 
 // ---- byte-wise fallback (K not a multiple of 16, or unaligned pointers): dp4a-free and simple ----

@@ -17,9 +17,9 @@
 // M = 2048 184 us against 114 us.) Blocks take their tiles in bands of kBandTiles row tiles, column
 // by column within a band: the band's x rows stay in L2 while w streams past once per band.
 // Accumulation is exact int32, so the order of the sum does not matter: the results equal
-// reference_ops.w8a8_linear bit for bit. The epilogue converts the accumulators in registers
-// (convert_as, the same arithmetic as every other GEMM path), stages the converted tile in the
-// pipeline's shared memory along the output's contiguous axis and writes it out in 16-byte pieces.
+// reference_ops.w8a8_linear bit for bit. The epilogue stages the raw accumulators in the
+// pipeline's shared memory along the output's contiguous axis, then converts them (convert_as, the
+// same arithmetic as every other GEMM path) and writes 16-byte pieces (write_accumulator_tile).
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's entry point query)
 
 #include "../gemm_epilogue.cuh"
@@ -32,7 +32,7 @@ constexpr int kBlockM = 128;
 constexpr int kTileK = 128;  // bytes = int8 elements: one 128-byte swizzle row
 constexpr int kConsumerThreads = 256;  // warpgroups 0 and 1 (wgmma needs aligned warpgroups)
 constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
-constexpr int kRowPad = 16;  // bytes after each staged output row: conflict-free staging stores
+constexpr int kStagedPitch = 128 + 4;  // int32 per staged accumulator row: conflict-free stores
 
 constexpr int kBlockN = 128;
 constexpr int kBandTiles = 16;  // row tiles per band (2048 rows of x)
@@ -43,9 +43,8 @@ constexpr int kBytesB = kBlockN * kTileK;
 constexpr int kStageBytes = kBytesA + kBytesB;
 constexpr int kRingBytes = kStages * kStageBytes;  // 96 KB
 constexpr int kSmemBytes = kRingBytes + 1024 /* alignment */ + 2 * kStages * 8;
-// The staged output tile (4-byte elements at most, padded rows, either layout) reuses the ring.
-static_assert(kBlockN * (kBlockM * 4 + kRowPad) <= kRingBytes, "seq-last tile must fit");
-static_assert(kBlockM * (kBlockN * 4 + kRowPad) <= kRingBytes, "row-major tile must fit");
+// The staged accumulator tile (either layout) reuses the ring.
+static_assert(kBlockM == kBlockN && kBlockM * kStagedPitch * 4 <= kRingBytes, "tile must fit");
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -135,24 +134,20 @@ __device__ __forceinline__ void wgmma_m64n128k32_s8(int (&d)[64], uint64_t desc_
 }
 // clang-format on
 
-// The consumer warpgroup's accumulators converted into the shared output tile. Accumulator
-// 4 j + r of lane (g = lane / 4, t = lane % 4) of warp w is tile row row0 + 8 (r >= 2) and column
-// 8 j + 2 t + (r & 1), with row0 = 64 (consumer) + 16 w + g (the wgmma D fragment layout). Staged
-// rows are kRowPad bytes longer than their data, which spreads a warp's stores over the banks.
-template <GemmOut T, bool kSeqLast>
-__device__ __forceinline__ void stage_accumulators(const EpilogueConsts& ep, int8_t* smem,
-                                                   const int (&d)[kBlockN / 2], int row0,
-                                                   int col0) {
-  constexpr int kSize = out_elem_size(T);
+// The consumer warpgroup's raw accumulators into the shared tile, rows of kStagedPitch int32 along
+// the output's contiguous axis. Accumulator 4 j + r of lane (g = lane / 4, t = lane % 4) of warp
+// w is tile row row0 + 8 (r >= 2) and column 8 j + 2 t + (r & 1), with row0 = 64 (consumer) +
+// 16 w + g (the wgmma D fragment layout). The 4-int32 row padding keeps the stores conflict-free.
+template <bool kSeqLast>
+__device__ __forceinline__ void stage_accumulators(int32_t* staged, const int (&d)[kBlockN / 2],
+                                                   int row0, int col0) {
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = row0 + (r >= 2 ? 8 : 0);
       const int col = col0 + 8 * j + (r & 1);
-      const int offset = kSeqLast ? col * (kBlockM * kSize + kRowPad) + row * kSize
-                                  : row * (kBlockN * kSize + kRowPad) + col * kSize;
-      convert_as<T>(ep, smem + offset, d[4 * j + r]);
+      staged[kSeqLast ? col * kStagedPitch + row : row * kStagedPitch + col] = d[4 * j + r];
     }
   }
 }
@@ -229,21 +224,25 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row0 = consumer * 64 + warp * 16 + lane / 4, col0 = 2 * (lane % 4);
-  const bool seq_last = ep.seq_len > 0;
-#define QUAMBA_STAGE(T)                                                                 \
-  seq_last ? stage_accumulators<GemmOut::T, true>(ep, ring, d, row0, col0)    \
-           : stage_accumulators<GemmOut::T, false>(ep, ring, d, row0, col0)
-  switch (ep.type) {
-    case GemmOut::Int32: QUAMBA_STAGE(Int32); break;
-    case GemmOut::Int8: QUAMBA_STAGE(Int8); break;
-    case GemmOut::Float16: QUAMBA_STAGE(Float16); break;
-    case GemmOut::BFloat16: QUAMBA_STAGE(BFloat16); break;
-    default: QUAMBA_STAGE(Float32); break;
+  int32_t* staged = reinterpret_cast<int32_t*>(ring);
+  if (ep.seq_len > 0) {
+    stage_accumulators<true>(staged, d, row0, col0);
+  } else {
+    stage_accumulators<false>(staged, d, row0, col0);
   }
-#undef QUAMBA_STAGE
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
-  write_staged_tile<kBlockM, kBlockN, kRowPad>(ep, ring, out, m_block, n_block, M, N,
-                                               threadIdx.x, kConsumerThreads);
+#define QUAMBA_WRITE(T)                                                                         \
+  write_accumulator_tile<GemmOut::T, kBlockM, kBlockN, kStagedPitch>(ep, staged, out, m_block, \
+                                                                     n_block, M, N, threadIdx.x, \
+                                                                     kConsumerThreads)
+  switch (ep.type) {
+    case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
+    case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
+    case GemmOut::Float16: QUAMBA_WRITE(Float16); break;
+    case GemmOut::BFloat16: QUAMBA_WRITE(BFloat16); break;
+    default: QUAMBA_WRITE(Float32); break;
+  }
+#undef QUAMBA_WRITE
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,

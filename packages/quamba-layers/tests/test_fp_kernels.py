@@ -195,6 +195,42 @@ def _stand_in_kernels():
 def stand_in(monkeypatch):
     monkeypatch.setattr(fp_kernels, "_kernel_module", _stand_in_kernels)
     monkeypatch.setattr(fp_kernels, "kernel_support", lambda config, device: (True, ""))
+    _reference_gemm_forms(monkeypatch)
+
+
+def _reference_gemm_forms(monkeypatch):
+    """The kernel path's GEMMs in the reference's form (F.linear, then a transposed view), so that
+    everything else is checked bit for bit: cuBLAS may sum weight @ x^T in another order than
+    F.linear (the forms are tested against each other in test_transposed_gemm_forms_...)."""
+    monkeypatch.setattr(
+        fp_kernels,
+        "_seq_last_linear",
+        lambda x, weight, bias=None: F.linear(x, weight, bias).transpose(1, 2),
+    )
+    monkeypatch.setattr(
+        fp_kernels, "_token_major_linear", lambda u, weight: F.linear(u.transpose(1, 2), weight)
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_transposed_gemm_forms_equal_the_linear_layer(batch, bias):
+    """weight @ x^T (the kernel path's in_proj / dt_proj) and u^T @ weight^T (x_proj) are the same
+    products as F.linear: equal in float64 (exact here: small integers), within rounding in
+    float32."""
+    g = torch.Generator().manual_seed(batch + 10 * bias)
+    x = torch.randint(-8, 9, (batch, 7, 24), generator=g).double()
+    w = torch.randint(-8, 9, (40, 24), generator=g).double()
+    b = torch.randint(-8, 9, (40,), generator=g).double() if bias else None
+    got = fp_kernels._seq_last_linear(x, w, b)
+    assert got.shape == (batch, 40, 7) and got.is_contiguous()
+    assert torch.equal(got, F.linear(x, w, b).transpose(1, 2))
+    u = x.transpose(1, 2).contiguous()  # (B, K, L)
+    assert torch.equal(fp_kernels._token_major_linear(u, w), F.linear(x, w))
+    xf, wf = torch.randn(batch, 7, 24, generator=g), torch.randn(40, 24, generator=g)
+    torch.testing.assert_close(
+        fp_kernels._seq_last_linear(xf, wf), F.linear(xf, wf).transpose(1, 2), rtol=1e-5, atol=1e-5
+    )
 
 
 def _random_layer_state(model: MambaLM, batch: int, seed: int):
@@ -345,7 +381,8 @@ def _ulp(x: torch.Tensor, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("config", [SMALL, VARIANT], ids=["small", "variant"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("batch,length", [(1, 1), (3, 7), (2, 45)])
-def test_gpu_mixer_exact_scan_is_bit_identical(config, dtype, batch, length):
+def test_gpu_mixer_exact_scan_is_bit_identical(config, dtype, batch, length, monkeypatch):
+    _reference_gemm_forms(monkeypatch)
     model = _gpu_model(config, dtype, seed=length, exact_scan=True)
     mixer = model.backbone.layers[0].mixer
     g = torch.Generator().manual_seed(length * 31 + batch)

@@ -265,8 +265,11 @@ class W8A8Mixer(nn.Module):
             )
         if x_q_conv.dtype != torch.int8:
             raise ValueError("decoding needs INT8 conv inputs")
-        k = self.cfg.d_conv
-        conv_state = torch.nn.functional.pad(x_q_conv, (k - 1, 0))[..., -(k - 1) :].contiguous()
+        keep = self.cfg.d_conv - 1
+        # The last K-1 columns, zero-padded on the left when the prompt is shorter (padding the
+        # whole input first cost a (B, E, L) copy per layer: 1 of 20 ms of a 2.8B prefill).
+        tail = x_q_conv[..., max(x_q_conv.shape[-1] - keep, 0) :]
+        conv_state = torch.nn.functional.pad(tail, (keep - tail.shape[-1], 0)).contiguous()
         if h_last.dtype == torch.int8:
             ssm_state = h_last
         else:

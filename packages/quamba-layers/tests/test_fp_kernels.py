@@ -368,7 +368,8 @@ def _lm_f64(model: MambaLM, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 def _ulp(x: torch.Tensor, dtype) -> torch.Tensor:

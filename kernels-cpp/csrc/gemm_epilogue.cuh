@@ -87,6 +87,22 @@ __device__ __forceinline__ int64_t divide_small(int64_t a, int64_t b) {
   return a / b;
 }
 
+__device__ __forceinline__ void store_piece(int8_t* dst, const int8_t* packed) {
+  *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(packed);
+}
+
+// One output element of kSize bytes as a single store (dst is aligned to kSize).
+template <int kSize>
+__device__ __forceinline__ void store_element(int8_t* dst, const int8_t* src) {
+  if constexpr (kSize == 1) {
+    *dst = *src;
+  } else if constexpr (kSize == 2) {
+    *reinterpret_cast<uint16_t*>(dst) = *reinterpret_cast<const uint16_t*>(src);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
+  }
+}
+
 // A staged epilogue over raw accumulators: the int32 tile of kTileM rows (m) x kTileN columns (n),
 // staged in shared memory along the output's contiguous axis (row-major output: [m][n];
 // sequence-last: [n][m]) with kPitch int32 from one staged row to the next (a multiple of 4), is
@@ -120,31 +136,37 @@ __device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
       convert_as<T>(ep, packed + (4 * q + 2) * kSize, acc.z);
       convert_as<T>(ep, packed + (4 * q + 3) * kSize, acc.w);
     }
-    int64_t first;  // output index of the piece's first element
-    bool whole;     // all elements in range, contiguous in the output, 16-byte aligned
     if (seq_last) {
-      const int64_t n = n_block + row, m = m_block + col;
-      const int64_t b = divide_small(m, ep.seq_len);
-      const int64_t l = m - b * ep.seq_len;
-      first = (b * N + n) * ep.seq_len + l;
-      whole = n < N && m + kPer <= M && l + kPer <= ep.seq_len;
+      // The piece is kPer consecutive m (= positions l of sequences b) of column n.
+      const int64_t n = n_block + row;
+      int64_t m = m_block + col;
+      if (n >= N || m >= M) continue;
+      int64_t b = divide_small(m, ep.seq_len);
+      int64_t l = m - b * ep.seq_len;
+      const int64_t first = (b * N + n) * ep.seq_len + l;
+      if (m + kPer <= M && l + kPer <= ep.seq_len && (first * kSize) % 16 == 0) {
+        store_piece(out_bytes + first * kSize, packed);
+        continue;
+      }
+      // Element by element (a sequence boundary inside the piece, the end of M, or a piece that
+      // is not 16-byte aligned, e.g. an odd seq_len): whole-element stores, (b, l) stepped.
+      for (int e = 0; e < kPer && m < M; ++e, ++m) {
+        store_element<kSize>(out_bytes + ((b * N + n) * ep.seq_len + l) * kSize, packed + e * kSize);
+        if (++l == ep.seq_len) {
+          l = 0;
+          ++b;
+        }
+      }
     } else {
       const int64_t m = m_block + row, n = n_block + col;
-      first = m * N + n;
-      whole = m < M && n + kPer <= N;
-    }
-    if (whole && (first * kSize) % 16 == 0) {
-      *reinterpret_cast<int4*>(out_bytes + first * kSize) = *reinterpret_cast<const int4*>(packed);
-      continue;
-    }
-    for (int e = 0; e < kPer; ++e) {
-      const int64_t m = m_block + (seq_last ? col + e : row);
-      const int64_t n = n_block + (seq_last ? row : col + e);
-      if (m < M && n < N) {
-        const int64_t index = out_index(ep, m, n, N);
-        for (int byte = 0; byte < kSize; ++byte) {
-          out_bytes[index * kSize + byte] = packed[e * kSize + byte];
-        }
+      if (m >= M || n >= N) continue;
+      const int64_t first = m * N + n;
+      if (n + kPer <= N && (first * kSize) % 16 == 0) {
+        store_piece(out_bytes + first * kSize, packed);
+        continue;
+      }
+      for (int e = 0; e < kPer && n + e < N; ++e) {
+        store_element<kSize>(out_bytes + (first + e) * kSize, packed + e * kSize);
       }
     }
   }

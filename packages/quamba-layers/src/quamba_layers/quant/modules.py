@@ -398,11 +398,12 @@ def dynamic_scale_per_sequence(x: torch.Tensor, seq_lens: torch.Tensor | None) -
     Taken per sequence (not per batch) so a result never depends on what shares the batch, and
     only over the first ``seq_lens[b]`` positions so right padding does not change it.
     """
-    mag = x.abs()
+    # max |x| over the channels first (one pass over x, exact), then over the real positions.
+    mag = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)  # (B, L)
     if seq_lens is not None:
         positions = torch.arange(x.shape[-1], device=x.device)
-        mag = torch.where(positions[None, None, :] < seq_lens[:, None, None].to(x.device), mag, 0.0)
-    peak = mag.amax(dim=(1, 2)).to(torch.float32)
+        mag = torch.where(positions[None, :] < seq_lens[:, None].to(x.device), mag, 0.0)
+    peak = mag.amax(dim=1).to(torch.float32)
     # A tensor divisor keeps the division IEEE on CUDA (a Python float becomes a reciprocal);
     # ops._f32 reuses one per device (creating it would synchronise with the GPU every call).
     scale = peak / ops._f32(127.0, peak.device)

@@ -111,7 +111,7 @@ __device__ __forceinline__ void store_element(int8_t* dst, const int8_t* src) {
 // not unrolled per accumulator: unrolled over a thread's 64 accumulators in each of 10 output
 // variants, the wgmma GEMM's epilogue spent 46% of its warp cycles waiting for instructions (ncu).
 template <GemmOut T, int kTileM, int kTileN, int kPitch>
-__device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
+__device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& ep,
                                                        const int32_t* staged, void* out,
                                                        int64_t m_block, int64_t n_block, int64_t M,
                                                        int64_t N, int tid, int threads) {
@@ -170,6 +170,25 @@ __device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
       }
     }
   }
+}
+
+// write_accumulator_tile_as with the output type chosen at run time, once per tile.
+template <int kTileM, int kTileN, int kPitch>
+__device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
+                                                       const int32_t* staged, void* out,
+                                                       int64_t m_block, int64_t n_block, int64_t M,
+                                                       int64_t N, int tid, int threads) {
+#define QUAMBA_WRITE(T)                                                                       \
+  write_accumulator_tile_as<GemmOut::T, kTileM, kTileN, kPitch>(ep, staged, out, m_block,    \
+                                                                n_block, M, N, tid, threads)
+  switch (ep.type) {
+    case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
+    case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
+    case GemmOut::Float16: QUAMBA_WRITE(Float16); break;
+    case GemmOut::BFloat16: QUAMBA_WRITE(BFloat16); break;
+    default: QUAMBA_WRITE(Float32); break;
+  }
+#undef QUAMBA_WRITE
 }
 
 // The Hopper GEMM (sm90a/gemm_int8_wgmma.cu), for devices of compute capability 9.0, K % 16 == 0

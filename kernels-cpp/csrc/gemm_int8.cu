@@ -355,18 +355,8 @@ __global__ void __launch_bounds__(kTileThreads)
   __syncthreads();
 
   // 2. converted and written in 16-byte pieces (the output type decided once, not per element)
-#define QUAMBA_WRITE(T)                                                                        \
-  write_accumulator_tile<GemmOut::T, kTileM, kTileN, kStagedPitch>(ep, staged, out, m_block,  \
-                                                                   n_block, M, N, tid,        \
-                                                                   kTileThreads)
-  switch (ep.type) {
-    case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
-    case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
-    case GemmOut::Float16: QUAMBA_WRITE(Float16); break;
-    case GemmOut::BFloat16: QUAMBA_WRITE(BFloat16); break;
-    default: QUAMBA_WRITE(Float32); break;
-  }
-#undef QUAMBA_WRITE
+  write_accumulator_tile<kTileM, kTileN, kStagedPitch>(ep, staged, out, m_block, n_block, M, N,
+                                                       tid, kTileThreads);
 }
 
 // ---- byte-wise fallback (K not a multiple of 16, or unaligned pointers): dp4a-free and simple ----

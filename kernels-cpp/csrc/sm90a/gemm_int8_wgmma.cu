@@ -231,18 +231,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     stage_accumulators<false>(staged, d, row0, col0);
   }
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
-#define QUAMBA_WRITE(T)                                                                         \
-  write_accumulator_tile<GemmOut::T, kBlockM, kBlockN, kStagedPitch>(ep, staged, out, m_block, \
-                                                                     n_block, M, N, threadIdx.x, \
-                                                                     kConsumerThreads)
-  switch (ep.type) {
-    case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
-    case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
-    case GemmOut::Float16: QUAMBA_WRITE(Float16); break;
-    case GemmOut::BFloat16: QUAMBA_WRITE(BFloat16); break;
-    default: QUAMBA_WRITE(Float32); break;
-  }
-#undef QUAMBA_WRITE
+  write_accumulator_tile<kBlockM, kBlockN, kStagedPitch>(ep, staged, out, m_block, n_block, M, N,
+                                                         threadIdx.x, kConsumerThreads);
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,

@@ -43,8 +43,9 @@ class KernelBackend(Backend):
         return {
             "rmsnorm": KERNEL,
             "gemm": "kernel (quamba_kernels.int8_linear: dp4a GEMV for M <= 4, tensor-core "
-            "kernel for M <= 16, cuBLASLt INT8 + epilogue kernel for more rows and K >= 512, "
-            "tensor-core tiles otherwise)",
+            "kernel for M <= 16; more rows: on compute capability 9.0 the wgmma kernel where its "
+            "128x128 tiles fill the GPU, else cuBLASLt INT8 + epilogue kernel for K >= 512, "
+            "tensor-core tiles otherwise; all bit-identical)",
             "conv1d": KERNEL,
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,

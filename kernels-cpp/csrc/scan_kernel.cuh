@@ -169,6 +169,12 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kerne
     s_D[tid] = ok && a.D != nullptr ? param_value(a.D, ee, int8_params, a.D_scale) : 0.0f;
   }
 
+  // Output items: kOutVec channels (16 bytes, or all of the block's channels when fewer).
+  constexpr int kOutVec = 16 / static_cast<int>(sizeof(TOut)) < CPB ? 16 / static_cast<int>(sizeof(TOut)) : CPB;
+  static_assert(CPB % kOutVec == 0, "items must tile the block's channels");
+  // 16-byte stores: every row of E outputs starts 16-byte aligned and e0 + c0 is a multiple of
+  // kOutVec (CPB is); with fewer than 16 bytes per item the element loop runs instead.
+  const bool out_vec = kOutVec * sizeof(TOut) == 16 && E % kOutVec == 0 && aligned_to(a.out, 16);
   const bool vec = Lq % 4 == 0 && aligned_to(a.u, 4 * sizeof(TU)) &&
                    aligned_to(a.delta, 4 * sizeof(TX)) && aligned_to(a.B, 4 * sizeof(TX)) &&
                    aligned_to(a.C, 4 * sizeof(TX)) && (!has_z || aligned_to(a.z, 4 * sizeof(TX)));
@@ -342,16 +348,26 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kerne
     }
     __syncthreads();
 
-    // ---- 3. D skip, gate, store (B, L, E) ----
-    for (int i = tid; i < CPB * kChunk; i += kBlock) {
-      const int tt = i / CPB;
-      const int cc = i % CPB;
-      const int64_t ee = e0 + cc;
-      if (ee < E && tt < steps) {
+    // ---- 3. D skip, gate, store (B, L, E): kOutVec consecutive channels of one step per item,
+    // one 16-byte store where the row allows it (the index arithmetic once per item) ----
+    for (int i = tid; i < (CPB / kOutVec) * kChunk; i += kBlock) {
+      const int tt = i / (CPB / kOutVec);
+      const int c0 = i % (CPB / kOutVec) * kOutVec;
+      if (tt >= steps || e0 + c0 >= E) continue;
+      __align__(16) TOut vals[kOutVec];
+#pragma unroll
+      for (int j = 0; j < kOutVec; ++j) {
+        const int cc = c0 + j;
         float y = s_y[cc][tt];
         if (a.D != nullptr) y = __fadd_rn(y, __fmul_rn(s_u[cc][tt], s_D[cc]));
         if (has_z) y = __fmul_rn(y, s_z[cc][tt]);  // s_z holds silu(z)
-        static_cast<TOut*>(a.out)[(b * Lq + t0 + tt) * E + ee] = from_float<TOut>(y);
+        vals[j] = from_float<TOut>(y);
+      }
+      TOut* dst = static_cast<TOut*>(a.out) + (b * Lq + t0 + tt) * E + e0 + c0;
+      if (out_vec && e0 + c0 + kOutVec <= E) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+      } else {
+        for (int j = 0; j < kOutVec && e0 + c0 + j < E; ++j) dst[j] = vals[j];
       }
     }
     __syncthreads();

@@ -13,8 +13,8 @@
 //     kStages-deep ring of shared-memory stages with TMA (x rows and w rows, 128-byte swizzle;
 //     rows and k beyond the tensors are filled with zeros by TMA, so any M, N and K % 16 == 0 work).
 // Two blocks run per SM (3 stages each), so that one block's epilogue overlaps the other's wgmma.
-// (Measured on the H100: 128 x 256 tiles at one block per SM, 4 stages, were slower: in_proj at
-// M = 2048 184 us against 114 us.) Blocks take their tiles in bands of kBandTiles row tiles, column
+// (Measured on the H100: 128 x 256 tiles at one block per SM, 4 stages, were slower where it
+// matters: in_proj at M = 2048 131.5 us against 114.0 us; benchmarks/README.md.) Blocks take their tiles in bands of kBandTiles row tiles, column
 // by column within a band: the band's x rows stay in L2 while w streams past once per band.
 // Accumulation is exact int32, so the order of the sum does not matter: the results equal
 // reference_ops.w8a8_linear bit for bit. The epilogue stages the raw accumulators in the

@@ -4,15 +4,18 @@
 // integer below 2^17 (one dp4a: exact); scale = float32(s_w * s_x) and bias = float32(s_b * b_q)
 // are float64 products rounded once; v = scale * acc + bias (two roundings); SiLU v / (1 + exp(-v))
 // with accurate expf and IEEE division; Q8(v, s_out) or the float32 value.
-// INT8 codes take a fast path first (silu_quotient_fast): hardware exp2 and reciprocal, accepted
-// only when the approximate quotient lies clear of every rounding boundary by more than its error
-// bound; otherwise (rarely) the exact formula decides. The codes are the exact path's either way.
+// INT8 codes take a fast path first (fast_quotient): hardware exp2 and reciprocal, accepted only
+// when the approximate quotient lies clear of every rounding boundary by more than its error
+// bound; otherwise (a few outputs in ten thousand) the exact formula decides. The codes are the
+// exact path's either way.
 // Float path (bit-exact with fp_ops.causal_conv1d_ref): acc = w0*x0, acc = acc + wk*xk for
 // k = 1..K-1, then + bias, every operation rounded on its own; SiLU; one rounding to x's dtype.
 //
-// Work split: one thread computes 16 consecutive outputs of one (batch, channel) row (one 16-byte
-// load and store for int8); consecutive threads take consecutive chunks of a row, so loads and
-// stores are coalesced for any length.
+// Work split: a thread computes 16 consecutive outputs of one (batch, channel) row (8 for float32
+// output; two such chunks for INT8 output on large inputs), one 16-byte load and store per chunk
+// for int8; consecutive threads take consecutive chunks of a row, so loads and stores are
+// coalesced for any length. Per-launch constants (scales, margins, the magic numbers of the index
+// divisions) are made on the host.
 #include "common.cuh"
 #include "conv1d.h"
 
@@ -22,6 +25,28 @@ namespace {
 constexpr int kItems = 16;
 constexpr int kThreads = 128;
 
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund & Montgomery; the divisor
+// is a launch constant, so the magic numbers are made once on the host): a run-time 32-bit
+// division costs ~20 instructions per thread.
+struct FastDiv32 {
+  uint32_t divisor, multiplier, shift;
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return divisor == 1 ? n : __umulhi(n, multiplier) >> shift;
+  }
+};
+
+inline FastDiv32 make_fast_div(uint32_t d) {  // 1 <= d < 2^31
+  FastDiv32 f{d, 0u, 0u};
+  if (d > 1) {
+    int log2_ceil = 0;
+    while ((uint64_t{1} << log2_ceil) < d) ++log2_ceil;
+    const int p = 31 + log2_ceil;  // multiplier = ceil(2^p / d) < 2^32
+    f.multiplier = static_cast<uint32_t>(((uint64_t{1} << p) + d - 1) / d);
+    f.shift = static_cast<uint32_t>(p - 32);
+  }
+  return f;
+}
+
 struct ConvScalars {
   double s_x;
   const float* s_x_per_seq;
@@ -30,13 +55,26 @@ struct ConvScalars {
   float out_scale;
   Rounding rule;
   bool silu;
-  bool index32;  // rows * chunks and rows fit 32-bit index arithmetic
+  // Work split of a prefill launch (run_fwd): `items` outputs per thread, chunks_per_row threads
+  // per (batch, channel) row; index32: rows * chunks_per_row < 2^31, with the fast divisions.
+  bool index32;
+  int items;
+  int64_t chunks_per_row;
+  FastDiv32 by_chunks_per_row, by_dim;
+  // Derived on the host (scalars_of), so that threads do not recompute them:
+  float input_scale;             // float32(s_w * s_x); per sequence when s_x_per_seq is set
+  float inv_out_scale;           // RN(1 / out_scale)
+  float rel_margin, abs_margin;  // the fast INT8-code path's error bound (see below)
+  bool fast_ok;                  // the bound holds for these scales
+  float fast_limit;              // 0.5 - abs_margin - 2^-24: q8_bits_if_clear_fast's bound
+  bool clamp_low;                // q <= -128.5 possible: clamp before rounding
+  int chunks_per_thread;         // INT8-output prefill: chunks of kItems outputs per thread
 };
 
 // float32(s_w * s_x) for sequence `batch`, formed in float64 like the reference.
 __device__ __forceinline__ float int8_input_scale(const ConvScalars& c, int64_t batch) {
-  const double s_x = c.s_x_per_seq != nullptr ? static_cast<double>(c.s_x_per_seq[batch]) : c.s_x;
-  return __double2float_rn(__dmul_rn(s_x, c.s_w));
+  if (c.s_x_per_seq == nullptr) return c.input_scale;
+  return __double2float_rn(__dmul_rn(static_cast<double>(c.s_x_per_seq[batch]), c.s_w));
 }
 
 __device__ __forceinline__ float int8_bias(const int8_t* bias, int64_t channel, double s_b) {
@@ -59,20 +97,33 @@ __device__ __forceinline__ float small_int_to_float(int i) {
   return __fadd_rn(__int_as_float(i + 0x4B400000), -12582912.0f);
 }
 
-// q ~ silu(v) / s_out from the hardware exp2 and reciprocal, used for |v| <= 64 (every
-// intermediate then is a normal float or, for tiny v, an exactly rounded product). Error bound
-// against the exact path's quotient Q = RN(RN(v / RN(1 + expf(-v))) / s_out), in units of
-// 2^-23 |q| (first order; the second-order terms are below 2^-40):
-//   e = ex2.approx(RN(-v * log2(e))): the __expf sequence, CUDA guide 2 + floor(1.173 |v|) ulp;
-//   RN(1 + e): 0.5; rcp.approx (1 ulp, PTX ISA) and RN(v * r): 1.5; RN(1 / s_out) and the
-//   final product: 1. Together 5 + 1.173 |v| against the true v / (1 + e^-v) / s_out, plus 3.5
-//   for Q (expf 2 ulp, three roundings): 8.5 + 1.173 |v| units. The margin below is
-//   2e-6 (16.8 units) + 2e-7 (1.68 units) per |v|.
-constexpr float kSiluMarginBase = 2e-6f;
-constexpr float kSiluMarginPerV = 2e-7f;
-// Without SiLU, q = RN(v * RN(1 / s_out)) is within 3 * 2^-24 |q| (1.8e-7) of v / s_out and Q is
-// within 2^-24 of it.
-constexpr float kDivMargin = 4e-7f;
+// ---- INT8 codes: a fast quotient, and the exact path near a rounding boundary ----
+//
+// The fast path computes q ~ X = silu(v) / s_out (v as the reference forms it; the prefill's
+// one-FMA v is covered by conv_limit) as
+//   q = RN(v * rcp.approx(RN(s_out * e + s_out))),  e = ex2.approx(RN(v * -log2(e)))
+// (two MUFU operations, no IEEE division), and accepts Q8(q) when q lies clear of every rounding
+// boundary by more than |q| * kSiluRelMargin + abs_margin (q8_bits_if_clear[_fast]); otherwise the exact
+// formula decides (exact_int8_code). The codes are the exact path's either way. Error of q and of
+// the reference's Q = RN(RN(v / RN(1 + expf(-v))) / s_out) against X, in units of 2^-23 |X|:
+//   Q: expf 2 ulp, three roundings: 3.5.
+//   v >= 0: e's error (the __expf sequence, CUDA guide 2 + 1.173 |v| ulp) enters 1 + e weighted
+//     by e / (1 + e), which keeps it below 1 unit; the FMA 0.5, rcp.approx 1 (PTX ISA), the
+//     product 0.5: together with Q 6.5 units (7.7e-7); kSiluRelMargin = 2e-6 (2.6x).
+//   v < 0: e's error is up to 2 + 1.173 |v| units, so |q - Q| <= |X| (9.5 + 1.173 |v|) units,
+//     and |X| = |silu(v)| / s_out is small where |v| is large: max over v < 0 of
+//     |silu(v)| (9.5 + 1.173 |v|) is 3.1 (at v = -1.43), so |q - Q| <= 3.1 units / s_out, and
+//     abs_margin = kSiluNegAbsMargin / s_out covers it (8e-7 = 6.7 units: 2.1x). Below v = -88.7
+//     e is inf and q = -0: |X| < 88.7 e^-88.7 / s_out < 3e-7 for any s_out accepted, code 0
+//     either way; where the flushed reciprocal or s_out * e overflows, |X| is as small.
+// The ex2/rcp results are normal or flushed as analysed because s_out is restricted to
+// [1e-30, 1e30] (reciprocal_ok; the exact path serves other scales).
+// Without SiLU: q = RN(v * RN(1 / s_out)) is within 3 * 2^-24 |q| (1.8e-7) of v / s_out and Q
+// within 2^-24 of it; with the prefill's FMA-formed v (conv_limit) 2^-23 more: kDivMargin = 8e-7
+// (1.9x).
+constexpr float kSiluRelMargin = 2e-6f;
+constexpr float kSiluNegAbsMargin = 8e-7f;
+constexpr float kDivMargin = 8e-7f;
 
 __device__ __forceinline__ float ex2_approx_ftz(float x) {
   float y;
@@ -86,69 +137,90 @@ __device__ __forceinline__ float rcp_approx_ftz(float x) {
   return y;
 }
 
+// Everything an INT8-code epilogue needs, per (batch, channel) row.
 struct Int8Epilogue {
   float scale, bias, out_scale, inv_out_scale;
+  float rel_margin, abs_margin;  // the fast path's error bound (see above)
   bool silu, fast_ok;
   Rounding rule;
 };
 
-// v = scale * acc + bias (bias -0.0f when there is none: x + -0 is x for every x, -0 included).
+__device__ __forceinline__ Int8Epilogue int8_epilogue(const ConvScalars& c, float scale,
+                                                      float bias) {
+  Int8Epilogue ep;
+  ep.scale = scale;
+  ep.bias = bias;
+  ep.silu = c.silu;
+  ep.out_scale = c.out_scale;
+  ep.inv_out_scale = c.inv_out_scale;
+  ep.fast_ok = c.fast_ok;
+  ep.rule = c.rule;
+  ep.rel_margin = c.rel_margin;
+  ep.abs_margin = c.abs_margin;
+  return ep;
+}
+
+// v = scale * acc + bias with the reference's two roundings (bias -0.0f when there is none:
+// x + -0 is x for every x, -0 included).
 __device__ __forceinline__ float int8_pre_silu(int acc, const Int8Epilogue& ep) {
   return __fadd_rn(__fmul_rn(ep.scale, small_int_to_float(acc)), ep.bias);
 }
 
-// The Q8 code of silu(v) / s_out when the fast path can decide it (ep.fast_ok, silu on).
-__device__ __forceinline__ bool silu_code_fast(float v, const Int8Epilogue& ep, uint32_t& code) {
-  const float av = fabsf(v);
-  const float e = ex2_approx_ftz(__fmul_rn(v, -1.44269504f));
-  const float y = __fmul_rn(v, rcp_approx_ftz(__fadd_rn(1.0f, e)));
-  const float q = __fmul_rn(y, ep.inv_out_scale);
-  return q8_if_clear(q, fmaf(kSiluMarginPerV, av, kSiluMarginBase), code) && av <= 64.0f;
-}
-
-// The Q8 code of output value v (before SiLU): fast when clear of the boundaries, else exact.
-__device__ __forceinline__ uint32_t int8_code(float v, const Int8Epilogue& ep) {
-  uint32_t code;
-  if (ep.silu) {
-    if (ep.fast_ok && silu_code_fast(v, ep, code)) return code;
-    return static_cast<uint8_t>(quantize_int8(silu_exact(v), ep.out_scale, ep.rule));
-  }
-  if (ep.fast_ok && q8_if_clear(__fmul_rn(v, ep.inv_out_scale), kDivMargin, code)) return code;
-  return static_cast<uint8_t>(quantize_int8(v, ep.out_scale, ep.rule));
-}
-
-// Row and position of this thread's chunk of `items` outputs; 32-bit division when the sizes
-// allow it.
-__device__ __forceinline__ void chunk_of(int64_t item, int64_t chunks_per_row, int items,
-                                         bool index32, int64_t& row, int64_t& t0) {
-  if (index32) {
-    const uint32_t i = static_cast<uint32_t>(item), cpr = static_cast<uint32_t>(chunks_per_row);
-    const uint32_t r = i / cpr;
-    row = r;
-    t0 = static_cast<int64_t>(i - r * cpr) * items;
+// The fast path's quotient q ~ silu(v) / s_out (or v / s_out) of pre-activation v.
+template <bool kSilu>
+__device__ __forceinline__ float fast_quotient(float v, const Int8Epilogue& ep) {
+  if constexpr (kSilu) {
+    const float e = ex2_approx_ftz(__fmul_rn(v, -1.44269504f));
+    return __fmul_rn(v, rcp_approx_ftz(fmaf(ep.out_scale, e, ep.out_scale)));
   } else {
-    row = item / chunks_per_row;
-    t0 = (item - row * chunks_per_row) * items;
+    return __fmul_rn(v, ep.inv_out_scale);
   }
 }
 
-// This thread's chunk of `items` outputs of a prefill launch: its row (batch * dim + channel),
-// first step, channel and batch; false for threads past the last chunk. 32-bit division when the
-// sizes allow it.
+// The exact path's code (the reference formula, IEEE division); kept out of line: it runs for a
+// few outputs in ten thousand. Scalars rather than the struct, so they travel in registers.
+__device__ __noinline__ uint32_t exact_int8_code(int acc, float scale, float bias,
+                                                 float out_scale, bool silu, Rounding rule) {
+  const float v = __fadd_rn(__fmul_rn(scale, small_int_to_float(acc)), bias);
+  return static_cast<uint8_t>(quantize_int8(silu ? silu_exact(v) : v, out_scale, rule));
+}
+
+__device__ __forceinline__ uint32_t exact_int8_code(int acc, const Int8Epilogue& ep) {
+  return exact_int8_code(acc, ep.scale, ep.bias, ep.out_scale, ep.silu, ep.rule);
+}
+
+// The code of one output (the update kernel): fast when clear of the boundaries, else exact.
+__device__ __forceinline__ uint32_t int8_code(int acc, const Int8Epilogue& ep) {
+  uint32_t bits;
+  if (ep.fast_ok) {
+    const float v = int8_pre_silu(acc, ep);
+    const float q = ep.silu ? fast_quotient<true>(v, ep) : fast_quotient<false>(v, ep);
+    if (q8_bits_if_clear(q, ep.rel_margin, ep.abs_margin, bits)) return bits & 0xFFu;
+  }
+  return exact_int8_code(acc, ep);
+}
+
+// This thread's chunk of c.items outputs of a prefill launch: its row (batch * dim + channel),
+// first step, channel and batch; false for threads past the last chunk.
 struct ChunkPosition {
   int64_t row, t0, channel, batch;
 };
 
-__device__ __forceinline__ bool chunk_position(int items, int64_t rows, int64_t dim,
-                                               int64_t seqlen, bool index32, ChunkPosition& p) {
-  const int64_t chunks_per_row = (seqlen + items - 1) / items;
+__device__ __forceinline__ bool chunk_position(const ConvScalars& c, int64_t rows, int64_t dim,
+                                               ChunkPosition& p) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= rows * chunks_per_row) return false;
-  chunk_of(item, chunks_per_row, items, index32, p.row, p.t0);
-  if (index32) {
-    p.channel = static_cast<uint32_t>(p.row) % static_cast<uint32_t>(dim);
-    p.batch = static_cast<uint32_t>(p.row) / static_cast<uint32_t>(dim);
+  if (item >= rows * c.chunks_per_row) return false;
+  if (c.index32) {
+    const uint32_t i = static_cast<uint32_t>(item);
+    const uint32_t row = c.by_chunks_per_row.div(i);
+    const uint32_t batch = c.by_dim.div(row);
+    p.row = row;
+    p.t0 = static_cast<int64_t>(i - row * static_cast<uint32_t>(c.chunks_per_row)) * c.items;
+    p.batch = batch;
+    p.channel = row - batch * static_cast<uint32_t>(dim);
   } else {
+    p.row = item / c.chunks_per_row;
+    p.t0 = (item - p.row * c.chunks_per_row) * c.items;
     p.channel = p.row % dim;
     p.batch = p.row / dim;
   }
@@ -197,19 +269,34 @@ __device__ __forceinline__ int window_word(const uint32_t (&words)[kW], int i) {
   return static_cast<int>(shift == 0 ? lo : __byte_perm(lo, hi, 0x3210 + 0x1111 * shift));
 }
 
-// INT8 path, kN outputs per thread (16 for int8 output: one 16-byte load and store; 8 for
-// float32 output).
-template <int K, typename TOut, bool kAligned>
+// Weights of one channel as a little-endian word padded in front with zeros to 4 bytes: byte k of
+// a window word is x[t - 3 + k], so dp4a(window word, weight word) is the conv's integer sum.
+template <int K>
+__device__ __forceinline__ uint32_t int8_weight_word(const int8_t* weight, int64_t channel) {
+  if (K == 4 && (reinterpret_cast<uintptr_t>(weight) & 3u) == 0u) {
+    return *reinterpret_cast<const uint32_t*>(weight + channel * 4);  // byte k = w_k
+  }
+  uint32_t wword = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    wword |= static_cast<uint32_t>(static_cast<uint8_t>(weight[channel * K + k]))
+             << (8 * (4 - K + k));
+  }
+  return wword;
+}
+
+// INT8 in -> float32 out: 8 outputs per thread (one 8-byte load, two 16-byte stores).
+template <int K, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    conv1d_int8_fwd_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ weight,
-                           const int8_t* __restrict__ bias, TOut* __restrict__ out, int64_t rows,
+    conv1d_int8_f32_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ weight,
+                           const int8_t* __restrict__ bias, float* __restrict__ out, int64_t rows,
                            int64_t dim, int64_t seqlen, ConvScalars c) {
   launch::start_after_prior_grids();  // first: see launch.cuh
-  constexpr int kN = sizeof(TOut) == 1 ? 16 : 8;
+  constexpr int kN = 8;
   constexpr int kW = kN / 4 + 1;
   ChunkPosition pos;
-  if (!chunk_position(kN, rows, dim, seqlen, c.index32, pos)) return;
-  const int64_t row = pos.row, t0 = pos.t0, channel = pos.channel, batch = pos.batch;
+  if (!chunk_position(c, rows, dim, pos)) return;
+  const int64_t row = pos.row, t0 = pos.t0;
   const bool full = t0 + kN <= seqlen;
   uint32_t words[kW];
   if (kAligned && full) {
@@ -217,69 +304,170 @@ __global__ void __launch_bounds__(kThreads)
   } else {
     load_int8_window<kN, false>(x + row * seqlen, t0, seqlen, words);
   }
-  // Weights padded in front with zeros to 4 bytes: byte k of the window word is x[t - 3 + k].
-  uint32_t wword = 0;
+  const uint32_t wword = int8_weight_word<K>(weight, pos.channel);
+  const Int8Epilogue ep = int8_epilogue(
+      c, int8_input_scale(c, pos.batch),
+      bias != nullptr ? int8_bias(bias, pos.channel, c.s_b) : -0.0f);
+  float result[kN];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    wword |= static_cast<uint32_t>(static_cast<uint8_t>(weight[channel * K + k]))
-             << (8 * (4 - K + k));
+  for (int i = 0; i < kN; ++i) {
+    const float v = int8_pre_silu(__dp4a(window_word(words, i), static_cast<int>(wword), 0), ep);
+    result[i] = ep.silu ? silu_exact(v) : v;
   }
-  Int8Epilogue ep;
-  ep.scale = int8_input_scale(c, batch);
-  ep.bias = bias != nullptr ? int8_bias(bias, channel, c.s_b) : -0.0f;
-  ep.silu = c.silu;
-  ep.out_scale = c.out_scale;
-  ep.inv_out_scale = __frcp_rn(c.out_scale);
-  // The fast paths' error bounds need a normal reciprocal (scales far from the float limits).
-  ep.fast_ok = reciprocal_ok(ep.inv_out_scale);
-  ep.rule = c.rule;
-
-  TOut* out_row = out + row * seqlen;
-  if constexpr (sizeof(TOut) == 1) {
-    uint32_t packed[4] = {0u, 0u, 0u, 0u};
-    if (ep.silu && ep.fast_ok) {  // the common case, without per-element mode checks
-#pragma unroll
-      for (int i = 0; i < kN; ++i) {
-        const float v = int8_pre_silu(__dp4a(window_word(words, i), static_cast<int>(wword), 0), ep);
-        uint32_t code;
-        if (!silu_code_fast(v, ep, code)) {
-          code = static_cast<uint8_t>(quantize_int8(silu_exact(v), ep.out_scale, ep.rule));
-        }
-        packed[i / 4] |= code << (8 * (i % 4));
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kN; ++i) {
-        const float v = int8_pre_silu(__dp4a(window_word(words, i), static_cast<int>(wword), 0), ep);
-        packed[i / 4] |= int8_code(v, ep) << (8 * (i % 4));
-      }
-    }
-    if (kAligned && full) {
-      *reinterpret_cast<uint4*>(out_row + t0) =
-          make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kN; ++i) {
-        if (t0 + i < seqlen) {
-          out_row[t0 + i] = static_cast<TOut>(static_cast<int8_t>(packed[i / 4] >> (8 * (i % 4))));
-        }
-      }
-    }
+  float* out_row = out + row * seqlen;
+  if (kAligned && full) {
+    store8<float, true>(out_row + t0, result);
   } else {
-    TOut result[kN];
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      const float v = int8_pre_silu(__dp4a(window_word(words, i), static_cast<int>(wword), 0), ep);
-      result[i] = ep.silu ? silu_exact(v) : v;
+      if (t0 + i < seqlen) out_row[t0 + i] = result[i];
     }
-    if (kAligned && full) {
-      store8<TOut, true>(out_row + t0, result);
-    } else {
+  }
+}
+
+// INT8 in -> INT8 out: each thread takes c.chunks_per_thread (1 or 2, see run_fwd) consecutive
+// chunks of 16 outputs of one row, loading the next chunk's 16 bytes before converting the
+// current one.
+
+// xp[0 .. 15] as four little-endian words, zero from xp[left] on.
+template <bool kVector>
+__device__ __forceinline__ uint4 load_int8_chunk(const int8_t* xp, int left) {
+  if (kVector && left >= kItems) return *reinterpret_cast<const uint4*>(xp);
+  uint32_t words[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-      for (int i = 0; i < kN; ++i) {
-        if (t0 + i < seqlen) out_row[t0 + i] = result[i];
+  for (int i = 0; i < kItems; ++i) {
+    if (i < left) words[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(xp[i])) << (8 * (i % 4));
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// q8_bits_if_clear for the prefill's fast path, one instruction cheaper per output: clear when
+// |q - round(q)| + |q| rel_margin < limit = 0.5 - abs_margin - 2^-24 (the 2^-24 covers this
+// sum's one rounding). kClampLow = false when q > -128.5 is certain (SiLU with
+// s_out >= 0.2785 / 128.5: codes down to -128 need no clamp).
+template <bool kClampLow>
+__device__ __forceinline__ bool q8_bits_if_clear_fast(float q, float rel_margin, float limit,
+                                                      uint32_t& bits) {
+  float c = fminf(q, 127.0f);
+  if constexpr (kClampLow) c = fmaxf(c, -128.0f);
+  const float shifted = __fadd_rn(c, 12582912.0f);
+  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
+  bits = __float_as_uint(shifted);
+  return fmaf(fabsf(c), rel_margin, fabsf(__fadd_rn(c, -nearest))) < limit;
+}
+
+// The prefill's fast path forms v with one FMA, RN(scale * acc + bias), instead of the reference's
+// RN(RN(scale * acc) + bias). The two differ by at most 2^-24 |scale * acc| + 2^-23 |v|: the
+// relative part is in the margins above (2 |v silu'(v) / silu(v)| <= 2.6 units where v >= 0, and
+// within the 6.7 units of kSiluNegAbsMargin where v < 0: the maximum becomes 3.25), the absolute
+// part moves q by at most 1.1 (the largest slope of SiLU) * 2^-24 |scale| max|acc| / s_out,
+// with max|acc| = 128 * sum_k |w_k| for the channel; it is taken off the limit.
+__device__ __forceinline__ float conv_limit(const ConvScalars& c, const Int8Epilogue& ep,
+                                            uint32_t wword) {
+  // Per-byte |w| (|-128| is the byte 0x80, read unsigned), summed by an unsigned dp4a.
+  const unsigned weight_sum = __dp4a(__vabs4(wword), 0x01010101u, 0u);
+  const float max_product = fabsf(ep.scale) * static_cast<float>(128u * weight_sum);
+  return c.fast_limit - 1.1f * 0x1p-24f * 1.001f * max_product * ep.inv_out_scale;
+}
+
+// The 16 codes of one chunk (window word 0 = x[t - 4 .. t - 1]) through the fast path, packed
+// four to a word; the returned mask marks the outputs the fast path could not decide.
+template <bool kSilu, bool kClampLow>
+__device__ __forceinline__ uint32_t int8_codes_fast(const uint32_t (&words)[5], uint32_t wword,
+                                                    const Int8Epilogue& ep, float limit,
+                                                    uint32_t (&packed)[4]) {
+  uint32_t undecided = 0u;
+  uint32_t bits[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    // dp4a accumulates onto 1.5 * 2^23's bit pattern: the float of that word is 1.5 * 2^23 + acc.
+    const int biased = __dp4a(window_word(words, i), static_cast<int>(wword), 0x4B400000);
+    const float acc = __fadd_rn(__int_as_float(biased), -12582912.0f);  // exact
+    const float v = fmaf(ep.scale, acc, ep.bias);  // near the reference's v: see conv_limit
+    if (!q8_bits_if_clear_fast<kClampLow>(fast_quotient<kSilu>(v, ep), ep.rel_margin, limit,
+                                          bits[i])) {
+      undecided |= 1u << i;
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    packed[w] = __byte_perm(__byte_perm(bits[4 * w], bits[4 * w + 1], 0x0040),
+                            __byte_perm(bits[4 * w + 2], bits[4 * w + 3], 0x0040), 0x5410);
+  }
+  return undecided;
+}
+
+template <int K, bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    conv1d_int8_q8_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ weight,
+                          const int8_t* __restrict__ bias, int8_t* __restrict__ out,
+                          int64_t rows, int64_t dim, int64_t seqlen, ConvScalars c) {
+  launch::start_after_prior_grids();  // first: see launch.cuh
+  ChunkPosition pos;
+  if (!chunk_position(c, rows, dim, pos)) return;
+  const int64_t t0 = pos.t0;
+  const int8_t* xp = x + pos.row * seqlen + t0;  // this chunk's input and output
+  int8_t* op = out + pos.row * seqlen + t0;
+  // Outputs left in the row from this chunk on (this thread's share is at most 16 * chunks).
+  int left = static_cast<int>(min(seqlen - t0, static_cast<int64_t>(kItems * c.chunks_per_thread)));
+  const uint32_t wword = int8_weight_word<K>(weight, pos.channel);
+  const Int8Epilogue ep = int8_epilogue(
+      c, int8_input_scale(c, pos.batch),
+      bias != nullptr ? int8_bias(bias, pos.channel, c.s_b) : -0.0f);
+  const float limit = conv_limit(c, ep, wword);
+
+  // x[t0 - 4 .. t0 - 1] for the first chunk (zero before the row).
+  uint32_t before = 0u;
+  if (kAligned && t0 > 0) {
+    before = *reinterpret_cast<const uint32_t*>(xp - 4);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (t0 - 4 + k >= 0) before |= static_cast<uint32_t>(static_cast<uint8_t>(xp[k - 4])) << (8 * k);
+    }
+  }
+  uint4 chunk = load_int8_chunk<kAligned>(xp, left);
+#pragma unroll 1
+  while (true) {
+    const uint4 next = left > kItems ? load_int8_chunk<kAligned>(xp + kItems, left - kItems)
+                                     : make_uint4(0u, 0u, 0u, 0u);
+    const uint32_t words[5] = {before, chunk.x, chunk.y, chunk.z, chunk.w};
+    uint32_t packed[4] = {0u, 0u, 0u, 0u};
+    uint32_t undecided = 0xFFFFu;  // every output, when the scales rule out the fast path
+    if (ep.fast_ok) {
+      if (!ep.silu) {
+        undecided = int8_codes_fast<false, true>(words, wword, ep, limit, packed);
+      } else if (c.clamp_low) {
+        undecided = int8_codes_fast<true, true>(words, wword, ep, limit, packed);
+      } else {
+        undecided = int8_codes_fast<true, false>(words, wword, ep, limit, packed);
       }
     }
+    if (undecided != 0u) {  // rare: the exact formula for the outputs near a boundary
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {  // compile-time i keeps `words` and `packed` in registers
+        if (undecided & (1u << i)) {
+          const uint32_t code =
+              exact_int8_code(__dp4a(window_word(words, i), static_cast<int>(wword), 0), ep);
+          const int shift = 8 * (i % 4);
+          packed[i / 4] = (packed[i / 4] & ~(0xFFu << shift)) | (code << shift);
+        }
+      }
+    }
+    if (kAligned && left >= kItems) {
+      *reinterpret_cast<uint4*>(op) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (i < left) op[i] = static_cast<int8_t>(packed[i / 4] >> (8 * (i % 4)));
+      }
+    }
+    left -= kItems;
+    if (left <= 0) break;
+    xp += kItems;
+    op += kItems;
+    before = chunk.w;
+    chunk = next;
   }
 }
 
@@ -290,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t dim, int64_t seqlen, ConvScalars c) {
   launch::start_after_prior_grids();  // first: see launch.cuh
   ChunkPosition pos;
-  if (!chunk_position(kItems, rows, dim, seqlen, c.index32, pos)) return;
+  if (!chunk_position(c, rows, dim, pos)) return;
   const int64_t row = pos.row, t0 = pos.t0, channel = pos.channel;
   const TIn* xr = x + row * seqlen;
 
@@ -374,18 +562,13 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
       wword |= static_cast<uint32_t>(static_cast<uint8_t>(w_raw[k])) << (8 * (4 - K + k));
     }
     const int acc = __dp4a(static_cast<int>(xword), static_cast<int>(wword), 0);
-    Int8Epilogue ep;
-    ep.scale = int8_input_scale(c, batch);
-    ep.bias = has_bias ? __double2float_rn(__dmul_rn(static_cast<double>(b_raw), c.s_b)) : -0.0f;
-    ep.silu = c.silu;
-    ep.out_scale = c.out_scale;
-    ep.inv_out_scale = __frcp_rn(c.out_scale);
-    ep.fast_ok = reciprocal_ok(ep.inv_out_scale);
-    ep.rule = c.rule;
-    const float v = int8_pre_silu(acc, ep);
+    const Int8Epilogue ep = int8_epilogue(
+        c, int8_input_scale(c, batch),
+        has_bias ? __double2float_rn(__dmul_rn(static_cast<double>(b_raw), c.s_b)) : -0.0f);
     if constexpr (sizeof(TOut) == 1) {
-      out[row] = static_cast<TOut>(static_cast<int8_t>(int8_code(v, ep)));
+      out[row] = static_cast<TOut>(static_cast<int8_t>(int8_code(acc, ep)));
     } else {
+      const float v = int8_pre_silu(acc, ep);
       out[row] = ep.silu ? silu_exact(v) : v;
     }
   } else {
@@ -404,34 +587,74 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
 }
 
 ConvScalars scalars_of(const Conv1dArgs& a) {
-  return ConvScalars{a.s_x,     a.s_x_per_seq,
-                     a.s_w,     a.s_b,
-                     a.out_scale, static_cast<Rounding>(a.rounding),
-                     a.silu,    false};
+  ConvScalars c{};
+  c.s_x = a.s_x;
+  c.s_x_per_seq = a.s_x_per_seq;
+  c.s_w = a.s_w;
+  c.s_b = a.s_b;
+  c.out_scale = a.out_scale;
+  c.rule = static_cast<Rounding>(a.rounding);
+  c.silu = a.silu;
+  c.index32 = false;
+  c.input_scale = static_cast<float>(a.s_x * a.s_w);  // one rounding of the float64 product
+  c.inv_out_scale = 1.0f / a.out_scale;               // IEEE: RN(1 / s), as __frcp_rn
+  c.fast_ok = reciprocal_ok(c.inv_out_scale);
+  c.rel_margin = a.silu ? kSiluRelMargin : kDivMargin;
+  c.abs_margin = a.silu ? kSiluNegAbsMargin * c.inv_out_scale : 0.0f;
+  c.fast_limit = static_cast<float>(0.5 - static_cast<double>(c.abs_margin) - 0x1p-24);
+  // SiLU >= -0.27847 and q's error is far below 1e-4 relative: q > -128.5 when 1 / s_out is at
+  // most 128.5 / 0.27847 / (1 + 1e-4) > 461.
+  c.clamp_low = !a.silu || !(c.inv_out_scale <= 460.0f);
+  c.chunks_per_thread = 1;
+  return c;
 }
 
 template <int K, typename TIn, typename TW, typename TOut, bool kInt8>
 cudaError_t run_fwd(const Conv1dArgs& a, cudaStream_t stream) {
   const int64_t rows = a.batch * a.dim;
-  // Outputs per thread: 8 for the INT8 path's float32 output, else kItems (see the kernels).
-  const int items = kInt8 && sizeof(TOut) != 1 ? 8 : kItems;
+  // Outputs per thread: 8 for the INT8 path's float32 output, one or two chunks of kItems for
+  // its INT8 output, else kItems (see the kernels).
+  const int vector = kInt8 && sizeof(TOut) != 1 ? 8 : kItems;  // outputs per vector access
+  // INT8 output: two chunks per thread (the per-row setup then costs half as much per output)
+  // once there are threads enough to fill the GPU a few times over without (2^19 chunks: about
+  // three waves of one chunk per thread on an H100). Measured (H100, 2.8B shapes): batch 8
+  // 80 / 70 / 103 us with 1 / 2 / 4 chunks per thread; batch 1 12.2 / 11.6 / 17.9 us.
+  const int64_t vector_chunks = rows * ((a.seqlen + vector - 1) / vector);
+  int chunks_per_thread = 1;
+  if (kInt8 && sizeof(TOut) == 1 && vector_chunks >= (int64_t{1} << 19)) chunks_per_thread = 2;
+  const int items = vector * chunks_per_thread;
   const int64_t chunks = rows * ((a.seqlen + items - 1) / items);
   if (chunks == 0) return cudaSuccess;
-  const bool aligned = a.seqlen % items == 0 && is_aligned(a.x, sizeof(TIn) * items) &&
-                       is_aligned(a.out, sizeof(TOut) * items);
+  const bool aligned = a.seqlen % vector == 0 && is_aligned(a.x, sizeof(TIn) * vector) &&
+                       is_aligned(a.out, sizeof(TOut) * vector);
   const unsigned int blocks = blocks_for(chunks, kThreads);
   const TIn* x = static_cast<const TIn*>(a.x);
   const TW* w = static_cast<const TW*>(a.weight);
   const TW* bias = static_cast<const TW*>(a.bias);
   TOut* out = static_cast<TOut*>(a.out);
   ConvScalars c = scalars_of(a);
-  c.index32 = chunks < (int64_t{1} << 32) && rows < (int64_t{1} << 32);
-  if constexpr (kInt8) {
+  c.items = items;
+  c.chunks_per_row = (a.seqlen + items - 1) / items;
+  c.index32 = chunks < (int64_t{1} << 31);
+  if (c.index32) {
+    c.by_chunks_per_row = make_fast_div(static_cast<uint32_t>(c.chunks_per_row));
+    c.by_dim = make_fast_div(static_cast<uint32_t>(a.dim));
+  }
+  c.chunks_per_thread = chunks_per_thread;
+  if constexpr (kInt8 && sizeof(TOut) == 1) {
     if (aligned) {
-      launch::launch_kernel(conv1d_int8_fwd_kernel<K, TOut, true>,
+      launch::launch_kernel(conv1d_int8_q8_kernel<K, true>,
           blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     } else {
-      launch::launch_kernel(conv1d_int8_fwd_kernel<K, TOut, false>,
+      launch::launch_kernel(conv1d_int8_q8_kernel<K, false>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
+    }
+  } else if constexpr (kInt8) {
+    if (aligned) {
+      launch::launch_kernel(conv1d_int8_f32_kernel<K, true>,
+          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
+    } else {
+      launch::launch_kernel(conv1d_int8_f32_kernel<K, false>,
           blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
     }
   } else {

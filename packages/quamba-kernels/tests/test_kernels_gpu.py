@@ -236,6 +236,36 @@ def test_conv1d_int8_per_sequence_int8_and_no_bias(per_sequence, s_out):
         _assert_codes(got, want, v.double() / _f32(s_out), "conv no bias int8")
 
 
+@pytest.mark.parametrize("length", [80, 333, 2000])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("s_out", [1e-4, 0.002, 0.5, 3.0])
+def test_conv1d_int8_codes_across_output_scales(length, silu, s_out):
+    """The fast Q8 path's margins across scales: small s_out saturates both signs and widens the
+    negative-side margin (many exact fallbacks); large s_out gives few codes. Lengths cover a
+    thread's 64-output span cut short (80, 2000: whole 16-byte chunks; 333: not)."""
+    from quamba_kernels.conv1d import conv1d_int8
+    from quamba_layers import reference_ops as ref
+
+    g = _gen("conv-scales", length, silu, s_out)
+    x_q, w_q, b_q, s_x, s_w, s_b = _conv_inputs(g, 2, 37, length, 4)
+    got = _run_int8_twice(
+        lambda out: conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, silu=silu, out=out),
+        (2, 37, length),
+    )
+    if silu:
+        want = ref.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out)
+        v = ref.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, None)
+    else:  # the reference's pre-activation: float32(s_w s_x) * acc, then + float32(s_b b)
+        xp = torch.nn.functional.pad(x_q.double(), (3, 0))
+        acc = sum(w_q.double()[None, :, j, None] * xp[:, :, j : j + length] for j in range(4))
+        scale = torch.tensor(s_w * s_x, dtype=torch.float64).float().to(DEVICE)
+        v = scale * acc.float() + (b_q.double() * s_b).float()[:, None]
+        want = ref.quantize_int8(v, s_out, "half_away")
+    _assert_codes(got, want, v.double() / _f32(s_out), f"conv s_out={s_out} silu={silu}")
+    if s_out <= 0.002:  # both signs saturate
+        assert int((want == 127).sum()) > 0 and int((want == -128).sum()) > 0
+
+
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_conv1d_rounding_rule_at_exact_ties(rounding):
     """Without SiLU and with s_w*s_x = 0.5, s_out = 1: v = acc/2, half of the codes are ties."""

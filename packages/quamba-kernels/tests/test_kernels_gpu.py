@@ -219,12 +219,13 @@ def test_conv1d_int8_float_output(length, batch, width, per_sequence):
 
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("s_out", [None, 0.05])
-def test_conv1d_int8_per_sequence_int8_and_no_bias(per_sequence, s_out):
+@pytest.mark.parametrize("length", [300, 700])
+def test_conv1d_int8_per_sequence_int8_and_no_bias(per_sequence, s_out, length):
     from quamba_kernels.conv1d import conv1d_int8
     from quamba_layers import reference_ops as ref
 
-    g = _gen("conv-nobias", per_sequence, s_out)
-    x_q, w_q, _, s_x, s_w, _ = _conv_inputs(g, 3, 41, 300, 4)
+    g = _gen("conv-nobias", per_sequence, s_out, length)
+    x_q, w_q, _, s_x, s_w, _ = _conv_inputs(g, 3, 41, length, 4)
     if per_sequence:
         s_x = torch.tensor([0.011, 0.03, 0.047], dtype=torch.float32, device=DEVICE)
     want = ref.conv1d_int8(x_q, s_x, w_q, s_w, None, 1.0, s_out)
@@ -236,13 +237,13 @@ def test_conv1d_int8_per_sequence_int8_and_no_bias(per_sequence, s_out):
         _assert_codes(got, want, v.double() / _f32(s_out), "conv no bias int8")
 
 
-@pytest.mark.parametrize("length", [80, 333, 2000])
+@pytest.mark.parametrize("length", [80, 333, 600, 2000])
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("s_out", [1e-4, 0.002, 0.5, 3.0])
 def test_conv1d_int8_codes_across_output_scales(length, silu, s_out):
     """The fast Q8 path's margins across scales: small s_out saturates both signs and widens the
-    negative-side margin (many exact fallbacks); large s_out gives few codes. Lengths cover a
-    thread's 64-output span cut short (80, 2000: whole 16-byte chunks; 333: not)."""
+    negative-side margin (many exact fallbacks); large s_out gives few codes. Lengths: whole
+    16-output chunks (80, 2000) or not (333, 600), rows ending inside a thread's chunk."""
     from quamba_kernels.conv1d import conv1d_int8
     from quamba_layers import reference_ops as ref
 

@@ -140,6 +140,27 @@ void expect_ndim(const AnyArray& a, const std::string& name, size_t ndim) {
   }
 }
 
+// A (rows, width) matrix for a decode step: `row` == 0, a contiguous (rows, width) array; `row`
+// > 0, rows `row` elements apart (a column range of a wider matrix), passed as the 1-D span from
+// its first element to its last, (rows - 1) * row + width elements.
+void expect_rows(const AnyArray& a, const std::string& name, int64_t rows, int64_t width,
+                 int64_t row) {
+  if (row == 0) {
+    expect_shape(a, name, {rows, width});
+    return;
+  }
+  if (row < width) {
+    throw std::invalid_argument(name + " row stride must be at least its width " +
+                                std::to_string(width) + ", got " + std::to_string(row));
+  }
+  expect_ndim(a, name + " (a row-strided span)", 1);
+  const int64_t span = (rows - 1) * row + width;
+  if (static_cast<int64_t>(a.shape(0)) != span) {
+    throw std::invalid_argument(name + " span must have (rows - 1) * row + width = " +
+                                std::to_string(span) + " elements, got " + shape_str(a));
+  }
+}
+
 void expect_same_shape(const AnyArray& a, const std::string& name, const AnyArray& ref,
                        const std::string& ref_name) {
   bool ok = a.ndim() == ref.ndim();
@@ -213,13 +234,14 @@ void transpose_int8(CudaArray<const int8_t> x, CudaArray<int8_t> out, std::uintp
 // ---- conv1d ----
 
 // Shared checks of prefill (x (B, E, L)) and update (x (B, E), state (B, E, K-1)).
-quamba::Conv1dArgs conv_args(const AnyArray& x, const AnyArray& weight, const OptArray& bias,
-                             const AnyArray& out, double s_x, const OptArray& s_x_per_seq,
-                             double s_w, double s_b, float out_scale, int rounding, bool silu) {
+quamba::Conv1dArgs conv_args(const AnyArray& x, int64_t batch, int64_t dim,
+                             const AnyArray& weight, const OptArray& bias, const AnyArray& out,
+                             double s_x, const OptArray& s_x_per_seq, double s_w, double s_b,
+                             float out_scale, int rounding, bool silu) {
   quamba::Conv1dArgs a;
   a.x_type = elem_type_of(x, "x");
-  a.batch = static_cast<int64_t>(x.shape(0));
-  a.dim = static_cast<int64_t>(x.shape(1));
+  a.batch = batch;
+  a.dim = dim;
   expect_ndim(weight, "weight", 2);
   if (static_cast<int64_t>(weight.shape(0)) != a.dim) {
     throw std::invalid_argument("weight must have shape (E, K) with E = x.shape[1], got " +
@@ -282,7 +304,8 @@ void conv1d_fwd(AnyArray x, AnyArray weight, OptArray bias, AnyArray out, double
                 bool silu, std::uintptr_t stream) {
   expect_ndim(x, "x", 3);
   quamba::Conv1dArgs a =
-      conv_args(x, weight, bias, out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
+      conv_args(x, static_cast<int64_t>(x.shape(0)), static_cast<int64_t>(x.shape(1)), weight, bias,
+                out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
   a.seqlen = static_cast<int64_t>(x.shape(2));
   expect_same_shape(out, "out", x, "x");
   const int device = common_device({&x, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq)});
@@ -292,13 +315,19 @@ void conv1d_fwd(AnyArray x, AnyArray weight, OptArray bias, AnyArray out, double
 
 void conv1d_update(AnyArray x, AnyArray state, AnyArray weight, OptArray bias, AnyArray out,
                    double s_x, OptArray s_x_per_seq, double s_w, double s_b, float out_scale,
-                   int rounding, bool silu, std::uintptr_t stream) {
-  expect_ndim(x, "x", 2);
-  quamba::Conv1dArgs a =
-      conv_args(x, weight, bias, out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
+                   int rounding, bool silu, std::uintptr_t stream, int64_t x_row) {
+  // (B, E) from x, or from the state when x is a row-strided span.
+  expect_ndim(state, "conv_state", 3);
+  if (x_row == 0) expect_ndim(x, "x", 2);
+  const int64_t batch = static_cast<int64_t>(x_row == 0 ? x.shape(0) : state.shape(0));
+  const int64_t dim = static_cast<int64_t>(x_row == 0 ? x.shape(1) : state.shape(1));
+  expect_rows(x, "x", batch, dim, x_row);
+  quamba::Conv1dArgs a = conv_args(x, batch, dim, weight, bias, out, s_x, s_x_per_seq, s_w, s_b,
+                                   out_scale, rounding, silu);
   expect_type(state, "conv_state", a.x_type);
   expect_shape(state, "conv_state", {a.batch, a.dim, a.width - 1});
-  expect_same_shape(out, "out", x, "x");
+  expect_shape(out, "out", {a.batch, a.dim});
+  a.x_row = x_row;
   a.state = state.data();
   const int device =
       common_device({&x, &state, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq)});
@@ -536,7 +565,8 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
                          float C_scale, float D_scale, float z_scale, float delta_bias_scale,
                          float state_scale, int state_rounding, bool softplus,
                          std::uintptr_t stream, OptArray dt_x, OptArray dt_w,
-                         float dt_gemm_scale, int dt_rounding) {
+                         float dt_gemm_scale, int dt_rounding, int64_t z_row, int64_t B_row,
+                         int64_t C_row) {
   quamba::ScanArgs a;
   expect_ndim(u, "u", 2);
   a.batch = static_cast<int64_t>(u.shape(0));
@@ -549,12 +579,17 @@ void selective_scan_step(AnyArray state, AnyArray u, AnyArray delta, AnyArray A,
   scan_params(a, A, D, delta_bias);
   expect_type(B, "B", a.x_type);
   expect_type(C, "C", a.x_type);
-  expect_shape(B, "B", {a.batch, a.dstate});
-  expect_shape(C, "C", {a.batch, a.dstate});
+  expect_rows(B, "B", a.batch, a.dstate, B_row);
+  expect_rows(C, "C", a.batch, a.dstate, C_row);
   if (z) {
     expect_type(*z, "z", a.x_type);
-    expect_same_shape(*z, "z", u, "u");
+    expect_rows(*z, "z", a.batch, a.dim, z_row);
+  } else if (z_row != 0) {
+    throw std::invalid_argument("z_row needs z");
   }
+  a.z_row = z_row;
+  a.B_row = B_row;
+  a.C_row = C_row;
   a.state_type = elem_type_of(state, "state");
   expect_shape(state, "state", {a.batch, a.dim, a.dstate});
   a.out_type = elem_type_of(out, "out");
@@ -761,8 +796,10 @@ NB_MODULE(_C, m) {
         nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
         nb::arg("out").noconvert(), nb::arg("s_x"), nb::arg("s_x_per_seq").noconvert().none(),
         nb::arg("s_w"), nb::arg("s_b"), nb::arg("out_scale"), nb::arg("rounding"),
-        nb::arg("silu"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
-        "One decode step of conv1d_fwd; state (B, E, K-1) is shifted in place.");
+        nb::arg("silu"), nb::arg("stream"), nb::arg("x_row") = 0,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "One decode step of conv1d_fwd; state (B, E, K-1) is shifted in place. x_row > 0: x is the "
+        "1-D span of (B, E) rows x_row elements apart.");
   m.def("rmsnorm", &rmsnorm, nb::arg("x").noconvert(), nb::arg("residual").noconvert().none(),
         nb::arg("weight").noconvert().none(), nb::arg("out").noconvert(),
         nb::arg("residual_out").noconvert().none(), nb::arg("eps"), nb::arg("out_scale"),
@@ -792,9 +829,11 @@ NB_MODULE(_C, m) {
         nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("stream"),
         nb::arg("dt_x").noconvert().none() = nb::none(),
         nb::arg("dt_w").noconvert().none() = nb::none(), nb::arg("dt_gemm_scale") = 1.0f,
-        nb::arg("dt_rounding") = 0, nb::call_guard<nb::gil_scoped_release>(),
+        nb::arg("dt_rounding") = 0, nb::arg("z_row") = 0, nb::arg("B_row") = 0,
+        nb::arg("C_row") = 0, nb::call_guard<nb::gil_scoped_release>(),
         "One selective-scan decode step; the state (B, E, N) is updated in place. With dt_x and "
-        "dt_w, delta is an int8 output: dt_proj's W8A8 GEMM computed inside the step.");
+        "dt_w, delta is an int8 output: dt_proj's W8A8 GEMM computed inside the step. z_row, "
+        "B_row, C_row > 0: that input is the 1-D span of rows that many elements apart.");
   m.def("int8_gemm", &int8_gemm, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
         nb::arg("out").noconvert(), nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"),
         nb::arg("seq_len"), nb::arg("algo"), nb::arg("stream"),

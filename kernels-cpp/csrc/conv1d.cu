@@ -536,7 +536,7 @@ template <int K, typename TIn, typename TW, typename TOut, bool kInt8>
 __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict__ state,
                                      const TW* __restrict__ weight, const TW* __restrict__ bias,
                                      TOut* __restrict__ out, int64_t rows, int64_t dim,
-                                     ConvScalars c) {
+                                     int64_t x_row, ConvScalars c) {
   launch::start_after_prior_grids();  // first: see launch.cuh
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
@@ -547,7 +547,7 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
   TIn raw[K];
 #pragma unroll
   for (int k = 0; k < K - 1; ++k) raw[k] = st[k];
-  raw[K - 1] = x[row];
+  raw[K - 1] = x[batch * x_row + channel];
   TW w_raw[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) w_raw[k] = weight[channel * K + k];
@@ -677,7 +677,8 @@ cudaError_t run_update(const Conv1dArgs& a, cudaStream_t stream) {
   launch::launch_kernel(conv1d_update_kernel<K, TIn, TW, TOut, kInt8>, blocks_for(rows, threads),
                         threads, 0, stream,
       static_cast<const TIn*>(a.x), static_cast<TIn*>(a.state), static_cast<const TW*>(a.weight),
-      static_cast<const TW*>(a.bias), static_cast<TOut*>(a.out), rows, a.dim, scalars_of(a));
+      static_cast<const TW*>(a.bias), static_cast<TOut*>(a.out), rows, a.dim,
+      a.x_row > 0 ? a.x_row : a.dim, scalars_of(a));
   return cudaGetLastError();
 }
 

@@ -28,6 +28,7 @@ struct Conv1dArgs {
   int64_t batch = 0;
   int64_t dim = 0;
   int64_t seqlen = 0;  // prefill only
+  int64_t x_row = 0;   // update only: elements between x's rows (0: contiguous, E)
   int width = 4;
   ElemType x_type = ElemType::Int8;       // int8 selects the INT8 path
   ElemType weight_type = ElemType::Int8;  // float path: x_type or float32

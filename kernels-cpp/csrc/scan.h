@@ -38,6 +38,9 @@ struct ScanArgs {
   float z_scale = 1.0f;
   float B_scale = 1.0f;
   float C_scale = 1.0f;
+  // Step only: elements between the rows (batch entries) of z, B and C, so that they can be
+  // column ranges of a wider matrix (z of in_proj's output, B and C of x_proj's). 0: contiguous.
+  int64_t z_row = 0, B_row = 0, C_row = 0;
 
   // Parameters: float32 A (E, N) (already negative), D (E), delta_bias (E); or INT8 codes with
   // A = -exp(A_log_q * s_A), D = D_q * s_D, delta_bias = dtb_q * s_dtb (param_type Int8).

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
     u_raw = static_cast<const TU*>(a.u)[be];
     if (a.dt_x == nullptr) d_raw = static_cast<const TX*>(a.delta)[be];
     if (a.delta_bias != nullptr) bias = param_value(a.delta_bias, e, int8_params, a.delta_bias_scale);
-    if (a.z != nullptr) z_raw = static_cast<const TX*>(a.z)[be];
+    if (a.z != nullptr) z_raw = static_cast<const TX*>(a.z)[b * (a.z_row > 0 ? a.z_row : E) + e];
     if (a.D != nullptr) D = param_value(a.D, e, int8_params, a.D_scale);
   }
 #pragma unroll
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
     if (ok) {
       h_raw[s] = state[be * N + n];
       A[s] = a_value(a, e * N + n);
-      Bn[s] = dequant(static_cast<const TX*>(a.B)[b * N + n], a.B_scale);
-      Cn[s] = dequant(static_cast<const TX*>(a.C)[b * N + n], a.C_scale);
+      Bn[s] = dequant(static_cast<const TX*>(a.B)[b * (a.B_row > 0 ? a.B_row : N) + n], a.B_scale);
+      Cn[s] = dequant(static_cast<const TX*>(a.C)[b * (a.C_row > 0 ? a.C_row : N) + n], a.C_scale);
     }
   }
 

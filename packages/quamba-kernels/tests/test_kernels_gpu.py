@@ -858,6 +858,74 @@ def test_selective_state_update_float(dtype, state_dtype, n):
         _assert_equal(state, h_ref.to(state_dtype), f"fp step state {step}")
 
 
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_decode_steps_read_column_ranges_in_place(batch):
+    """The decode step takes x, z of in_proj's (B, 2E) output and B, C of x_proj's (B, R + 2N)
+    output as column ranges (rows apart in memory, no copies): the same outputs and states as
+    from contiguous copies, for the conv update, the INT8 step (plain and with dt_proj fused)
+    and the float step."""
+    from quamba_kernels.conv1d import conv1d_int8_update
+    from quamba_kernels.scan_step import selective_scan_step_int8, selective_state_update
+
+    e, n, r = 70, 16, 12
+    g = _gen("column-ranges", batch)
+    xz = _int8(g, (batch, 2 * e))
+    xdbl = _int8(g, (batch, r + 2 * n))
+    x_t, z_t = xz[:, :e], xz[:, e:]
+    b_q, c_q = xdbl[:, r : r + n], xdbl[:, r + n :]
+    assert batch == 1 or not (x_t.is_contiguous() or b_q.is_contiguous())
+
+    w_q, b_conv = _int8(g, (e, 4)), _int8(g, (e,))
+    state = _int8(g, (batch, e, 3))
+    state_copy = state.clone()
+    out, _ = conv1d_int8_update(x_t, state, 0.02, w_q, 0.01, b_conv, 0.02, 0.05)
+    want, _ = conv1d_int8_update(x_t.contiguous(), state_copy, 0.02, w_q, 0.01, b_conv, 0.02, 0.05)
+    _assert_equal(out, want, "conv update from a column range")
+    _assert_equal(state, state_copy, "conv state from a column range")
+
+    tensors, sc = _int8_scan_inputs(g, batch, e, 1, n)
+    u_q, dt_q, a_q, _, _, d_q, _, dtb_q = (t[..., 0].contiguous() if t.dim() == 3 else t
+                                           for t in tensors)  # fmt: skip
+    for fused in (False, True):
+        h = _int8(g, (batch, e, n))
+        h_copy = h.clone()
+        kwargs = {}
+        if fused:
+            dt_w = _int8(g, (e, r))
+            kwargs = {"dt_from": (xdbl, dt_w, 0.03, 0.004, "half_away")}
+        views = _int8_args((u_q, None if fused else dt_q, a_q, b_q, c_q, d_q, z_t, dtb_q), sc, 0.05)
+        copies = _int8_args((u_q, None if fused else dt_q, a_q, b_q.contiguous(), c_q.contiguous(),
+                             d_q, z_t.contiguous(), dtb_q), sc, 0.05)  # fmt: skip
+        y = selective_scan_step_int8(h, *views, **kwargs)[0]
+        y_want = selective_scan_step_int8(h_copy, *copies, **kwargs)[0]
+        _assert_equal(y, y_want, f"int8 step from column ranges (dt_proj fused: {fused})")
+        _assert_equal(h, h_copy, f"int8 step state from column ranges (dt_proj fused: {fused})")
+
+    u, delta, a, _, _, d, _, delta_bias = _float_scan_inputs(g, batch, e, 1, n, torch.float16)
+    wide_z = _normal(g, (batch, 3 * e), dtype=torch.float16)
+    wide_bc = _normal(g, (batch, 5 + 2 * n), dtype=torch.float16)
+    zv, bv, cv = wide_z[:, e : 2 * e], wide_bc[:, 5 : 5 + n], wide_bc[:, 5 + n :]
+    x, dt = u[..., 0].contiguous(), delta[..., 0].contiguous()
+    hf = _normal(g, (batch, e, n), dtype=torch.float32)
+    hf_copy = hf.clone()
+    yf, _ = selective_state_update(hf, x, dt, a, bv, cv, d, zv, delta_bias)
+    yf_want, _ = selective_state_update(
+        hf_copy, x, dt, a, bv.contiguous(), cv.contiguous(), d, zv.contiguous(), delta_bias
+    )
+    _assert_equal(yf, yf_want, "float step from column ranges")
+    _assert_equal(hf, hf_copy, "float step state from column ranges")
+
+
+def test_decode_steps_refuse_rows_that_are_not_contiguous():
+    from quamba_kernels.conv1d import conv1d_int8_update
+
+    x = torch.zeros(6, 4, dtype=torch.int8, device=DEVICE).t()  # (4, 6), columns contiguous
+    with pytest.raises(ValueError, match="contiguous rows"):
+        conv1d_int8_update(x, torch.zeros(4, 6, 3, dtype=torch.int8, device=DEVICE), 0.1,
+                           torch.zeros(6, 4, dtype=torch.int8, device=DEVICE), 0.1, None, 1.0,
+                           0.1)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # Misuse on the GPU machine: clear exceptions, never a crash
 # ------------------------------------------------------------------------------------------------

@@ -31,8 +31,12 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_tensor(name: str, t, dtypes, *, ndim: int | None = None) -> None:
-    """Type, dtype (one dtype or a tuple), contiguity and rank; the device is checked later."""
+def check_tensor(
+    name: str, t, dtypes, *, ndim: int | None = None, strided_rows: bool = False
+) -> None:
+    """Type, dtype (one dtype or a tuple), contiguity and rank; the device is checked later.
+    ``strided_rows``: a 2-D tensor may also have its rows apart in memory (contiguous within each
+    row, e.g. a column range of a wider matrix); see ``row_span``."""
     import torch
 
     if not isinstance(t, torch.Tensor):
@@ -43,13 +47,33 @@ def check_tensor(name: str, t, dtypes, *, ndim: int | None = None) -> None:
         raise TypeError(f"{name} must have dtype {names}, got {dtype_name(t.dtype)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    if t.is_contiguous():
+        return
+    if strided_rows and _rows_are_contiguous(t):
+        return
+    what = "contiguous, or 2-D with contiguous rows," if strided_rows else "contiguous"
+    raise ValueError(f"{name} must be {what} (call .contiguous() first)")
 
 
-def check_optional(name: str, t, dtypes, *, ndim: int | None = None) -> None:
+def _rows_are_contiguous(t) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.shape[0] >= 1
+
+
+def row_span(t):
+    """``(array, row_stride)`` for a kernel argument checked with ``strided_rows``: ``(t, 0)`` when
+    ``t`` is contiguous, else the 1-D span of its rows (from its first element to its last) and
+    the elements between rows. No copy either way."""
+    if t is None or t.is_contiguous():
+        return t, 0
+    rows, width = t.shape
+    return t.as_strided(((rows - 1) * t.stride(0) + width,), (1,)), t.stride(0)
+
+
+def check_optional(
+    name: str, t, dtypes, *, ndim: int | None = None, strided_rows: bool = False
+) -> None:
     if t is not None:
-        check_tensor(name, t, dtypes, ndim=ndim)
+        check_tensor(name, t, dtypes, ndim=ndim, strided_rows=strided_rows)
 
 
 def check_shape(name: str, t, shape: tuple[int, ...], meaning: str) -> None:

@@ -21,6 +21,7 @@ from quamba_kernels._torch import (
     dtype_name,
     float32_value,
     rounding_code,
+    row_span,
     scale32,
     scale64,
 )
@@ -139,13 +140,14 @@ def conv1d_int8_update(
 ):
     """One decode step of ``conv1d_int8``; returns ``(out (B, E), conv_state)``.
 
-    ``x_q_t`` (B, E) int8; ``conv_state`` (B, E, K-1) int8, the previous K-1 codes oldest first,
-    is shifted in place (the new code enters at the end). Same formula as the prefill, so stepping
-    through a sequence reproduces ``conv1d_int8`` exactly.
+    ``x_q_t`` (B, E) int8, possibly a column range of a wider matrix (in_proj's output: read in
+    place); ``conv_state`` (B, E, K-1) int8, the previous K-1 codes oldest first, is shifted in
+    place (the new code enters at the end). Same formula as the prefill, so stepping through a
+    sequence reproduces ``conv1d_int8`` exactly.
     """
     import torch
 
-    check_tensor("x_q_t", x_q_t, torch.int8, ndim=2)
+    check_tensor("x_q_t", x_q_t, torch.int8, ndim=2, strided_rows=True)
     w_q, s_w, s_x_value, s_x_seq, s_b, code, out_dtype, out_scale = _int8_common(
         x_q_t, w_q, b_q, s_x, s_w, s_b, s_out, rounding, out, tuple(x_q_t.shape)
     )
@@ -156,9 +158,10 @@ def conv1d_int8_update(
     check_cuda(x_q_t=x_q_t, conv_state=conv_state, w_q=w_q, b_q=b_q, s_x=s_x_seq, out=out)
     if out is None:
         out = torch.empty(x_q_t.shape, dtype=out_dtype, device=x_q_t.device)
+    x_arg, x_row = row_span(x_q_t)
     module.conv1d_update(
-        x_q_t, conv_state, w_q, b_q, out, s_x_value, s_x_seq, s_w, s_b, out_scale, code,
-        bool(silu), current_stream(x_q_t.device),
+        x_arg, conv_state, w_q, b_q, out, s_x_value, s_x_seq, s_w, s_b, out_scale, code,
+        bool(silu), current_stream(x_q_t.device), x_row,
     )  # fmt: skip
     return out, conv_state
 

@@ -21,6 +21,7 @@ from quamba_kernels._torch import (
     current_stream,
     dtype_name,
     rounding_code,
+    row_span,
     scale32,
     scale_product32,
 )
@@ -45,9 +46,9 @@ def _check_step(names, state, u, dt, A, B, C, D, z, dt_bias, x_dtypes, u_dtypes,
     check_tensor(dt_name, dt, x_dtypes, ndim=2)
     check_shape(dt_name, dt, (batch, e), f"(B, E) like {u_name}")
     for name, t in ((b_name, B), (c_name, C)):
-        check_tensor(name, t, dt.dtype, ndim=2)
+        check_tensor(name, t, dt.dtype, ndim=2, strided_rows=True)
         check_shape(name, t, (batch, n), "(B, N)")
-    check_optional(z_name, z, dt.dtype, ndim=2)
+    check_optional(z_name, z, dt.dtype, ndim=2, strided_rows=True)
     check_shape(z_name, z, (batch, e), f"(B, E) like {u_name}")
     for name, t in ((d_name, D), (bias_name, dt_bias)):
         check_optional(name, t, param_dtype, ndim=1)
@@ -84,7 +85,9 @@ def selective_scan_step_int8(
 
     ``state_q`` (B, E, N) int8 on grid ``s_h`` is overwritten with ``Q8(h, s_h, state_rounding)``.
     ``u_q``, ``dt_q``, ``z_q`` (B, E) int8 (``u_q`` may be float32, ``s_u`` then ignored);
-    ``B_q``, ``C_q`` (B, N) int8; ``A_log_q`` (E, N), ``D_q``, ``dtb_q`` (E,) int8.
+    ``B_q``, ``C_q`` (B, N) int8; ``A_log_q`` (E, N), ``D_q``, ``dtb_q`` (E,) int8. ``z_q``,
+    ``B_q`` and ``C_q`` may be column ranges of wider matrices (rows apart in memory, e.g. slices
+    of in_proj's and x_proj's outputs): the kernel reads them in place, no copy.
 
     ``dt_from = (x, w, s_x, s_w, rounding)`` fuses the dt_proj GEMM into the step: the kernel
     computes ``dt_q = int8_linear(x[:, :R], w, s_x, s_w, s_dt, rounding)`` itself (the same codes:
@@ -124,17 +127,19 @@ def selective_scan_step_int8(
     )  # fmt: skip
     if out is None:
         out = torch.empty(u_q.shape, dtype=torch.float16, device=u_q.device)
+    (z_arg, z_row), (b_arg, b_row), (c_arg, c_row) = map(row_span, (z_q, B_q, C_q))
     if dt_from is None:
         module.selective_scan_step(
-            state_q, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, out,
+            state_q, u_q, dt_q, A_log_q, b_arg, c_arg, D_q, z_arg, dtb_q, out,
             s_u, s_dt, s_A, s_B, s_C, s_D, s_z, s_dtb, s_h, code, True, current_stream(u_q.device),
+            z_row=z_row, B_row=b_row, C_row=c_row,
         )  # fmt: skip
         return out, state_q
     check_cuda(state_q=state_q, dt_x=dt_x, dt_w=dt_w)
     module.selective_scan_step(
-        state_q, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, out,
+        state_q, u_q, dt_q, A_log_q, b_arg, c_arg, D_q, z_arg, dtb_q, out,
         s_u, s_dt, s_A, s_B, s_C, s_D, s_z, s_dtb, s_h, code, True, current_stream(u_q.device),
-        dt_x, dt_w, dt_gemm_scale, dt_code,
+        dt_x, dt_w, dt_gemm_scale, dt_code, z_row, b_row, c_row,
     )  # fmt: skip
     return out, state_q, dt_q
 
@@ -167,7 +172,8 @@ def selective_state_update(
 
     ``x``, ``dt``, ``z`` (B, E) and ``B``, ``C`` (B, N) share one dtype (float16, bfloat16 or
     float32); ``state`` (B, E, N) has that dtype or float32 and is overwritten with the new state;
-    ``A`` (E, N), ``D``, ``dt_bias`` (E,) are float32.
+    ``A`` (E, N), ``D``, ``dt_bias`` (E,) are float32. ``z``, ``B``, ``C`` may be column ranges of
+    wider matrices (read in place).
     """
     import torch
 
@@ -189,9 +195,10 @@ def selective_state_update(
     check_cuda(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, out=out)
     if out is None:
         out = torch.empty_like(x)
+    (z_arg, z_row), (b_arg, b_row), (c_arg, c_row) = map(row_span, (z, B, C))
     module.selective_scan_step(
-        state, x, dt, A, B, C, D, z, dt_bias, out,
+        state, x, dt, A, b_arg, c_arg, D, z_arg, dt_bias, out,
         1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0, bool(dt_softplus),
-        current_stream(x.device),
+        current_stream(x.device), z_row=z_row, B_row=b_row, C_row=c_row,
     )  # fmt: skip
     return out, state

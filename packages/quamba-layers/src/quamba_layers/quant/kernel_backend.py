@@ -12,6 +12,14 @@ from quamba_layers.quant.backends import Backend
 KERNEL = "kernel (quamba_kernels)"
 
 
+def _rows_in_place(t: torch.Tensor) -> torch.Tensor:
+    """t as the decode kernels take it: as it is when contiguous or a 2-D column range of a wider
+    matrix (its rows are read in place), else a contiguous copy."""
+    if t.is_contiguous() or (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]):
+        return t
+    return t.contiguous()
+
+
 class KernelBackend(Backend):
     name = "kernel"
 
@@ -76,7 +84,7 @@ class KernelBackend(Backend):
 
     def conv1d_int8_update(self, x_q_t, conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
         return self._k.conv1d_int8_update(
-            x_q_t.contiguous(), conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding
+            _rows_in_place(x_q_t), conv_state, s_x, w_q, s_w, b_q, s_b, s_out, rounding
         )
 
     def selective_scan_step(self, state_q, *args, state_rounding="half_away"):
@@ -88,7 +96,7 @@ class KernelBackend(Backend):
     ):
         # One kernel instead of the dt_proj GEMV + the step: same dt codes, same bits.
         x, w, s_x, s_w, rounding = dt_from
-        rest = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in rest)
+        rest = tuple(_rows_in_place(a) if isinstance(a, torch.Tensor) else a for a in rest)
         y, state_q, _ = self._k.selective_scan_step_int8(
             state_q, u.contiguous(), s_u, None, s_dt, *rest, state_rounding=state_rounding,
             dt_from=(x.contiguous(), w, s_x, s_w, rounding),

@@ -297,7 +297,8 @@ class W8A8Mixer(nn.Module):
         xz_q = self.backend.w8a8_linear(
             x_q_t, self.in_proj_weight, s["s_in"], s["s_w_in"], s["s_xz"], rnd.gemm
         )
-        x_t, z_t = xz_q[:, :e].contiguous(), xz_q[:, e:].contiguous()
+        # Column ranges, not copies: the decode kernels read rows that are apart in memory.
+        x_t, z_t = xz_q[:, :e], xz_q[:, e:]
         conv_out_scale = None if dp.conv_output == "fp32" else s["s_u"]
         conv_out, conv_state = self.backend.conv1d_int8_update(
             x_t, conv_state, s["s_xz"], self.conv_weight, s["s_w_conv"], self.conv_bias,
@@ -315,7 +316,7 @@ class W8A8Mixer(nn.Module):
         )
         # dt_proj's GEMM (input: the first r columns of xdbl_q) runs inside the scan step.
         dt_from = (xdbl_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], rnd.gemm)
-        b_q, c_q = xdbl_q[:, r : r + n].contiguous(), xdbl_q[:, r + n :].contiguous()
+        b_q, c_q = xdbl_q[:, r : r + n], xdbl_q[:, r + n :]
         if dp.ssm_input == "int8":
             u_in = u_codes
         elif dp.ssm_input == "fp32_grid":

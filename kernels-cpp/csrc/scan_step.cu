@@ -79,10 +79,36 @@ __global__ void __launch_bounds__(scan_detail::kThreads) selective_scan_step_ker
       const int8_t* wr = a.dt_w + e * a.dt_rank;
       int acc = 0;
       if (channel_ok) {
+        const bool vectors = a.dt_rank % 16 == 0 && a.dt_x_row % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(a.dt_x) % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(a.dt_w) % 16 == 0;
         const bool words = a.dt_rank % 4 == 0 && a.dt_x_row % 4 == 0 &&
                            reinterpret_cast<uintptr_t>(a.dt_x) % 4 == 0 &&
                            reinterpret_cast<uintptr_t>(a.dt_w) % 4 == 0;
-        if (words) {
+        if (vectors) {
+          // 16-byte pieces, up to four per lane loaded before any is used (rank 160 with 4
+          // lanes per channel: one round trip instead of ten dependent 4-byte ones).
+          const int64_t pieces = a.dt_rank / 16;
+          for (int64_t p0 = lane; p0 < pieces; p0 += 4 * G) {
+            int4 xv[4], wv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int64_t piece = p0 + i * G;
+              xv[i] = wv[i] = make_int4(0, 0, 0, 0);
+              if (piece < pieces) {
+                xv[i] = __ldg(reinterpret_cast<const int4*>(xr + 16 * piece));
+                wv[i] = __ldg(reinterpret_cast<const int4*>(wr + 16 * piece));
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc = __dp4a(xv[i].x, wv[i].x, acc);
+              acc = __dp4a(xv[i].y, wv[i].y, acc);
+              acc = __dp4a(xv[i].z, wv[i].z, acc);
+              acc = __dp4a(xv[i].w, wv[i].w, acc);
+            }
+          }
+        } else if (words) {
           for (int64_t k = 4 * lane; k < a.dt_rank; k += 4 * G) {
             acc = __dp4a(*reinterpret_cast<const int*>(xr + k),
                          *reinterpret_cast<const int*>(wr + k), acc);

@@ -73,27 +73,35 @@ __device__ __forceinline__ void mma_chunk64(int (&c)[4], const int4& xa, const i
   mma_s8_16x8x32(c, xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
 }
 
-template <int kWarps>
+// kTiles column tiles of 8 per block (1, 2 or 4): a block reads x once for 8 * kTiles weight
+// rows, so wide layers (in_proj at batch 16) pull less x through L1/L2 per weight byte.
+template <int kWarps, int kTiles>
 __global__ void __launch_bounds__(kWarps * 32)
     int8_mma_skinny_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
-  __shared__ int s_acc[kWarps][16][8];
+  constexpr int kCols = 8 * kTiles;
+  __shared__ int s_acc[kWarps][16][kCols];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 8;
-  // While the previous kernel finishes: this block's 8 weight rows into L2 (see launch.cuh).
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols;
+  // While the previous kernel finishes: this block's weight rows into L2 (see launch.cuh).
   if (blockIdx.y == 0) {
-    const int64_t row_bytes = (N - n0 < 8 ? N - n0 : 8) * K;
+    const int64_t row_bytes = (N - n0 < kCols ? N - n0 : kCols) * K;
     for (int64_t off = 128 * static_cast<int64_t>(threadIdx.x); off < row_bytes;
          off += 128 * kWarps * 32) {
       launch::prefetch_l2(w + n0 * K + off);
     }
   }
   launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
-  const bool w_row_ok = n0 + g < N;
-  const int8_t* w_row = w + (n0 + g) * K;
+  bool w_row_ok[kTiles];
+  const int8_t* w_row[kTiles];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    w_row_ok[j] = n0 + 8 * j + g < N;
+    w_row[j] = w + (n0 + 8 * j + g) * K;
+  }
   const int4 zero = make_int4(0, 0, 0, 0);
 
   for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * 16; m0 < M;
@@ -101,25 +109,35 @@ __global__ void __launch_bounds__(kWarps * 32)
     const bool row_a_ok = m0 + g < M, row_b_ok = m0 + g + 8 < M;
     const int8_t* x_a = x + (m0 + g) * K;
     const int8_t* x_b = x + (m0 + g + 8) * K;
-    int c[4] = {0, 0, 0, 0};
+    int c[kTiles][4];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0;
     // (Measured on the H100: batching 8 chunks per round, or 4 with explicit loads first, was
     // slower than letting the compiler schedule this loop.)
 #pragma unroll 4
     for (int64_t k0 = static_cast<int64_t>(warp) * kMmaChunk; k0 < K; k0 += kWarps * kMmaChunk) {
       const int64_t k = k0 + 16 * t;
       const bool k_ok = k < K;  // K % 16 == 0: a 16-byte segment is all in or all out
-      const int4 wv = w_row_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(w_row + k)) : zero;
+      int4 wv[kTiles];
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        wv[j] = w_row_ok[j] && k_ok ? __ldg(reinterpret_cast<const int4*>(w_row[j] + k)) : zero;
+      }
       const int4 xa = row_a_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_a + k)) : zero;
       const int4 xb = row_b_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_b + k)) : zero;
-      mma_chunk64(c, xa, xb, wv);
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) mma_chunk64(c[j], xa, xb, wv[j]);
     }
-    s_acc[warp][g][2 * t] = c[0];
-    s_acc[warp][g][2 * t + 1] = c[1];
-    s_acc[warp][g + 8][2 * t] = c[2];
-    s_acc[warp][g + 8][2 * t + 1] = c[3];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      s_acc[warp][g][8 * j + 2 * t] = c[j][0];
+      s_acc[warp][g][8 * j + 2 * t + 1] = c[j][1];
+      s_acc[warp][g + 8][8 * j + 2 * t] = c[j][2];
+      s_acc[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+    }
     __syncthreads();
-    for (int i = threadIdx.x; i < 128; i += kWarps * 32) {
-      const int r = i / 8, col = i % 8;
+    for (int i = threadIdx.x; i < 16 * kCols; i += kWarps * 32) {
+      const int r = i / kCols, col = i % kCols;
       int total = 0;
 #pragma unroll
       for (int j = 0; j < kWarps; ++j) total += s_acc[j][r][col];
@@ -581,19 +599,26 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
                             w, out, M, N, K, c);
       return cudaGetLastError();
     }
-    const int64_t col_blocks = (N + 7) / 8;
+    // Column tiles per block: as many (4, 2, 1) as keep at least two blocks per SM.
+    const int tiles = N >= 2LL * sms * 32 ? 4 : (N >= 2LL * sms * 16 ? 2 : 1);
+    const int64_t col_blocks = (N + 8 * tiles - 1) / (8 * tiles);
     const int64_t row_blocks = (M + 15) / 16;
     if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(col_blocks),
                     static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
     // Enough warps in flight to cover the memory latency: 8 per block when the blocks are few.
-    if (col_blocks * (row_blocks < 65535 ? row_blocks : 65535) < 4LL * sms) {
-      launch::launch_kernel(int8_mma_skinny_kernel<8>, grid, 8 * 32, 0, stream, x, w, out, M,
-                            N, K, c);
+    const bool eight = col_blocks * (row_blocks < 65535 ? row_blocks : 65535) < 4LL * sms;
+#define QUAMBA_SKINNY(WARPS, TILES)                                                              \
+  launch::launch_kernel(int8_mma_skinny_kernel<WARPS, TILES>, grid, (WARPS) * 32, 0, stream, x, w, \
+                        out, M, N, K, c)
+    if (tiles == 4) {
+      if (eight) QUAMBA_SKINNY(8, 4); else QUAMBA_SKINNY(4, 4);
+    } else if (tiles == 2) {
+      if (eight) QUAMBA_SKINNY(8, 2); else QUAMBA_SKINNY(4, 2);
     } else {
-      launch::launch_kernel(int8_mma_skinny_kernel<4>, grid, 4 * 32, 0, stream, x, w, out, M,
-                            N, K, c);
+      if (eight) QUAMBA_SKINNY(8, 1); else QUAMBA_SKINNY(4, 1);
     }
+#undef QUAMBA_SKINNY
     return cudaGetLastError();
   }
   if (M <= 1) return launch_gemv_bytes<1>(x, w, out, M, N, K, c, stream);

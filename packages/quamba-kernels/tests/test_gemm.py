@@ -34,6 +34,8 @@ SHAPES = [
     (5, 61, 33),
     (8, 10240, 2560),
     (16, 5120, 160),
+    (13, 9000, 320),  # skinny: 4 column tiles per block on an H100, the last group partial
+    (11, 4300, 96),  # skinny: 2 column tiles per block on an H100, the last group partial
     (16, 129, 17),
     (17, 64, 64),
     (31, 24, 40),

@@ -4,8 +4,9 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 
 - ``"stream"``: our dp4a GEMV (kernels-cpp/csrc/gemm_int8.cu) for M <= 4 rows: each warp streams
   whole weight rows (long sequential reads), x from L1. Decode at small batch.
-- ``"skinny"``: our tensor-core kernel (mma.sync m16n8k32 s8) over tiles of 16 rows x 8 columns,
-  the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
+- ``"skinny"``: our tensor-core kernel (mma.sync m16n8k32 s8) over tiles of 16 rows x 8 columns
+  (1, 2 or 4 such column tiles per block on wider layers, so x is read once per 8-32 weight
+  rows), the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
 - ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
   coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank: its
   output, not its arithmetic, is the work) and shapes cuBLASLt does not take.

@@ -39,31 +39,21 @@ __device__ __forceinline__ int8_t quantize_int8_fast(float v, float scale, float
 }
 
 // Q8 of an approximate quotient q whose error against the exact quotient v / s is known to be at
-// most |q| * rel_margin + abs_margin: sets `bits` (the int8 code in the low byte, the rest
-// garbage) and returns true when q lies farther than that from every code boundary k + 0.5, where
-// neither rounding rule can differ from the exact quotient's; returns false (the caller takes the
-// exact path) otherwise. Clamping first is safe: beyond +-127 the only boundaries are ones that
-// saturation makes irrelevant (the margins are far below 0.5). NaN clamps to -128 like
-// saturate_int8(NaN); inf clamps to the saturated code like the exact path.
+// most |q| * rel_margin: sets `code` (the int8 code in the low byte) and returns true when q lies
+// farther than that from every code boundary k + 0.5, where neither rounding rule can differ from
+// the exact quotient's; returns false (the caller takes the exact path) otherwise. Clamping first
+// is safe: beyond +-127 the only boundaries are ones that saturation makes irrelevant. NaN clamps
+// to -128 like saturate_int8(NaN); inf clamps to the saturated code like the exact path.
 // Costs two adds for the rounding (1.5 * 2^23 has ulp 1: c + 1.5 * 2^23 rounds c to the nearest
 // integer, ties to even, and its low byte is that integer's code) and three for the decision.
-__device__ __forceinline__ bool q8_bits_if_clear(float q, float rel_margin, float abs_margin,
-                                                 uint32_t& bits) {
+__device__ __forceinline__ bool q8_if_clear(float q, float rel_margin, uint32_t& code) {
   const float c = fminf(fmaxf(q, -128.0f), 127.0f);
   const float shifted = __fadd_rn(c, 12582912.0f);
   const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
   // Exact when |c - nearest| >= 0.25 (Sterbenz); below that the distance is > 0.25 anyway.
   const float distance = __fadd_rn(0.5f, -fabsf(__fadd_rn(c, -nearest)));
-  bits = __float_as_uint(shifted);
-  return distance > fmaf(fabsf(c), rel_margin, abs_margin);
-}
-
-// q8_bits_if_clear with a relative margin only, the code alone in `code`.
-__device__ __forceinline__ bool q8_if_clear(float q, float rel_margin, uint32_t& code) {
-  uint32_t bits;
-  const bool clear = q8_bits_if_clear(q, rel_margin, 0.0f, bits);
-  code = bits & 0xFFu;
-  return clear;
+  code = __float_as_uint(shifted) & 0xFFu;
+  return distance > fabsf(c) * rel_margin;
 }
 
 // q8_if_clear's margin for q = RN(v * RN(1 / s)), the cheap stand-in for v / s: q is within

@@ -64,7 +64,7 @@ struct ConvScalars {
   // Derived on the host (scalars_of), so that threads do not recompute them:
   float input_scale;             // float32(s_w * s_x); per sequence when s_x_per_seq is set
   float inv_out_scale;           // RN(1 / out_scale)
-  float rel_margin, abs_margin;  // the fast INT8-code path's error bound (see below)
+  float rel_margin;              // the fast INT8-code path's error bound (see below)
   bool fast_ok;                  // the bound holds for these scales
   float fast_limit;              // 0.5 - abs_margin - 2^-24: q8_bits_if_clear_fast's bound
   bool clamp_low;                // q <= -128.5 possible: clamp before rounding
@@ -103,9 +103,9 @@ __device__ __forceinline__ float small_int_to_float(int i) {
 // one-FMA v is covered by conv_limit) as
 //   q = RN(v * rcp.approx(RN(s_out * e + s_out))),  e = ex2.approx(RN(v * -log2(e)))
 // (two MUFU operations, no IEEE division), and accepts Q8(q) when q lies clear of every rounding
-// boundary by more than |q| * kSiluRelMargin + abs_margin (q8_bits_if_clear[_fast]); otherwise the exact
-// formula decides (exact_int8_code). The codes are the exact path's either way. Error of q and of
-// the reference's Q = RN(RN(v / RN(1 + expf(-v))) / s_out) against X, in units of 2^-23 |X|:
+// boundary by more than |q| * kSiluRelMargin + abs_margin (q8_bits_if_clear_fast); otherwise the
+// exact formula decides (exact_int8_code). The codes are the exact path's either way. Error of q
+// and of the reference's Q = RN(RN(v / RN(1 + expf(-v))) / s_out) against X, in units of 2^-23 |X|:
 //   Q: expf 2 ulp, three roundings: 3.5.
 //   v >= 0: e's error (the __expf sequence, CUDA guide 2 + 1.173 |v| ulp) enters 1 + e weighted
 //     by e / (1 + e), which keeps it below 1 unit; the FMA 0.5, rcp.approx 1 (PTX ISA), the
@@ -140,7 +140,7 @@ __device__ __forceinline__ float rcp_approx_ftz(float x) {
 // Everything an INT8-code epilogue needs, per (batch, channel) row.
 struct Int8Epilogue {
   float scale, bias, out_scale, inv_out_scale;
-  float rel_margin, abs_margin;  // the fast path's error bound (see above)
+  float rel_margin, limit;  // the fast path's error bound (see above, q8_bits_if_clear_fast)
   bool silu, fast_ok;
   Rounding rule;
 };
@@ -156,7 +156,7 @@ __device__ __forceinline__ Int8Epilogue int8_epilogue(const ConvScalars& c, floa
   ep.fast_ok = c.fast_ok;
   ep.rule = c.rule;
   ep.rel_margin = c.rel_margin;
-  ep.abs_margin = c.abs_margin;
+  ep.limit = c.fast_limit;
   return ep;
 }
 
@@ -177,6 +177,37 @@ __device__ __forceinline__ float fast_quotient(float v, const Int8Epilogue& ep) 
   }
 }
 
+// The Q8 code of the fast quotient q in the low byte of `bits` (1.5 * 2^23 has ulp 1: c +
+// 1.5 * 2^23 rounds c to the nearest integer, and its low byte is that integer's code), and
+// whether q is clear of every rounding boundary: |q - round(q)| + |q| rel_margin < limit =
+// 0.5 - abs_margin - 2^-24 (the 2^-24 covers this sum's one rounding), where neither rounding rule
+// can differ from the exact quotient's. Clamping first is safe: beyond +-127 the only boundaries
+// are ones that saturation makes irrelevant. kClampLow = false when q > -128.5 is certain (SiLU
+// with s_out >= 0.2785 / 128.5: codes down to -128 need no clamp).
+template <bool kClampLow>
+__device__ __forceinline__ bool q8_bits_if_clear_fast(float q, float rel_margin, float limit,
+                                                      uint32_t& bits) {
+  float c = fminf(q, 127.0f);
+  if constexpr (kClampLow) c = fmaxf(c, -128.0f);
+  const float shifted = __fadd_rn(c, 12582912.0f);
+  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
+  bits = __float_as_uint(shifted);
+  return fmaf(fabsf(c), rel_margin, fabsf(__fadd_rn(c, -nearest))) < limit;
+}
+
+// The prefill's fast path forms v with one FMA, RN(scale * acc + bias), instead of the reference's
+// RN(RN(scale * acc) + bias). The two differ by at most 2^-24 |scale * acc| + 2^-23 |v|: the
+// relative part is in the margins above (2 |v silu'(v) / silu(v)| <= 2.6 units where v >= 0, and
+// within the 6.7 units of kSiluNegAbsMargin where v < 0: the maximum becomes 3.25), the absolute
+// part moves q by at most 1.1 (the largest slope of SiLU) * 2^-24 |scale| max|acc| / s_out,
+// with max|acc| = 128 * sum_k |w_k| for the channel; it is taken off the limit.
+__device__ __forceinline__ float conv_limit(const Int8Epilogue& ep, uint32_t wword) {
+  // Per-byte |w| (|-128| is the byte 0x80, read unsigned), summed by an unsigned dp4a.
+  const unsigned weight_sum = __dp4a(__vabs4(wword), 0x01010101u, 0u);
+  const float max_product = fabsf(ep.scale) * static_cast<float>(128u * weight_sum);
+  return ep.limit - 1.1f * 0x1p-24f * 1.001f * max_product * ep.inv_out_scale;
+}
+
 // The exact path's code (the reference formula, IEEE division); kept out of line: it runs for a
 // few outputs in ten thousand. Scalars rather than the struct, so they travel in registers.
 __device__ __noinline__ uint32_t exact_int8_code(int acc, float scale, float bias,
@@ -195,7 +226,7 @@ __device__ __forceinline__ uint32_t int8_code(int acc, const Int8Epilogue& ep) {
   if (ep.fast_ok) {
     const float v = int8_pre_silu(acc, ep);
     const float q = ep.silu ? fast_quotient<true>(v, ep) : fast_quotient<false>(v, ep);
-    if (q8_bits_if_clear(q, ep.rel_margin, ep.abs_margin, bits)) return bits & 0xFFu;
+    if (q8_bits_if_clear_fast<true>(q, ep.rel_margin, ep.limit, bits)) return bits & 0xFFu;
   }
   return exact_int8_code(acc, ep);
 }
@@ -336,38 +367,11 @@ __device__ __forceinline__ uint4 load_int8_chunk(const int8_t* xp, int left) {
   uint32_t words[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    if (i < left) words[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(xp[i])) << (8 * (i % 4));
+    if (i < left) {
+      words[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(xp[i])) << (8 * (i % 4));
+    }
   }
   return make_uint4(words[0], words[1], words[2], words[3]);
-}
-
-// q8_bits_if_clear for the prefill's fast path, one instruction cheaper per output: clear when
-// |q - round(q)| + |q| rel_margin < limit = 0.5 - abs_margin - 2^-24 (the 2^-24 covers this
-// sum's one rounding). kClampLow = false when q > -128.5 is certain (SiLU with
-// s_out >= 0.2785 / 128.5: codes down to -128 need no clamp).
-template <bool kClampLow>
-__device__ __forceinline__ bool q8_bits_if_clear_fast(float q, float rel_margin, float limit,
-                                                      uint32_t& bits) {
-  float c = fminf(q, 127.0f);
-  if constexpr (kClampLow) c = fmaxf(c, -128.0f);
-  const float shifted = __fadd_rn(c, 12582912.0f);
-  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
-  bits = __float_as_uint(shifted);
-  return fmaf(fabsf(c), rel_margin, fabsf(__fadd_rn(c, -nearest))) < limit;
-}
-
-// The prefill's fast path forms v with one FMA, RN(scale * acc + bias), instead of the reference's
-// RN(RN(scale * acc) + bias). The two differ by at most 2^-24 |scale * acc| + 2^-23 |v|: the
-// relative part is in the margins above (2 |v silu'(v) / silu(v)| <= 2.6 units where v >= 0, and
-// within the 6.7 units of kSiluNegAbsMargin where v < 0: the maximum becomes 3.25), the absolute
-// part moves q by at most 1.1 (the largest slope of SiLU) * 2^-24 |scale| max|acc| / s_out,
-// with max|acc| = 128 * sum_k |w_k| for the channel; it is taken off the limit.
-__device__ __forceinline__ float conv_limit(const ConvScalars& c, const Int8Epilogue& ep,
-                                            uint32_t wword) {
-  // Per-byte |w| (|-128| is the byte 0x80, read unsigned), summed by an unsigned dp4a.
-  const unsigned weight_sum = __dp4a(__vabs4(wword), 0x01010101u, 0u);
-  const float max_product = fabsf(ep.scale) * static_cast<float>(128u * weight_sum);
-  return c.fast_limit - 1.1f * 0x1p-24f * 1.001f * max_product * ep.inv_out_scale;
 }
 
 // The 16 codes of one chunk (window word 0 = x[t - 4 .. t - 1]) through the fast path, packed
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
   const Int8Epilogue ep = int8_epilogue(
       c, int8_input_scale(c, pos.batch),
       bias != nullptr ? int8_bias(bias, pos.channel, c.s_b) : -0.0f);
-  const float limit = conv_limit(c, ep, wword);
+  const float limit = conv_limit(ep, wword);
 
   // x[t0 - 4 .. t0 - 1] for the first chunk (zero before the row).
   uint32_t before = 0u;
@@ -423,7 +427,9 @@ __global__ void __launch_bounds__(kThreads)
   } else {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (t0 - 4 + k >= 0) before |= static_cast<uint32_t>(static_cast<uint8_t>(xp[k - 4])) << (8 * k);
+      if (t0 - 4 + k >= 0) {
+        before |= static_cast<uint32_t>(static_cast<uint8_t>(xp[k - 4])) << (8 * k);
+      }
     }
   }
   uint4 chunk = load_int8_chunk<kAligned>(xp, left);
@@ -600,8 +606,8 @@ ConvScalars scalars_of(const Conv1dArgs& a) {
   c.inv_out_scale = 1.0f / a.out_scale;               // IEEE: RN(1 / s), as __frcp_rn
   c.fast_ok = reciprocal_ok(c.inv_out_scale);
   c.rel_margin = a.silu ? kSiluRelMargin : kDivMargin;
-  c.abs_margin = a.silu ? kSiluNegAbsMargin * c.inv_out_scale : 0.0f;
-  c.fast_limit = static_cast<float>(0.5 - static_cast<double>(c.abs_margin) - 0x1p-24);
+  const float abs_margin = a.silu ? kSiluNegAbsMargin * c.inv_out_scale : 0.0f;
+  c.fast_limit = static_cast<float>(0.5 - static_cast<double>(abs_margin) - 0x1p-24);
   // SiLU >= -0.27847 and q's error is far below 1e-4 relative: q > -128.5 when 1 / s_out is at
   // most 128.5 / 0.27847 / (1 + 1e-4) > 461.
   c.clamp_low = !a.silu || !(c.inv_out_scale <= 460.0f);
@@ -641,30 +647,17 @@ cudaError_t run_fwd(const Conv1dArgs& a, cudaStream_t stream) {
     c.by_dim = make_fast_div(static_cast<uint32_t>(a.dim));
   }
   c.chunks_per_thread = chunks_per_thread;
+  const auto start = [&](auto kernel) {
+    launch::launch_kernel(kernel, blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim,
+                          a.seqlen, c);
+  };
   if constexpr (kInt8 && sizeof(TOut) == 1) {
-    if (aligned) {
-      launch::launch_kernel(conv1d_int8_q8_kernel<K, true>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    } else {
-      launch::launch_kernel(conv1d_int8_q8_kernel<K, false>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    }
+    start(aligned ? conv1d_int8_q8_kernel<K, true> : conv1d_int8_q8_kernel<K, false>);
   } else if constexpr (kInt8) {
-    if (aligned) {
-      launch::launch_kernel(conv1d_int8_f32_kernel<K, true>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    } else {
-      launch::launch_kernel(conv1d_int8_f32_kernel<K, false>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    }
+    start(aligned ? conv1d_int8_f32_kernel<K, true> : conv1d_int8_f32_kernel<K, false>);
   } else {
-    if (aligned) {
-      launch::launch_kernel(conv1d_float_fwd_kernel<K, TIn, TW, TOut, true>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    } else {
-      launch::launch_kernel(conv1d_float_fwd_kernel<K, TIn, TW, TOut, false>,
-          blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim, a.seqlen, c);
-    }
+    start(aligned ? conv1d_float_fwd_kernel<K, TIn, TW, TOut, true>
+                  : conv1d_float_fwd_kernel<K, TIn, TW, TOut, false>);
   }
   return cudaGetLastError();
 }

@@ -15,6 +15,10 @@ struct EpilogueConsts {
   float out_scale;
   float inv_out_scale;
   bool fast_q;  // inv_out_scale is normal: q8_if_clear's bound holds
+  // INT8 output, staged epilogue: RN(scale * inv_out_scale), and whether the scales allow
+  // codes from q = RN(float(acc) * out_factor) (kFactorMargin; see q8_word_by_factor).
+  float out_factor;
+  bool fast_factor;
   Rounding rule;
   int64_t seq_len;
 };
@@ -26,6 +30,13 @@ inline EpilogueConsts make_consts(const GemmEpilogue& ep) {
   c.out_scale = ep.out_scale;
   c.inv_out_scale = 1.0f / ep.out_scale;  // host: IEEE, round to nearest
   c.fast_q = reciprocal_ok(c.inv_out_scale);
+  c.out_factor = c.scale * c.inv_out_scale;  // host float multiply: IEEE, round to nearest
+  // The bound of q8_word_by_factor needs a normal factor, and the reference's v = RN(acc * scale)
+  // normal and finite for every nonzero int32 acc (1 <= |acc| < 2^31).
+  const float magnitude = c.scale < 0.0f ? -c.scale : c.scale;
+  const float factor = c.out_factor < 0.0f ? -c.out_factor : c.out_factor;
+  c.fast_factor = c.fast_q && magnitude >= 0x1p-100f && magnitude <= 0x1p+90f &&
+                  factor >= 0x1p-100f && factor <= 0x1p+90f;
   c.rule = static_cast<Rounding>(ep.rounding);
   c.seq_len = ep.seq_len;
   return c;
@@ -67,6 +78,34 @@ __device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, i
     case GemmOut::BFloat16: convert_as<GemmOut::BFloat16>(c, dst, acc); break;
     default: convert_as<GemmOut::Float32>(c, dst, acc); break;
   }
+}
+
+// For q = RN(float(acc) * RN(scale * RN(1 / out_scale))), the stand-in for the reference's
+// RN(RN(float(acc) * scale) / out_scale): three roundings on one side, two on the other, so the two
+// differ by at most 5 * 2^-24 |q| when every intermediate is a normal float
+// (EpilogueConsts::fast_factor). Only |q| <= 128 matters (beyond, both saturate alike), where that
+// is at most 3.8e-5: q decides its code when it is farther than kFactorMargin from every rounding
+// boundary k + 0.5 (about 1e-4 of uniformly spread outputs are not, and take the exact path).
+constexpr float kFactorMargin = 6.4e-5f;
+
+// The INT8 codes of four accumulators from the combined factor, byte j of the result for element
+// j of acc; `clear` stays true if every one lies farther than kFactorMargin from a rounding
+// boundary, i.e. the codes are the reference's (the same clamp-and-shift rounding as q8_if_clear).
+__device__ __forceinline__ uint32_t q8_word_by_factor(float factor, int4 acc, bool& clear) {
+  uint32_t code[4];
+  const int a[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float q = __fmul_rn(__int2float_rn(a[j]), factor);
+    const float c = fminf(fmaxf(q, -128.0f), 127.0f);
+    const float shifted = __fadd_rn(c, 12582912.0f);
+    const float distance = __fadd_rn(0.5f, -fabsf(__fadd_rn(c, -__fadd_rn(shifted, -12582912.0f))));
+    clear = clear && distance > kFactorMargin;
+    code[j] = __float_as_uint(shifted);
+  }
+  // Low bytes of the four codes: [c0, c1, x, x], [c2, c3, x, x], then [c0, c1, c2, c3].
+  return __byte_perm(__byte_perm(code[0], code[1], 0x0040), __byte_perm(code[2], code[3], 0x0040),
+                     0x5410);
 }
 
 __host__ __device__ constexpr int out_elem_size(GemmOut type) {
@@ -128,13 +167,28 @@ __device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& 
     const int col = (p % pieces_per_row) * kPer;
     const int4* src = reinterpret_cast<const int4*>(staged + row * kPitch + col);
     __align__(16) int8_t packed[16];
+    bool clear = false;
+    if constexpr (T == GemmOut::Int8) {
+      // 16 codes from the combined factor; where one lies near a rounding boundary (or the
+      // scales do not allow the factor), the whole piece is converted exactly below.
+      clear = ep.fast_factor;
+      if (clear) {
+        uint32_t words[4];
 #pragma unroll
-    for (int q = 0; q < kPer / 4; ++q) {
-      const int4 acc = src[q];
-      convert_as<T>(ep, packed + (4 * q + 0) * kSize, acc.x);
-      convert_as<T>(ep, packed + (4 * q + 1) * kSize, acc.y);
-      convert_as<T>(ep, packed + (4 * q + 2) * kSize, acc.z);
-      convert_as<T>(ep, packed + (4 * q + 3) * kSize, acc.w);
+        for (int q = 0; q < 4; ++q) words[q] = q8_word_by_factor(ep.out_factor, src[q], clear);
+        *reinterpret_cast<int4*>(packed) = make_int4(static_cast<int>(words[0]),
+            static_cast<int>(words[1]), static_cast<int>(words[2]), static_cast<int>(words[3]));
+      }
+    }
+    if (!clear) {
+#pragma unroll
+      for (int q = 0; q < kPer / 4; ++q) {
+        const int4 acc = src[q];
+        convert_as<T>(ep, packed + (4 * q + 0) * kSize, acc.x);
+        convert_as<T>(ep, packed + (4 * q + 1) * kSize, acc.y);
+        convert_as<T>(ep, packed + (4 * q + 2) * kSize, acc.z);
+        convert_as<T>(ep, packed + (4 * q + 3) * kSize, acc.w);
+      }
     }
     if (seq_last) {
       // The piece is kPer consecutive m (= positions l of sequences b) of column n.

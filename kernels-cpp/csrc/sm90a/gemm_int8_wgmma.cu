@@ -158,8 +158,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                            int64_t M, int64_t N, int64_t K, EpilogueConsts ep) {
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzled TMA boxes and wgmma operands need 1024-byte aligned stages.
-  int8_t* ring = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                           ~uintptr_t{1023});
+  // (An offset from smem_raw, so that the compiler still knows the ring is shared memory and
+  // stages and reads the accumulators with STS / LDS rather than generic stores and loads.)
+  int8_t* ring = reinterpret_cast<int8_t*>(smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024));
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kRingBytes);
   uint64_t* empty = full + kStages;
   // This block's tile: bands of kBandTiles row tiles, row tiles varying fastest within a band.

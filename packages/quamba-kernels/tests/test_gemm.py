@@ -192,6 +192,38 @@ def test_int8_linear_rounding_rule_at_exact_ties(impl, rounding):
     assert not torch.equal(got, int8_linear(x, w, 0.5, 1.0, 1.0, other, impl=impl))
 
 
+# (s_x, s_w, s_out): v / s_out = acc / 2 * (1 + d) puts the odd accumulators' quotients a
+# relative d past a rounding boundary (around and inside the epilogue's fast-path margin, on both
+# sides of it); then scales whose combined factor is outside the fast path's range (a subnormal
+# s_x * s_w, a huge one) so that every code comes from the exact conversion.
+NEAR_BOUNDARY_SCALES = [
+    (0.5, 1.0, 1.0 / (1.0 + d)) for d in (-3e-6, -6e-7, -2e-7, -4e-8, 4e-8, 2e-7, 6e-7, 3e-6)
+] + [(2e-20, 3e-20, 1.3e-38), (3e20, 4e9, 5e30)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma"])
+@pytest.mark.parametrize("layout", ["row", "seq_last"])
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_int8_codes_near_rounding_boundaries(impl, layout, rounding):
+    """INT8 codes where the quotient lies within a few ulps of k + 0.5 (the staged epilogues
+    decide most codes from one product with a combined factor and must hand exactly these to the
+    exact conversion), and with scales outside that shortcut's range."""
+    m = 4 if impl == "stream" else 160  # the stream GEMV takes M <= 4
+    n, k = 384, 48  # |acc| up to ~250: quotients up to ~125, all codes in range
+    _skip_unless_wgmma_applies(impl, m, n, k)
+    g = _gen("gemm-near-boundary", impl, layout, rounding)
+    x = torch.randint(-3, 4, (2, m // 2, k), generator=g, dtype=I8).to(DEVICE)
+    w = torch.randint(-3, 4, (n, k), generator=g, dtype=I8).to(DEVICE)
+    x_in = x if layout == "seq_last" else x.reshape(m, k)
+    acc = x_in.double() @ w.double().t()
+    assert int((acc.remainder(2) == 1).sum()) > 0.3 * m * n and float(acc.abs().max()) > 60
+    for s_x, s_w, s_out in NEAR_BOUNDARY_SCALES:
+        got = int8_linear(x_in, w, s_x, s_w, s_out, rounding, layout=layout, impl=impl)
+        want = _reference(x_in, w, s_x, s_w, s_out, rounding, None, layout)
+        _assert_equal(got, want, f"{impl} {layout} {rounding} scales {(s_x, s_w, s_out)}")
+
+
 @pytest.mark.gpu
 def test_int8_linear_extreme_accumulators():
     """All -128 x -128 products at K = 5120: acc = 83,886,080 (float32 rounds it)."""

@@ -739,7 +739,9 @@ def test_selective_scan_large_grid(n):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch,n", [(1, 16), (5, 16), (8, 5), (3, 64), (2, 1), (4, 33)])
+@pytest.mark.parametrize(
+    "batch,n", [(1, 16), (5, 16), (8, 5), (3, 64), (2, 1), (4, 33), (13, 16), (11, 7), (16, 16)]
+)
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_selective_scan_step_int8(batch, n, rounding):
     from quamba_kernels.scan_step import selective_scan_step_int8
@@ -773,7 +775,7 @@ def test_selective_scan_step_int8(batch, n, rounding):
 @pytest.mark.parametrize(
     "batch,rank,extra,ties",
     [(1, 160, 32, False), (3, 48, 32, False), (16, 96, 32, False), (2, 17, 5, False),
-     (5, 160, 0, False), (4, 64, 32, True)],
+     (5, 160, 0, False), (4, 64, 32, True), (13, 160, 32, False), (9, 64, 32, True)],
 )  # fmt: skip
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_selective_scan_step_with_fused_dt_proj(batch, rank, extra, ties, rounding):

@@ -17,6 +17,8 @@
 //              first), so afterwards lane j holds y for step j of the group;
 //   3. output: y + u * D, gate y * silu(z), one (B, L, E) store per chunk.
 // Padded steps (t >= L) and padded states (n >= N) carry zeros: exp(0) = 1 and + 0 leave h as is.
+#include <type_traits>
+
 #include "common.cuh"
 #include "scan.h"
 
@@ -83,31 +85,31 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[G], int lane) {
   reduce_scatter_stage<G / 2, G, kExact>(v, lane);
 }
 
-// Four consecutive raw elements of one row (time steps t .. t+3), kept as loaded until decoded.
+// Four consecutive raw elements of one row (time steps t .. t+3), kept packed as loaded and
+// unpacked only where they are decoded: unpacking them right after the load (an array of four
+// elements) made the warp wait for the load there, so the next chunk's loads were not in flight
+// during the recurrence (ncu: most of the INT8 scan's long-scoreboard stalls, B = 8).
 template <typename T>
 struct Raw4 {
-  T v[4];
+  using Word = std::conditional_t<sizeof(T) == 1, uint32_t, std::conditional_t<sizeof(T) == 2, uint2, uint4>>;
+  Word w;
+  __device__ __forceinline__ T get(int k) const {
+    T v;
+    memcpy(&v, reinterpret_cast<const char*>(&w) + k * sizeof(T), sizeof(T));
+    return v;
+  }
 };
 
 template <typename T>
 __device__ __forceinline__ Raw4<T> load_raw4(const T* p, int64_t remaining, bool vec) {
   Raw4<T> r;
   if (vec && remaining >= 4) {
-    if constexpr (sizeof(T) == 1) {
-      const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
-      memcpy(&r, &w, 4);
-    } else if constexpr (sizeof(T) == 2) {
-      const uint2 w = *reinterpret_cast<const uint2*>(p);
-      memcpy(&r, &w, 8);
-    } else {
-      const uint4 w = *reinterpret_cast<const uint4*>(p);
-      memcpy(&r, &w, 16);
-    }
+    r.w = *reinterpret_cast<const typename Raw4<T>::Word*>(p);
   } else {
     memset(&r, 0, sizeof(r));
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (k < remaining) r.v[k] = p[k];
+      if (k < remaining) memcpy(reinterpret_cast<char*>(&r.w) + k * sizeof(T), p + k, sizeof(T));
     }
   }
   return r;
@@ -254,16 +256,16 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kerne
         for (int k = 0; k < 4; ++k) {
           uv[k] = dv[k] = zv[k] = 0.0f;
           if (channel_in && tt + k < steps) {
-            uv[k] = dequant(raw_u[it].v[k], a.u_scale);
+            uv[k] = dequant(raw_u[it].get(k), a.u_scale);
             if constexpr (kTables) {
-              const int8_t dq = static_cast<int8_t>(raw_d[it].v[k]);
+              const int8_t dq = static_cast<int8_t>(raw_d[it].get(k));
               dv[k] = s_delta_table[cc][table_index(dq)];
-              if (has_z) zv[k] = s_silu_z_table[table_index(static_cast<int8_t>(raw_z[it].v[k]))];
+              if (has_z) zv[k] = s_silu_z_table[table_index(static_cast<int8_t>(raw_z[it].get(k)))];
             } else {
-              dv[k] = dequant(raw_d[it].v[k], a.delta_scale);
+              dv[k] = dequant(raw_d[it].get(k), a.delta_scale);
               if (a.delta_bias != nullptr) dv[k] = __fadd_rn(dv[k], s_bias[cc]);
               if (a.softplus) dv[k] = softplus_exact(dv[k]);
-              if (has_z) zv[k] = silu_exact(dequant(raw_z[it].v[k], a.z_scale));
+              if (has_z) zv[k] = silu_exact(dequant(raw_z[it].get(k), a.z_scale));
             }
           }
         }
@@ -283,8 +285,8 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kerne
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const bool ok = nn < N && tt + k < steps;
-          bv[k] = ok ? dequant(raw_B[it].v[k], a.B_scale) : 0.0f;
-          cv[k] = ok ? dequant(raw_C[it].v[k], a.C_scale) : 0.0f;
+          bv[k] = ok ? dequant(raw_B[it].get(k), a.B_scale) : 0.0f;
+          cv[k] = ok ? dequant(raw_C[it].get(k), a.C_scale) : 0.0f;
         }
         *reinterpret_cast<float4*>(&s_B[nn][tt]) = make_float4(bv[0], bv[1], bv[2], bv[3]);
         *reinterpret_cast<float4*>(&s_C[nn][tt]) = make_float4(cv[0], cv[1], cv[2], cv[3]);

@@ -208,6 +208,11 @@ def _reference_gemm_forms(monkeypatch):
         lambda x, weight, bias=None: F.linear(x, weight, bias).transpose(1, 2),
     )
     monkeypatch.setattr(
+        fp_kernels,
+        "_seq_last_halves",
+        lambda x, weight, bias=None: F.linear(x, weight, bias).transpose(1, 2).chunk(2, dim=1),
+    )
+    monkeypatch.setattr(
         fp_kernels, "_token_major_linear", lambda u, weight: F.linear(u.transpose(1, 2), weight)
     )
 
@@ -225,6 +230,9 @@ def test_transposed_gemm_forms_equal_the_linear_layer(batch, bias):
     got = fp_kernels._seq_last_linear(x, w, b)
     assert got.shape == (batch, 40, 7) and got.is_contiguous()
     assert torch.equal(got, F.linear(x, w, b).transpose(1, 2))
+    halves = fp_kernels._seq_last_halves(x, w, b)  # in_proj's x and z
+    assert all(h.is_contiguous() for h in halves)
+    assert all(torch.equal(h, r) for h, r in zip(halves, got.chunk(2, dim=1), strict=True))
     u = x.transpose(1, 2).contiguous()  # (B, K, L)
     assert torch.equal(fp_kernels._token_major_linear(u, w), F.linear(x, w))
     xf, wf = torch.randn(batch, 7, 24, generator=g), torch.randn(40, 24, generator=g)

@@ -156,6 +156,20 @@ def _seq_last_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.
     return out if bias is None else out + bias[:, None]
 
 
+def _seq_last_halves(x: torch.Tensor, weight: torch.Tensor, bias=None):
+    """in_proj's output as x and z (B, N / 2, L), each contiguous: for one sequence the halves
+    of one GEMM's output, for more one GEMM per half of the weight (the halves of a (B, N, L)
+    output are strided, and the conv and scan would copy them)."""
+    half = weight.shape[0] // 2
+    if x.shape[0] == 1:
+        return _seq_last_linear(x, weight, bias).chunk(2, dim=1)
+    biases = (None, None) if bias is None else (bias[:half], bias[half:])
+    return (
+        _seq_last_linear(x, weight[:half], biases[0]),
+        _seq_last_linear(x, weight[half:], biases[1]),
+    )
+
+
 def _token_major_linear(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(u.transpose(1, 2), weight)` for u (B, K, L): (B, L, N) without copying u."""
     if u.shape[0] == 1:
@@ -226,8 +240,7 @@ class FloatKernelOps:
         conv_state, ssm_state = state if state is not None else (None, None)
         # in_proj and dt_proj write the sequence-last layout the conv and scan read (see
         # _seq_last_linear); x_proj reads u (B, E, L) through a transposed view.
-        xz = _seq_last_linear(hidden, mixer.in_proj.weight, mixer.in_proj.bias)
-        x, z = xz.chunk(2, dim=1)
+        x, z = _seq_last_halves(hidden, mixer.in_proj.weight, mixer.in_proj.bias)
         u, conv_state = self.conv(mixer, x, conv_state)
         x_dbl = _token_major_linear(u, mixer.x_proj.weight)
         dt_low, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)

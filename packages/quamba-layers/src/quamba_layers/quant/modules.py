@@ -166,18 +166,11 @@ class W8A8Mixer(nn.Module):
 
         # in_proj (INT8 GEMM) -> x, z, sequence-last
         if dp.conv_input == "int8_static":
-            x_q_conv, z_q = self._in_proj_halves(x_q, s, rnd.gemm)
+            x_q_conv, z_q = self._in_proj_halves(x_q, s["s_xz"], rnd.gemm)
             s_conv_in: float | torch.Tensor = s["s_xz"]
             z = ops.dequantize(z_q, s["s_xz"]) if dp.gate == "fp32" else None
         else:  # int8_dynamic (mode 3): FP in_proj output, per-sequence dynamic scale
-            xz = self.backend.w8a8_linear(
-                x_q, self.in_proj_weight, s["s_in"], s["s_w_in"], None, rnd.gemm, torch.float32,
-                layout="seq_last",
-            )  # fmt: skip
-            # Views: the scale and Q8 read them as they are (no float32 copy of x); the scan
-            # makes z contiguous if its implementation needs it.
-            x_fp = xz[:, :e]
-            z = xz[:, e:]
+            x_fp, z = self._in_proj_halves(x_q, None, rnd.gemm)
             z_q = None
             s_conv_in = dynamic_scale_per_sequence(x_fp, seq_lens)
             x_q_conv = quantize_per_sequence(x_fp, s_conv_in, rnd.requant)
@@ -338,18 +331,20 @@ class W8A8Mixer(nn.Module):
         )
         return out, conv_state, ssm_state
 
-    def _in_proj_halves(self, x_q, s, rounding):
-        """in_proj's INT8 codes, sequence-last, as x and z (B, E, L), each contiguous.
+    def _in_proj_halves(self, x_q, out_scale, rounding):
+        """in_proj's output, sequence-last, as x and z (B, E, L), each contiguous: INT8 codes
+        with ``out_scale``, float32 without (mode 3's dynamic conv input).
 
         For one sequence they are the two halves of one GEMM's (1, 2E, L) output. For more,
         those halves are strided (each sequence's rows 2E * L apart) and copying them cost more
         than the GEMM's epilogue (2.8B, batch 16 x 1024 tokens: ~0.35 ms per layer), so each
         half of the weight gets its own GEMM, written where the conv and scan read it."""
         e = self.cfg.d_inner
-        args = (s["s_in"], s["s_w_in"], s["s_xz"], rounding)
+        s = self.scales()
+        args = (s["s_in"], s["s_w_in"], out_scale, rounding, torch.float32)
         if x_q.shape[0] == 1:
-            xz_q = self.backend.w8a8_linear(x_q, self.in_proj_weight, *args, layout="seq_last")
-            return xz_q[:, :e], xz_q[:, e:]
+            xz = self.backend.w8a8_linear(x_q, self.in_proj_weight, *args, layout="seq_last")
+            return xz[:, :e], xz[:, e:]
         weight = self.in_proj_weight
         x_half = self.backend.w8a8_linear(x_q, weight[:e], *args, layout="seq_last")
         z_half = self.backend.w8a8_linear(x_q, weight[e:], *args, layout="seq_last")

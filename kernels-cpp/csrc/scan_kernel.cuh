@@ -91,7 +91,8 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[G], int lane) {
 // during the recurrence (ncu: most of the INT8 scan's long-scoreboard stalls, B = 8).
 template <typename T>
 struct Raw4 {
-  using Word = std::conditional_t<sizeof(T) == 1, uint32_t, std::conditional_t<sizeof(T) == 2, uint2, uint4>>;
+  using Word = std::conditional_t<sizeof(T) == 1, uint32_t,
+                                  std::conditional_t<sizeof(T) == 2, uint2, uint4>>;
   Word w;
   __device__ __forceinline__ T get(int k) const {
     T v;

@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   // 128-byte swizzled TMA boxes and wgmma operands need 1024-byte aligned stages.
   // (An offset from smem_raw, so that the compiler still knows the ring is shared memory and
   // stages and reads the accumulators with STS / LDS rather than generic stores and loads.)
-  int8_t* ring = reinterpret_cast<int8_t*>(smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024));
+  int8_t* ring =
+      reinterpret_cast<int8_t*>(smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024));
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kRingBytes);
   uint64_t* empty = full + kStages;
   // This block's tile: bands of kBandTiles row tiles, row tiles varying fastest within a band.

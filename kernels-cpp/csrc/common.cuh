@@ -38,21 +38,28 @@ __device__ __forceinline__ int8_t quantize_int8_fast(float v, float scale, float
   return saturate_int8(round_with(q, rule));
 }
 
+// The clamp-and-shift rounding of c, already clamped to [-128, 127]: sets `code` (its low byte is
+// the nearest integer's int8 code; 1.5 * 2^23 has ulp 1, so c + 1.5 * 2^23 rounds c to the nearest
+// integer, ties to even) and returns c's distance from the nearest rounding boundary k + 0.5.
+__device__ __forceinline__ float q8_code_and_distance(float c, uint32_t& code) {
+  const float shifted = __fadd_rn(c, 12582912.0f);
+  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
+  code = __float_as_uint(shifted);
+  // Exact when |c - nearest| >= 0.25 (Sterbenz); below that the distance is > 0.25 anyway.
+  return __fadd_rn(0.5f, -fabsf(__fadd_rn(c, -nearest)));
+}
+
 // Q8 of an approximate quotient q whose error against the exact quotient v / s is known to be at
 // most |q| * rel_margin: sets `code` (the int8 code in the low byte) and returns true when q lies
 // farther than that from every code boundary k + 0.5, where neither rounding rule can differ from
 // the exact quotient's; returns false (the caller takes the exact path) otherwise. Clamping first
 // is safe: beyond +-127 the only boundaries are ones that saturation makes irrelevant. NaN clamps
 // to -128 like saturate_int8(NaN); inf clamps to the saturated code like the exact path.
-// Costs two adds for the rounding (1.5 * 2^23 has ulp 1: c + 1.5 * 2^23 rounds c to the nearest
-// integer, ties to even, and its low byte is that integer's code) and three for the decision.
+// Costs two adds for the rounding (q8_code_and_distance) and three for the decision.
 __device__ __forceinline__ bool q8_if_clear(float q, float rel_margin, uint32_t& code) {
   const float c = fminf(fmaxf(q, -128.0f), 127.0f);
-  const float shifted = __fadd_rn(c, 12582912.0f);
-  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
-  // Exact when |c - nearest| >= 0.25 (Sterbenz); below that the distance is > 0.25 anyway.
-  const float distance = __fadd_rn(0.5f, -fabsf(__fadd_rn(c, -nearest)));
-  code = __float_as_uint(shifted) & 0xFFu;
+  const float distance = q8_code_and_distance(c, code);
+  code &= 0xFFu;
   return distance > fabsf(c) * rel_margin;
 }
 

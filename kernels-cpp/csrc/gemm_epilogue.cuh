@@ -90,7 +90,7 @@ constexpr float kFactorMargin = 6.4e-5f;
 
 // The INT8 codes of four accumulators from the combined factor, byte j of the result for element
 // j of acc; `clear` stays true if every one lies farther than kFactorMargin from a rounding
-// boundary, i.e. the codes are the reference's (the same clamp-and-shift rounding as q8_if_clear).
+// boundary, i.e. the codes are the reference's (the clamp-and-shift rounding of q8_if_clear).
 __device__ __forceinline__ uint32_t q8_word_by_factor(float factor, int4 acc, bool& clear) {
   uint32_t code[4];
   const int a[4] = {acc.x, acc.y, acc.z, acc.w};
@@ -98,10 +98,8 @@ __device__ __forceinline__ uint32_t q8_word_by_factor(float factor, int4 acc, bo
   for (int j = 0; j < 4; ++j) {
     const float q = __fmul_rn(__int2float_rn(a[j]), factor);
     const float c = fminf(fmaxf(q, -128.0f), 127.0f);
-    const float shifted = __fadd_rn(c, 12582912.0f);
-    const float distance = __fadd_rn(0.5f, -fabsf(__fadd_rn(c, -__fadd_rn(shifted, -12582912.0f))));
+    const float distance = q8_code_and_distance(c, code[j]);
     clear = clear && distance > kFactorMargin;
-    code[j] = __float_as_uint(shifted);
   }
   // Low bytes of the four codes: [c0, c1, x, x], [c2, c3, x, x], then [c0, c1, c2, c3].
   return __byte_perm(__byte_perm(code[0], code[1], 0x0040), __byte_perm(code[2], code[3], 0x0040),

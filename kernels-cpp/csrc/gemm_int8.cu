@@ -6,6 +6,8 @@
 // Three kernels: for K % 16 == 0 (sm_80+, mma.sync m16n8k32 s8) a skinny kernel for few rows
 // (decode: M = batch; weights read once per 16 rows) and a tiled kernel for many (prefill); a
 // byte-wise kernel for any other K. The epilogue is fused into all three.
+#include <atomic>
+
 #include "gemm_epilogue.cuh"
 #include "gemm_int8.h"
 
@@ -42,14 +44,37 @@ __device__ __forceinline__ void reduce_scatter(int (&v)[V], int lane, int& base,
   }
 }
 
+// ---- cp.async (sm_80+): 16 bytes global -> shared, zero-filled when !valid ----
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
 // ---- tensor-core skinny GEMM (rows in tiles of 16: decode, and small weight matrices) ----
 //
-// One block = 8 warps = an output tile of 16 rows x 8 columns; the warps split K in chunks of 64
-// and each chunk is two mma.m16n8k32 (s8 x s8 -> s32). Lane (g = lane / 4, t = lane % 4) loads 16
-// contiguous bytes of weight row n0 + g and of x rows m0 + g, m0 + g + 8 at k = chunk + 16 t, and
-// uses words 0-1 for the first mma and words 2-3 for the second: A and B see the same permutation
-// of k, which an exact integer sum does not notice. Every weight byte is read once per 16 rows.
+// One block = kSkinnyWarps warps = an output tile of 16 rows x 8 kTiles columns; the warps split K
+// in chunks of 64 and each chunk is two mma.m16n8k32 (s8 x s8 -> s32) per column tile. Lane
+// (g = lane / 4, t = lane % 4) takes 16 contiguous bytes of weight row n0 + 8 j + g (j < kTiles)
+// and of x rows m0 + g, m0 + g + 8 at k = chunk + 16 t, and uses words 0-1 for the first mma and
+// words 2-3 for the second: A and B see the same permutation of k, which an exact integer sum does
+// not notice. Every weight byte is read once per 16 rows.
+// Loads: each lane copies exactly the pieces it feeds to its own mma into its own slots of a
+// warp-private ring of kSkinnyStages chunks (cp.async), so that many chunks per warp are in flight
+// without registers held for them (loaded into registers, about one chunk per warp was: ncu at
+// M = 16, 67% of the stalls waiting on memory, DRAM at 44%). A lane reads only its own slots, so
+// cp.async.wait_group is all the synchronisation the ring needs.
 constexpr int kMmaChunk = 64;
+constexpr int kSkinnyWarps = 8;
+// Measured (H100, M = 16, in_proj + x_proj + out_proj of Mamba-2.8B): 8 warps x 4 stages 32.8 us,
+// 2 stages 33.1, 8 stages 36.1; 4 warps 36.8-39.9.
+constexpr int kSkinnyStages = 4;
 
 __device__ __forceinline__ void mma_s8_16x8x32(int (&c)[4], int a0, int a1, int a2, int a3, int b0,
                                                int b1) {
@@ -73,24 +98,39 @@ __device__ __forceinline__ void mma_chunk64(int (&c)[4], const int4& xa, const i
   mma_s8_16x8x32(c, xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
 }
 
+// Dynamic shared memory of the skinny kernel: the ring (kTiles + 2 pieces of 16 bytes per lane and
+// chunk), then the per-warp accumulators summed in the epilogue.
+template <int kTiles>
+constexpr int skinny_ring_int4s() {
+  return kSkinnyWarps * kSkinnyStages * (kTiles + 2) * 32;
+}
+template <int kTiles>
+constexpr int skinny_smem_bytes() {
+  return skinny_ring_int4s<kTiles>() * 16 + kSkinnyWarps * 16 * 8 * kTiles * 4;
+}
+
 // kTiles column tiles of 8 per block (1, 2 or 4): a block reads x once for 8 * kTiles weight
 // rows, so wide layers (in_proj at batch 16) pull less x through L1/L2 per weight byte.
-template <int kWarps, int kTiles>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int kTiles>
+__global__ void __launch_bounds__(kSkinnyWarps * 32)
     int8_mma_skinny_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                            void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                            EpilogueConsts ep) {
   constexpr int kCols = 8 * kTiles;
-  __shared__ int s_acc[kWarps][16][kCols];
+  constexpr int kPieces = kTiles + 2;  // per lane and chunk: the column tiles' rows, x rows g, g+8
+  extern __shared__ int4 skinny_smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  // This lane's slots: piece p of stage s at ring[(s * kPieces + p) * 32].
+  int4* ring = skinny_smem + warp * kSkinnyStages * kPieces * 32 + lane;
+  int* s_acc = reinterpret_cast<int*>(skinny_smem + skinny_ring_int4s<kTiles>());
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols;
   // While the previous kernel finishes: this block's weight rows into L2 (see launch.cuh).
   if (blockIdx.y == 0) {
     const int64_t row_bytes = (N - n0 < kCols ? N - n0 : kCols) * K;
     for (int64_t off = 128 * static_cast<int64_t>(threadIdx.x); off < row_bytes;
-         off += 128 * kWarps * 32) {
+         off += 128 * kSkinnyWarps * 32) {
       launch::prefetch_l2(w + n0 * K + off);
     }
   }
@@ -102,45 +142,64 @@ __global__ void __launch_bounds__(kWarps * 32)
     w_row_ok[j] = n0 + 8 * j + g < N;
     w_row[j] = w + (n0 + 8 * j + g) * K;
   }
-  const int4 zero = make_int4(0, 0, 0, 0);
+  // This warp's chunks: warp, warp + kSkinnyWarps, ... (K < 2^17: int is enough).
+  const int chunks = static_cast<int>((K + kMmaChunk - 1) / kMmaChunk);
+  const int my_chunks = warp < chunks ? (chunks - warp + kSkinnyWarps - 1) / kSkinnyWarps : 0;
 
   for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * 16; m0 < M;
        m0 += static_cast<int64_t>(gridDim.y) * 16) {
     const bool row_a_ok = m0 + g < M, row_b_ok = m0 + g + 8 < M;
     const int8_t* x_a = x + (m0 + g) * K;
     const int8_t* x_b = x + (m0 + g + 8) * K;
+    // This warp's chunk i into ring stage i % kSkinnyStages (segments past K or past the last
+    // row are zero-filled: K % 16 == 0, so a 16-byte segment is all in or all out).
+    auto issue = [&](int i) {
+      const int64_t k = static_cast<int64_t>(warp + i * kSkinnyWarps) * kMmaChunk + 16 * t;
+      const bool k_ok = k < K;
+      int4* slot = ring + (i % kSkinnyStages) * kPieces * 32;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const bool ok = w_row_ok[j] && k_ok;
+        cp_async16(slot + j * 32, ok ? w_row[j] + k : w, ok);
+      }
+      cp_async16(slot + kTiles * 32, row_a_ok && k_ok ? x_a + k : x, row_a_ok && k_ok);
+      cp_async16(slot + (kTiles + 1) * 32, row_b_ok && k_ok ? x_b + k : x, row_b_ok && k_ok);
+    };
+    // One commit per chunk, empty past the last: wait_group<kSkinnyStages - 1> then means "chunk
+    // i has landed" at iteration i.
+#pragma unroll
+    for (int s = 0; s < kSkinnyStages; ++s) {
+      if (s < my_chunks) issue(s);
+      cp_async_commit();
+    }
     int c[kTiles][4];
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0;
-    // (Measured on the H100: batching 8 chunks per round, or 4 with explicit loads first, was
-    // slower than letting the compiler schedule this loop.)
-#pragma unroll 4
-    for (int64_t k0 = static_cast<int64_t>(warp) * kMmaChunk; k0 < K; k0 += kWarps * kMmaChunk) {
-      const int64_t k = k0 + 16 * t;
-      const bool k_ok = k < K;  // K % 16 == 0: a 16-byte segment is all in or all out
-      int4 wv[kTiles];
+    for (int i = 0; i < my_chunks; ++i) {
+      cp_async_wait<kSkinnyStages - 1>();
+      const int4* slot = ring + (i % kSkinnyStages) * kPieces * 32;
+      const int4 xa = slot[kTiles * 32], xb = slot[(kTiles + 1) * 32];
 #pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        wv[j] = w_row_ok[j] && k_ok ? __ldg(reinterpret_cast<const int4*>(w_row[j] + k)) : zero;
-      }
-      const int4 xa = row_a_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_a + k)) : zero;
-      const int4 xb = row_b_ok && k_ok ? __ldg(reinterpret_cast<const int4*>(x_b + k)) : zero;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) mma_chunk64(c[j], xa, xb, wv[j]);
+      for (int j = 0; j < kTiles; ++j) mma_chunk64(c[j], xa, xb, slot[j * 32]);
+      // The stage just read is refilled only after its mma issued (they consumed the loads).
+      if (i + kSkinnyStages < my_chunks) issue(i + kSkinnyStages);
+      cp_async_commit();
     }
+    cp_async_wait<0>();  // the ring is reused by the next row tile
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-      s_acc[warp][g][8 * j + 2 * t] = c[j][0];
-      s_acc[warp][g][8 * j + 2 * t + 1] = c[j][1];
-      s_acc[warp][g + 8][8 * j + 2 * t] = c[j][2];
-      s_acc[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+      int* acc = s_acc + warp * 16 * kCols + 8 * j + 2 * t;
+      acc[g * kCols] = c[j][0];
+      acc[g * kCols + 1] = c[j][1];
+      acc[(g + 8) * kCols] = c[j][2];
+      acc[(g + 8) * kCols + 1] = c[j][3];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < 16 * kCols; i += kWarps * 32) {
+    for (int i = threadIdx.x; i < 16 * kCols; i += kSkinnyWarps * 32) {
       const int r = i / kCols, col = i % kCols;
       int total = 0;
 #pragma unroll
-      for (int j = 0; j < kWarps; ++j) total += s_acc[j][r][col];
+      for (int j = 0; j < kSkinnyWarps; ++j) total += s_acc[(j * 16 + r) * kCols + col];
       const int64_t m = m0 + r, n = n0 + col;
       if (m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), total);
     }
@@ -250,18 +309,6 @@ constexpr int kTileThreads = 256;
 constexpr int kHalfBytes = kTileM * kHalfK;           // 8 KB: one half of A or of B
 constexpr int kStageBytes = 4 * kHalfBytes;           // A halves, then B halves
 constexpr int kTileSmemBytes = kStages * kStageBytes; // 96 KB (>= the 64 KB fp32 output tile)
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // Step 1 of the tiled kernel's epilogue: this thread's 64 raw accumulators (mma fragment (i, j, r)
 // at tile row ml0 + 16 i + 8 (r >= 2), column nl0 + 8 j + (r & 1)) into the shared tile, rows of
@@ -541,6 +588,33 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Dynamic shared memory beyond the default 48 KB needs a per-kernel opt-in, once per device
+// (`opted_in`: one bit per device ordinal below 64; others opt in on every launch).
+template <typename Kernel>
+cudaError_t opt_in_shared_memory(Kernel kernel, int bytes, int device,
+                                 std::atomic<unsigned long long>& opted_in) {
+  const unsigned long long bit = device < 64 ? 1ULL << device : 0;
+  if (bit != 0 && (opted_in.load() & bit)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) opted_in |= bit;
+  return err;
+}
+
+template <int kTiles>
+cudaError_t launch_skinny(dim3 grid, const int8_t* x, const int8_t* w, void* out, int64_t M,
+                          int64_t N, int64_t K, const EpilogueConsts& c, int device,
+                          cudaStream_t stream) {
+  constexpr int kBytes = skinny_smem_bytes<kTiles>();
+  static std::atomic<unsigned long long> opted_in{0};
+  const cudaError_t err =
+      opt_in_shared_memory(int8_mma_skinny_kernel<kTiles>, kBytes, device, opted_in);
+  if (err != cudaSuccess) return err;
+  launch::launch_kernel(int8_mma_skinny_kernel<kTiles>, grid, kSkinnyWarps * 32, kBytes, stream, x,
+                        w, out, M, N, K, c);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 bool wgmma_gemm_built() {
@@ -587,39 +661,26 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
       const int64_t row_tiles = (M + kTileM - 1) / kTileM;
       if (row_tiles > 65535 || col_tiles > 2147483647LL) return cudaErrorInvalidValue;
       const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
-      static unsigned long long smem_opt_in = 0;  // one bit per device (< 64) already set up
-      const unsigned long long bit = device < 64 ? 1ULL << device : 0;
-      if (!(smem_opt_in & bit)) {
-        err = cudaFuncSetAttribute(int8_gemm_tiled_kernel,
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kTileSmemBytes);
-        if (err != cudaSuccess) return err;
-        smem_opt_in |= bit;
-      }
+      static std::atomic<unsigned long long> opted_in{0};
+      err = opt_in_shared_memory(int8_gemm_tiled_kernel, kTileSmemBytes, device, opted_in);
+      if (err != cudaSuccess) return err;
       launch::launch_kernel(int8_gemm_tiled_kernel, grid, kTileThreads, kTileSmemBytes, stream, x,
                             w, out, M, N, K, c);
       return cudaGetLastError();
     }
-    // Column tiles per block: as many (4, 2, 1) as keep at least two blocks per SM.
-    const int tiles = N >= 2LL * sms * 32 ? 4 : (N >= 2LL * sms * 16 ? 2 : 1);
+    // Column tiles per block: as many (4, 2, 1) as leave at least one block per two SMs. Measured
+    // (H100, M = 16): out_proj (N = 2560) 9.0 us with 4 tiles (80 blocks) against 12.3 with 1;
+    // x_proj (N = 192) 3.4 us with 1 tile (24 blocks) against 6.0 with 4.
+    const int64_t min_blocks = (sms + 1) / 2;
+    const int tiles = N >= min_blocks * 32 ? 4 : (N >= min_blocks * 16 ? 2 : 1);
     const int64_t col_blocks = (N + 8 * tiles - 1) / (8 * tiles);
     const int64_t row_blocks = (M + 15) / 16;
     if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(col_blocks),
                     static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
-    // Enough warps in flight to cover the memory latency: 8 per block when the blocks are few.
-    const bool eight = col_blocks * (row_blocks < 65535 ? row_blocks : 65535) < 4LL * sms;
-#define QUAMBA_SKINNY(WARPS, TILES)                                                              \
-  launch::launch_kernel(int8_mma_skinny_kernel<WARPS, TILES>, grid, (WARPS) * 32, 0, stream, x, w, \
-                        out, M, N, K, c)
-    if (tiles == 4) {
-      if (eight) QUAMBA_SKINNY(8, 4); else QUAMBA_SKINNY(4, 4);
-    } else if (tiles == 2) {
-      if (eight) QUAMBA_SKINNY(8, 2); else QUAMBA_SKINNY(4, 2);
-    } else {
-      if (eight) QUAMBA_SKINNY(8, 1); else QUAMBA_SKINNY(4, 1);
-    }
-#undef QUAMBA_SKINNY
-    return cudaGetLastError();
+    if (tiles == 4) return launch_skinny<4>(grid, x, w, out, M, N, K, c, device, stream);
+    if (tiles == 2) return launch_skinny<2>(grid, x, w, out, M, N, K, c, device, stream);
+    return launch_skinny<1>(grid, x, w, out, M, N, K, c, device, stream);
   }
   if (M <= 1) return launch_gemv_bytes<1>(x, w, out, M, N, K, c, stream);
   if (M <= 4) return launch_gemv_bytes<4>(x, w, out, M, N, K, c, stream);

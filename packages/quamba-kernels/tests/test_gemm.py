@@ -35,7 +35,8 @@ SHAPES = [
     (8, 10240, 2560),
     (16, 5120, 160),
     (13, 9000, 320),  # skinny: 4 column tiles per block on an H100, the last group partial
-    (11, 4300, 96),  # skinny: 2 column tiles per block on an H100, the last group partial
+    (11, 1100, 96),  # skinny: 2 column tiles per block on an H100, the last group partial
+    (7, 300, 4112),  # skinny: 1 column tile, 9 chunks per warp (> the ring's 4), a partial chunk
     (16, 129, 17),
     (17, 64, 64),
     (31, 24, 40),

@@ -472,7 +472,7 @@ void selective_scan(AnyArray u, AnyArray delta, AnyArray A, AnyArray B, AnyArray
                     OptArray last_state, OptArray state_q, float u_scale, float delta_scale,
                     float A_scale, float B_scale, float C_scale, float D_scale, float z_scale,
                     float delta_bias_scale, float state_scale, int state_rounding, bool softplus,
-                    bool exact, std::uintptr_t stream) {
+                    bool exact, int lanes_per_channel, std::uintptr_t stream) {
   quamba::ScanArgs a;
   expect_ndim(u, "u", 3);
   a.batch = static_cast<int64_t>(u.shape(0));
@@ -531,6 +531,16 @@ void selective_scan(AnyArray u, AnyArray delta, AnyArray A, AnyArray B, AnyArray
     if (delta_bias) expect_scale(delta_bias_scale, "delta_bias_scale");
   }
   expect_rounding(state_rounding);
+  if (lanes_per_channel != 0) {
+    if (lanes_per_channel != 8 && lanes_per_channel != 16) {
+      throw std::invalid_argument("lanes_per_channel must be 8 or 16 (or 0: chosen by the kernel)");
+    }
+    if (a.dstate < 9 || a.dstate > 16) {
+      throw std::invalid_argument("lanes_per_channel applies to d_state 9..16 only, got N = " +
+                                  std::to_string(a.dstate));
+    }
+  }
+  a.lanes_per_channel = lanes_per_channel;
   a.u = u.data();
   a.delta = delta.data();
   a.z = opt_data(z);
@@ -817,8 +827,9 @@ NB_MODULE(_C, m) {
         nb::arg("state_q").noconvert().none(), nb::arg("u_scale"), nb::arg("delta_scale"),
         nb::arg("A_scale"), nb::arg("B_scale"), nb::arg("C_scale"), nb::arg("D_scale"),
         nb::arg("z_scale"), nb::arg("delta_bias_scale"), nb::arg("state_scale"),
-        nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("exact"), nb::arg("stream"),
-        nb::call_guard<nb::gil_scoped_release>(), "Selective scan (prefill).");
+        nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("exact"),
+        nb::arg("lanes_per_channel"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "Selective scan (prefill).");
   m.def("selective_scan_step", &selective_scan_step, nb::arg("state").noconvert(),
         nb::arg("u").noconvert(), nb::arg("delta").noconvert(), nb::arg("A").noconvert(),
         nb::arg("B").noconvert(), nb::arg("C").noconvert(), nb::arg("D").noconvert().none(),

@@ -1,8 +1,9 @@
 #pragma once
 // The prefill selective-scan kernel, shared by the per-dtype translation units (scan_*.cu).
 //
-// Parallelism: one thread per (batch, channel, state) -- N is padded to NP (a power of two >= 8)
-// and G = min(NP, 32) consecutive lanes own one channel, S = NP / G states each. The recurrence
+// Parallelism: N is padded to NP (a power of two >= 8), G consecutive lanes own one channel and
+// each lane S = NP / G states: G = min(NP, 32) (one thread per (batch, channel, state)), or, for
+// NP = 16, G = 8 with two states per lane (launch_np chooses; see auto_lanes_per_channel). The recurrence
 // over t is sequential by definition; time is processed in chunks of kChunk steps staged through
 // shared memory:
 //   1. load:   u, delta (+bias, softplus), silu(z) for the block's channels and B, C for all
@@ -28,16 +29,16 @@ namespace scan_detail {
 constexpr int kChunk = 64;          // time steps staged per chunk
 constexpr int kRow = kChunk + 4;    // padded shared-memory row (16-byte aligned, fewer conflicts)
 constexpr int kThreads = 256;  // block size (128-thread blocks measured slower at batch 1)
-// Resident blocks per SM the register allocation must allow: 3 (at most 85 registers per thread)
-// for NP = 16 (Mamba's N); other NP keep more per thread and get no bound.
-template <int NP>
+// Resident blocks per SM the register allocation must allow: 768 threads (at most 85 registers
+// per thread) for NP = 16 (Mamba's N); other NP keep more per thread and get no bound.
+template <int NP, int kBlock = kThreads>
 constexpr int min_blocks() {
-  return NP == 16 ? 3 : 1;
+  return NP == 16 ? 3 * kThreads / kBlock : 1;
 }
 
-template <int NP, int kBlock = kThreads>
+template <int NP, int kBlock = kThreads, int kG = (NP < 32 ? NP : 32)>
 struct Layout {
-  static constexpr int kLanes = NP < 32 ? NP : 32;         // lanes per channel
+  static constexpr int kLanes = kG;                        // lanes per channel
   static constexpr int kPerLane = NP / kLanes;             // states per lane
   static constexpr int kChannels = kBlock / kLanes;        // channels per block
   static_assert(NP >= 8 && NP <= kScanMaxState && (NP & (NP - 1)) == 0, "NP: power of two 8..64");
@@ -122,10 +123,10 @@ __device__ __forceinline__ bool aligned_to(const void* p, int bytes) {
 
 __device__ __forceinline__ int table_index(int8_t q) { return static_cast<int>(q) + 128; }
 
-template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact>
-__global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kernel(ScanArgs a) {
+template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact, int kG>
+__global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>()) selective_scan_kernel(ScanArgs a) {
   launch::start_after_prior_grids();  // first: see launch.cuh
-  using L = Layout<NP, kBlock>;
+  using L = Layout<NP, kBlock, kG>;
   constexpr int G = L::kLanes;
   constexpr int S = L::kPerLane;
   constexpr int CPB = L::kChannels;
@@ -335,12 +336,15 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP>()) selective_scan_kerne
             for (int s = 0; s < S; ++s) {
               const float dA = ex2_approx(d * A_reg[s]);
               h[s] = fmaf(dA, h[s], du * B4[s][k]);
-              p[s] = h[s] * C4[s][k];
+              // Rounded on their own, not contracted into an FMA with the sum below: the sum
+              // over the states is then the same with one or two states per lane, so fast
+              // results do not depend on the layout (which follows the batch size).
+              p[s] = __fmul_rn(h[s], C4[s][k]);
             }
 #pragma unroll
             for (int w = S / 2; w >= 1; w /= 2) {
 #pragma unroll
-              for (int s = 0; s < w; ++s) p[s] = p[s] + p[s + w];
+              for (int s = 0; s < w; ++s) p[s] = __fadd_rn(p[s], p[s + w]);
             }
           }
           acc[j + k] = p[0];
@@ -396,15 +400,55 @@ inline int padded_state(int64_t n) {
   return np;
 }
 
-template <int NP, typename TU, typename TX, typename TOut, bool kExact>
-cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
-  using Lay = Layout<NP>;
+template <int NP, int kBlock, int kG, typename TU, typename TX, typename TOut, bool kExact>
+cudaError_t launch_layout(const ScanArgs& a, cudaStream_t stream) {
+  using Lay = Layout<NP, kBlock, kG>;
   const dim3 grid(static_cast<unsigned int>((a.dim + Lay::kChannels - 1) / Lay::kChannels),
                   static_cast<unsigned int>(a.batch));
   // Ordinary launch: see launch_kernel_spread.
-  launch::launch_kernel_spread(selective_scan_kernel<NP, kThreads, TU, TX, TOut, kExact>, grid,
-                               kThreads, 0, stream, a);
+  launch::launch_kernel_spread(selective_scan_kernel<NP, kBlock, TU, TX, TOut, kExact, kG>, grid,
+                               kBlock, 0, stream, a);
   return cudaGetLastError();
+}
+
+// Lanes per channel for NP = 16 when the caller leaves it open (a.lanes_per_channel == 0).
+// The recurrence is bound by shared-memory wavefronts and shuffles (ncu, INT8 fast scan at B = 8:
+// 75% of the shared-memory wavefront peak, short-scoreboard the main stall), and 8 lanes with two
+// states each need fewer per state-step (B and C rows per lane, the y reduce-scatter over 8
+// lanes) but give half the threads. Measured on the H100 (Mamba-2.8B, L = 2048,
+// benchmarks/README.md): INT8 inputs with 8 lanes in 128-thread blocks, fast 7-17% faster at
+// every batch (B = 1: 320 blocks), exact 5-8% faster from B = 2 (640 blocks) and 1.5% slower at
+// B = 1; float16 with 8 lanes in 256-thread blocks 11% faster from B = 4 (640 blocks), slower
+// below; the float32 simulation scan slower with 8 lanes at every batch.
+template <typename TX, bool kExact>
+int auto_lanes_per_channel(const ScanArgs& a) {
+  if (sizeof(TX) == 4) return 16;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 16;
+  }
+  const int64_t channels_per_block = sizeof(TX) == 1 ? 16 : 32;
+  const int64_t blocks = (a.dim + channels_per_block - 1) / channels_per_block * a.batch;
+  const int64_t min_blocks_per_sm = sizeof(TX) == 1 && !kExact ? 2 : 4;
+  return blocks >= min_blocks_per_sm * sms ? 8 : 16;
+}
+
+template <int NP, typename TU, typename TX, typename TOut, bool kExact>
+cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
+  if constexpr (NP == 16) {
+    const int lanes =
+        a.lanes_per_channel != 0 ? a.lanes_per_channel : auto_lanes_per_channel<TX, kExact>(a);
+    // 8 lanes: 128-thread blocks for 1-byte inputs (16 channels, room for the INT8 tables),
+    // 256-thread blocks otherwise.
+    if (lanes == 8) {
+      return launch_layout<16, sizeof(TX) == 1 ? 128 : 256, 8, TU, TX, TOut, kExact>(a, stream);
+    }
+  }
+  if (a.lanes_per_channel != 0 && a.lanes_per_channel != (NP < 32 ? NP : 32)) {
+    return cudaErrorInvalidValue;  // the binding accepts 8 or 16 for 9 <= N <= 16 only
+  }
+  return launch_layout<NP, kThreads, (NP < 32 ? NP : 32), TU, TX, TOut, kExact>(a, stream);
 }
 
 template <typename TU, typename TX, typename TOut, bool kExact>

@@ -326,6 +326,12 @@ def sweep() -> None:
         bf, cf = _randn(b, n, length), _randn(b, n, length)
         selective_scan_sim(uf, dtf, A, bf, cf, _randn(e), zf, _randn(e))
         selective_scan(uf.half(), dtf.half(), A, bf.half(), cf.half(), None, None, None)
+        if n == 16:  # both layouts of N = 9..16, whatever the size picks
+            for lanes in (8, 16):
+                selective_scan_int8(*args, lanes_per_channel=lanes)
+                selective_scan_int8(*args, exact=True, lanes_per_channel=lanes)
+                selective_scan(uf.half(), dtf.half(), A, bf.half(), cf.half(), _randn(e),
+                               zf.half(), _randn(e), lanes_per_channel=lanes)  # fmt: skip
         step = (u[..., 0].contiguous(), 0.02, dt[..., 0].contiguous(), 0.02, a_log, 0.02,
                 bm[..., 0].contiguous(), 0.02, cm[..., 0].contiguous(), 0.02, d_q, 0.01,
                 z[..., 0].contiguous(), 0.03, dtb, 0.04, 0.1)  # fmt: skip

@@ -519,11 +519,18 @@ def _float_scan_inputs(g, batch, channels, length, n, dtype=torch.float32):
     return u, delta, A, B, C, D, z, delta_bias
 
 
+def _skip_unless_lanes_apply(lanes, n):
+    if lanes is not None and not 9 <= n <= 16:
+        pytest.skip("lanes_per_channel applies to d_state 9..16")
+
+
+@pytest.mark.parametrize("lanes", [None, 8, 16])
 @pytest.mark.parametrize("length,batch,n", SCAN_CASES)
-def test_selective_scan_sim_bit_identical(length, batch, n):
+def test_selective_scan_sim_bit_identical(length, batch, n, lanes):
     from quamba_kernels.scan import selective_scan_sim
     from quamba_layers import reference_ops as ref
 
+    _skip_unless_lanes_apply(lanes, n)
     channels = 37
     g = _gen("sim", length, batch, n)
     u, delta, A, B, C, D, z, delta_bias = _float_scan_inputs(g, batch, channels, length, n)
@@ -533,8 +540,9 @@ def test_selective_scan_sim_bit_identical(length, batch, n):
     out = _poisoned_float((batch, length, channels), torch.float32)
     h = _poisoned_float((batch, channels, n), torch.float32)
     selective_scan_sim(
-        u, delta, A, B, C, D, z, delta_bias, initial_state=init, out=out, last_state=h
-    )
+        u, delta, A, B, C, D, z, delta_bias, initial_state=init, out=out, last_state=h,
+        lanes_per_channel=lanes,
+    )  # fmt: skip
     torch.cuda.synchronize()
     _assert_written(out, "sim y")
     _assert_written(h, "sim h")
@@ -627,12 +635,14 @@ def _check_fast(y, y64, mag64, dtype, name):
     assert worst <= 1.0, f"{name}: error {worst:.3g} x the tolerance (max err/magnitude {rel:.3g})"
 
 
+@pytest.mark.parametrize("lanes", [None, 8, 16])
 @pytest.mark.parametrize("length,batch,n", SCAN_CASES)
 @pytest.mark.parametrize("float_u", [False, True])
-def test_selective_scan_int8(length, batch, n, float_u):
+def test_selective_scan_int8(length, batch, n, float_u, lanes):
     from quamba_kernels.scan import selective_scan_int8
     from quamba_layers import reference_ops as ref
 
+    _skip_unless_lanes_apply(lanes, n)
     channels = 37
     g = _gen("scan8", length, batch, n, float_u)
     tensors, s = _int8_scan_inputs(g, batch, channels, length, n, float_u)
@@ -643,7 +653,10 @@ def test_selective_scan_int8(length, batch, n, float_u):
     # Exact mode: the reference's bits.
     y = _poisoned_float((batch, length, channels), torch.float16)
     hq = _run_int8_twice(
-        lambda out: selective_scan_int8(*args, exact=True, out=y, state_q=out), (batch, channels, n)
+        lambda out: selective_scan_int8(
+            *args, exact=True, out=y, state_q=out, lanes_per_channel=lanes
+        ),
+        (batch, channels, n),
     )
     _assert_written(y, "int8 scan y")
     _assert_equal(y, y_ref, f"int8 scan exact y L={length} N={n}")
@@ -654,7 +667,9 @@ def test_selective_scan_int8(length, batch, n, float_u):
 
     # Fast mode: tolerance against float64.
     y_fast = _poisoned_float((batch, length, channels), torch.float16)
-    _, hq_fast, h_fast = selective_scan_int8(*args, out=y_fast, return_last_state=True)
+    _, hq_fast, h_fast = selective_scan_int8(
+        *args, out=y_fast, return_last_state=True, lanes_per_channel=lanes
+    )
     torch.cuda.synchronize()
     _assert_written(y_fast, "int8 scan fast y")
     y64, mag64, h64 = _scan64(u, delta_raw, A, B, C, D, z, delta_bias)
@@ -663,6 +678,42 @@ def test_selective_scan_int8(length, batch, n, float_u):
     h_err = (h_fast.double() - h64).abs().max().item()
     assert h_err <= 1e-4 * (h64.abs().max().item() + 1e-3)
     assert int((hq_fast.int() - hq_ref.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("length,batch", [(7, 3), (2047, 2), (130, 5)])
+@pytest.mark.parametrize("kind", ["int8", "int8 u32", "float16", "bfloat16", "sim"])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("n", [16, 13])
+def test_selective_scan_lanes_per_channel_same_bits(length, batch, kind, exact, n):
+    """8 lanes with two states each and 16 lanes with one run the same operations in the same
+    order: fast and exact outputs and states are bit-identical."""
+    from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
+
+    if kind == "sim" and not exact:
+        pytest.skip("the simulation scan is exact only")
+    channels = 83
+    g = _gen("lanes", length, batch, kind, exact, n)
+    if kind.startswith("int8"):
+        tensors, s = _int8_scan_inputs(g, batch, channels, length, n, kind == "int8 u32")
+        args = _int8_args(tensors, s, 0.1)
+
+        def run(lanes):
+            return selective_scan_int8(
+                *args, exact=exact, return_last_state=True, lanes_per_channel=lanes
+            )
+    else:
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(kind, torch.float32)
+        inputs = _float_scan_inputs(g, batch, channels, length, n, dtype)
+
+        def run(lanes):
+            if kind == "sim":
+                return selective_scan_sim(*inputs, lanes_per_channel=lanes)
+            return selective_scan(
+                *inputs, return_last_state=True, exact=exact, lanes_per_channel=lanes
+            )
+
+    for a, b in zip(run(8), run(16)):
+        _assert_equal(a, b, f"{kind} exact={exact} N={n} L={length}: 8 vs 16 lanes")
 
 
 FP_SCAN_CASES = [

@@ -285,7 +285,14 @@ def test_selective_scan_int8_validation():
         selective_scan_int8(*bad)
     with pytest.raises(ValueError, match="rounding"):
         selective_scan_int8(*args, state_rounding="floor")
+    with pytest.raises(ValueError, match="lanes_per_channel must be None, 8 or 16"):
+        selective_scan_int8(*args, lanes_per_channel=4)
+    with pytest.raises(ValueError, match="lanes_per_channel must be None, 8 or 16"):
+        selective_scan_int8(*args, lanes_per_channel=True)
+    with pytest.raises(ValueError, match=r"d_state N = 9\.\.16 only \(N = 5\)"):
+        selective_scan_int8(*_int8_scan_args(n=5), lanes_per_channel=8)
     _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*args))
+    _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*args, lanes_per_channel=8))
     # Optional parts may be None, their scales are then not inspected.
     optional = list(args)
     optional[10], optional[11], optional[12], optional[13] = None, None, None, None
@@ -310,6 +317,11 @@ def test_selective_scan_sim_and_float_validation():
         selective_scan(h, u, A, B.half(), B.half())
     with pytest.raises(ValueError, match="exact"):
         selective_scan(u, u, A, B, B)
+    with pytest.raises(ValueError, match=r"d_state N = 9\.\.16 only"):
+        selective_scan(h, h, -_f(6, 32).abs(), _f(2, 32, 5, dtype=F16), _f(2, 32, 5, dtype=F16),
+                       lanes_per_channel=16)  # fmt: skip
+    with pytest.raises(ValueError, match="lanes_per_channel must be None, 8 or 16"):
+        selective_scan_sim(u, u, A, B, B, None, None, None, lanes_per_channel=32)
     _expect_unavailable_or_cuda_error(lambda: selective_scan(h, h, A, B.half(), B.half()))
 
 

@@ -11,6 +11,12 @@
   ``quamba_layers.fp_ops.selective_scan_ref`` semantics with y returned in u's dtype.
 
 Any L (time is processed in chunks), any batch up to 65535, d_state N up to 64.
+
+``lanes_per_channel`` (keyword of every function): for 9 <= N <= 16 the kernel gives each
+channel 16 lanes (one state each) or 8 (two states each); ``None`` lets it choose from the grid
+size and the input type (the faster one at Mamba-2.8B shapes, benchmarks/README.md). The results
+do not depend on it: the exact scans give the same bits and the fast scans the same sums in the
+same order.
 """
 
 from __future__ import annotations
@@ -68,21 +74,46 @@ def _check_params(names, A, D, delta_bias, dtype, channels):
     return A.shape[1]
 
 
+def _lanes_code(lanes_per_channel, n: int) -> int:
+    """The kernel's lanes_per_channel argument: 0 (its choice), 8 or 16 (9 <= N <= 16 only)."""
+    if lanes_per_channel is None:
+        return 0
+    if lanes_per_channel not in (8, 16) or isinstance(lanes_per_channel, bool):
+        raise ValueError(f"lanes_per_channel must be None, 8 or 16, got {lanes_per_channel!r}")
+    if not 9 <= n <= 16:
+        raise ValueError(
+            f"lanes_per_channel applies to d_state N = 9..16 only (N = {n}); pass None"
+        )
+    return int(lanes_per_channel)
+
+
 def _launch(
     module, u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, state_q,
-    scales, state_scale, state_rounding, softplus, exact,
+    scales, state_scale, state_rounding, softplus, exact, lanes,
 ):  # fmt: skip
     s = {"u": 1.0, "delta": 1.0, "A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0, "z": 1.0, "bias": 1.0}
     s.update(scales)
     module.selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, state_q,
         s["u"], s["delta"], s["A"], s["B"], s["C"], s["D"], s["z"], s["bias"],
-        state_scale, state_rounding, softplus, exact, current_stream(u.device),
+        state_scale, state_rounding, softplus, exact, lanes, current_stream(u.device),
     )  # fmt: skip
 
 
 def selective_scan_sim(
-    u, delta_raw, A, B, C, D, z, delta_bias, *, initial_state=None, out=None, last_state=None
+    u,
+    delta_raw,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    *,
+    initial_state=None,
+    out=None,
+    last_state=None,
+    lanes_per_channel: int | None = None,
 ):
     """The float32 simulation scan on the GPU; returns ``(y (B, L, E), h_last (B, E, N))``.
 
@@ -99,6 +130,7 @@ def selective_scan_sim(
         ("u", "delta_raw", "B", "C", "z"), u, delta_raw, B, C, z, f32, f32, n
     )
     _check_params(("A", "D", "delta_bias"), A, D, delta_bias, f32, e)
+    lanes = _lanes_code(lanes_per_channel, n)
     check_optional("initial_state", initial_state, f32)
     check_shape("initial_state", initial_state, (batch, e, n), "(B, E, N)")
     check_optional("out", out, f32)
@@ -117,7 +149,7 @@ def selective_scan_sim(
         last_state = torch.empty(batch, e, n, dtype=f32, device=u.device)
     _launch(
         module, u, delta_raw, A, B, C, D, z, delta_bias, initial_state, out, last_state, None,
-        {}, 1.0, 0, True, True,
+        {}, 1.0, 0, True, True, lanes,
     )  # fmt: skip
     return out, last_state
 
@@ -146,6 +178,7 @@ def selective_scan_int8(
     return_last_state: bool = False,
     out=None,
     state_q=None,
+    lanes_per_channel: int | None = None,
 ):
     """INT8 selective scan on the GPU; returns ``(y (B, L, E) float16, h_q (B, E, N) int8)``.
 
@@ -166,6 +199,7 @@ def selective_scan_int8(
         (i8, torch.float32), n,
     )  # fmt: skip
     _check_params(("A_log_q", "D_q", "dtb_q"), A_log_q, D_q, dtb_q, i8, e)
+    lanes = _lanes_code(lanes_per_channel, n)
     scales = {
         "u": scale32("s_u", s_u) if u_q.dtype == i8 else 1.0,
         "delta": scale32("s_dt", s_dt),
@@ -197,7 +231,7 @@ def selective_scan_int8(
         last_state = torch.empty(batch, e, n, dtype=torch.float32, device=u_q.device)
     _launch(
         module, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, None, out, last_state, state_q,
-        scales, state_scale, code, True, bool(exact),
+        scales, state_scale, code, True, bool(exact), lanes,
     )  # fmt: skip
     if return_last_state:
         return out, state_q, last_state
@@ -219,6 +253,7 @@ def selective_scan(
     *,
     exact: bool = False,
     out=None,
+    lanes_per_channel: int | None = None,
 ):
     """Plain Mamba selective scan on the GPU (``fp_ops.selective_scan_ref`` semantics).
 
@@ -239,6 +274,7 @@ def selective_scan(
         ("u", "delta", "B", "C", "z"), u, delta, B, C, z, u.dtype, u.dtype, n
     )
     _check_params(("A", "D", "delta_bias"), A, D, delta_bias, f32, e)
+    lanes = _lanes_code(lanes_per_channel, n)
     if u.dtype == f32 and not exact:
         raise ValueError(
             "the float32 scan runs in exact mode only: pass exact=True (or use selective_scan_sim)"
@@ -261,7 +297,7 @@ def selective_scan(
         last_state = torch.empty(batch, e, n, dtype=f32, device=u.device)
     _launch(
         module, u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, None, {},
-        1.0, 0, bool(delta_softplus), bool(exact),
+        1.0, 0, bool(delta_softplus), bool(exact), lanes,
     )  # fmt: skip
     if return_last_state:
         return out, last_state

@@ -209,9 +209,13 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 
 // ---- streaming GEMV (M <= 4: decode at small batch) ----
 //
-// A warp owns kRows consecutive weight rows (1 is used) and reads each as one contiguous stream
-// (lane l takes bytes 16 l, 16 l + 512, ...): long sequential bursts, all loads of a round issued
-// before the dp4a that consume them. x (M <= 4 rows) comes from L1. Warp all-reduce, lane j stores value j.
+// kSplit warps of a block read one weight row, each a contiguous share of it as one stream (lane l
+// takes bytes 16 l, 16 l + 512, ...): long sequential bursts, the loads of a round written before
+// the dp4a that consume them (the compiler interleaves them: the warps per SM, not one warp's
+// loads, keep the bytes in flight). x (M <= 4 rows) comes from L1. Warp all-reduce; with kSplit > 1
+// the row's partial sums meet in shared memory (integer sums: the split does not change the
+// result). The split keeps each warp to one round of loads and gives narrow layers (x_proj: 192
+// rows) enough warps.
 constexpr int kStreamThreads = 256;
 constexpr int kStreamUnroll = 8;  // 8 x 512 bytes of a row in flight per warp
 
@@ -222,76 +226,111 @@ __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   return __dp4a(a.w, b.w, acc);
 }
 
-template <int MT, int kRows>
+template <int MT, int kSplit>
 __global__ void __launch_bounds__(kStreamThreads)
     int8_gemv_stream_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                             void* __restrict__ out, int64_t M, int64_t N, int64_t K,
                             EpilogueConsts ep) {
-  constexpr int V = MT * kRows;
-  const int lane = threadIdx.x % 32;
-  const int64_t n0 =
-      (static_cast<int64_t>(blockIdx.x) * (kStreamThreads / 32) + threadIdx.x / 32) * kRows;
-  // While the previous kernel finishes: this warp's weight rows into L2 (see launch.cuh).
-  if (n0 < N) {
-    const int64_t row_bytes = (N - n0 < kRows ? N - n0 : kRows) * K;
-    for (int64_t off = 128 * static_cast<int64_t>(lane); off < row_bytes; off += 128 * 32) {
-      launch::prefetch_l2(w + n0 * K + off);
+  constexpr int kWarps = kStreamThreads / 32;
+  static_assert(kWarps % kSplit == 0, "a block holds whole rows");
+  __shared__ int s_part[kSplit > 1 ? kWarps : 1][MT];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int part = warp % kSplit;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kWarps / kSplit) + warp / kSplit;
+  const bool row_ok = n < N;
+  // This warp's share of the row: whole 512-byte chunks [k_begin, k_end).
+  const int64_t chunks = (K + 511) / 512;
+  const int64_t per_part = (chunks + kSplit - 1) / kSplit;
+  const int64_t k_begin = min(part * per_part, chunks) * 512;
+  const int64_t k_end = min((part + 1) * per_part * 512, K);
+  const int8_t* w_row = w + n * K;
+  // While the previous kernel finishes: this warp's share of the row into L2 (see launch.cuh).
+  if (row_ok) {
+    for (int64_t off = k_begin + 128 * static_cast<int64_t>(lane); off < k_end; off += 128 * 32) {
+      launch::prefetch_l2(w_row + off);
     }
   }
   launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
-  if (n0 >= N) return;  // whole warp leaves together
   const int4 zero = make_int4(0, 0, 0, 0);
-  int acc[V];
+  int acc[MT];
 #pragma unroll
-  for (int i = 0; i < V; ++i) acc[i] = 0;
-
-  for (int64_t k0 = static_cast<int64_t>(lane) * 16; k0 < K; k0 += kStreamUnroll * 512) {
-    int4 wv[kStreamUnroll][kRows];
-    int4 xv[kStreamUnroll][MT];
+  for (int m = 0; m < MT; ++m) acc[m] = 0;
+  if (row_ok) {
+    for (int64_t k0 = k_begin + static_cast<int64_t>(lane) * 16; k0 < k_end;
+         k0 += kStreamUnroll * 512) {
+      int4 wv[kStreamUnroll];
+      int4 xv[kStreamUnroll][MT];
 #pragma unroll
-    for (int u = 0; u < kStreamUnroll; ++u) {
-      const int64_t k = k0 + u * 512;
-      const bool k_ok = k < K;
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        const int64_t k = k0 + u * 512;
+        const bool k_ok = k < k_end;
+        wv[u] = k_ok ? __ldg(reinterpret_cast<const int4*>(w_row + k)) : zero;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        wv[u][r] = k_ok && n0 + r < N ? __ldg(reinterpret_cast<const int4*>(w + (n0 + r) * K + k))
-                                      : zero;
+        for (int m = 0; m < MT; ++m) {
+          xv[u][m] = k_ok && m < M ? __ldg(reinterpret_cast<const int4*>(x + m * K + k)) : zero;
+        }
       }
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        xv[u][m] = k_ok && m < M ? __ldg(reinterpret_cast<const int4*>(x + m * K + k)) : zero;
-      }
+      for (int u = 0; u < kStreamUnroll; ++u)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[m] = dot16(xv[u][m], wv[u], acc[m]);
     }
-#pragma unroll
-    for (int u = 0; u < kStreamUnroll; ++u)
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = dot16(xv[u][m], wv[u][r], acc[m * kRows + r]);
   }
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int d = 16; d > 0; d /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], d);
+    for (int d = 16; d > 0; d /= 2) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], d);
   }
+  if constexpr (kSplit == 1) {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int64_t m = i / kRows, n = n0 + i % kRows;
-    if (lane == i % 32 && m < M && n < N) store_epilogue(ep, out, out_index(ep, m, n, N), acc[i]);
+    for (int m = 0; m < MT; ++m) {
+      if (lane == m && m < M && row_ok) store_epilogue(ep, out, out_index(ep, m, n, N), acc[m]);
+    }
+  } else {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) s_part[warp][m] = acc[m];
+    }
+    __syncthreads();
+    if (part == 0 && row_ok && lane < MT && lane < M) {
+      int total = 0;
+#pragma unroll
+      for (int p = 0; p < kSplit; ++p) total += s_part[warp + p][lane];
+      store_epilogue(ep, out, out_index(ep, lane, n, N), total);
+    }
   }
 }
 
+template <int MT, int kSplit>
+cudaError_t launch_gemv_stream_split(const int8_t* x, const int8_t* w, void* out, int64_t M,
+                                     int64_t N, int64_t K, const EpilogueConsts& ep,
+                                     cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kStreamThreads / 32 / kSplit;
+  const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 2147483647LL) return cudaErrorInvalidValue;
+  launch::launch_kernel(int8_gemv_stream_kernel<MT, kSplit>, static_cast<unsigned>(blocks),
+                        kStreamThreads, 0, stream, x, w, out, M, N, K, ep);
+  return cudaGetLastError();
+}
+
+// Warps per row: enough for one round of loads per warp (at most kStreamUnroll chunks of 512
+// bytes each), then more while the layer has fewer than 64 warps' worth of rows per SM. Measured
+// (H100, M = 1 / 4, µs): out_proj (2560 x 5120) 7.4 / 14.7 with 1 warp per row, 6.8 / 11.6 with
+// 4; x_proj (192 x 5120) 2.4 / 6.4 with 1, 2.1 / 4.0 with 8; in_proj (10240 x 2560) best with 1
+// (12.0 / 17.4; 13.6 / 23.9 with 4).
 template <int MT>
 cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
-                               int64_t K, const EpilogueConsts& ep, cudaStream_t stream) {
-  // One row per warp: many small blocks balance well across the SMs.
-  constexpr int kWarpsPerBlock = kStreamThreads / 32;
-  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  if (blocks > 2147483647LL) return cudaErrorInvalidValue;
-  launch::launch_kernel(int8_gemv_stream_kernel<MT, 1>, static_cast<unsigned>(blocks),
-                        kStreamThreads, 0, stream,
-      x, w, out, M, N, K, ep);
-  return cudaGetLastError();
+                               int64_t K, const EpilogueConsts& ep, int sms, cudaStream_t stream) {
+  const int64_t chunks = (K + 511) / 512;
+  int split = 1;
+  while (split < 8 && (chunks + split - 1) / split > kStreamUnroll) split *= 2;
+  while (split < 8 && N * split < 64LL * sms) split *= 2;
+  switch (split) {
+    case 1: return launch_gemv_stream_split<MT, 1>(x, w, out, M, N, K, ep, stream);
+    case 2: return launch_gemv_stream_split<MT, 2>(x, w, out, M, N, K, ep, stream);
+    case 4: return launch_gemv_stream_split<MT, 4>(x, w, out, M, N, K, ep, stream);
+    default: return launch_gemv_stream_split<MT, 8>(x, w, out, M, N, K, ep, stream);
+  }
 }
 
 // ---- tensor-core tiled GEMM (prefill) ----
@@ -652,9 +691,9 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
     }
     if (algo == GemmAlgo::Stream) {
       if (M > 4) return cudaErrorInvalidValue;  // checked by the caller
-      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, stream);
-      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, stream);
-      return launch_gemv_stream<4>(x, w, out, M, N, K, c, stream);
+      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, stream);
+      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, stream);
+      return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, stream);
     }
     if (algo == GemmAlgo::Tiled) {
       const int64_t col_tiles = (N + kTileN - 1) / kTileN;

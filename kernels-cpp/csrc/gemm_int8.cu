@@ -314,17 +314,22 @@ cudaError_t launch_gemv_stream_split(const int8_t* x, const int8_t* w, void* out
 }
 
 // Warps per row: enough for one round of loads per warp (at most kStreamUnroll chunks of 512
-// bytes each), then more while the layer has fewer than 64 warps' worth of rows per SM. Measured
-// (H100, M = 1 / 4, µs): out_proj (2560 x 5120) 7.4 / 14.7 with 1 warp per row, 6.8 / 11.6 with
-// 4; x_proj (192 x 5120) 2.4 / 6.4 with 1, 2.1 / 4.0 with 8; in_proj (10240 x 2560) best with 1
-// (12.0 / 17.4; 13.6 / 23.9 with 4).
+// bytes each); for layers of fewer rows than one block of warps per SM (x_proj), more -- as long
+// as each warp keeps a whole chunk -- up to 64 warps of rows per SM. Measured (H100, M = 1 / 4,
+// µs): x_proj (192 x 5120) 2.4 / 6.4 with 1 warp per row, 2.1 / 4.0 with 8; out_proj
+// (2560 x 5120) 7.4 / 14.7 with 1, 7.4 / 11.9 with 2 (the rounds rule); in_proj (10240 x 2560)
+// 12.0 / 17.4 with 1, 13.6 / 23.9 with 4. Splitting the rows of the small models' wide layers
+// down to under a chunk per warp made their batch-1 decode slower (130m 0.418 -> 0.462 ms per
+// token end to end).
 template <int MT>
 cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
                                int64_t K, const EpilogueConsts& ep, int sms, cudaStream_t stream) {
   const int64_t chunks = (K + 511) / 512;
   int split = 1;
   while (split < 8 && (chunks + split - 1) / split > kStreamUnroll) split *= 2;
-  while (split < 8 && N * split < 64LL * sms) split *= 2;
+  if (N < (kStreamThreads / 32) * static_cast<int64_t>(sms)) {
+    while (split < 8 && 2 * split <= chunks && N * split < 64LL * sms) split *= 2;
+  }
   switch (split) {
     case 1: return launch_gemv_stream_split<MT, 1>(x, w, out, M, N, K, ep, stream);
     case 2: return launch_gemv_stream_split<MT, 2>(x, w, out, M, N, K, ep, stream);

@@ -28,8 +28,8 @@ SHAPES = [
     (1, 80, 1536),
     (1, 1536, 48),
     (1, 768, 1536),
-    (2, 9000, 1024),  # stream: one warp per row (132-SM H100/H200); the others split rows 2-8 ways
-    (1, 5000, 512),  # stream: two warps per row
+    (2, 9000, 1024),  # stream: one warp per row (132-SM H100/H200), like (1, 3072, 768)
+    (1, 300, 2048),  # stream: four warps per row; (1, 80, 1536) two, (4, 192, 5120) eight
     (2, 37, 100),
     (3, 1000, 160),
     (4, 192, 5120),

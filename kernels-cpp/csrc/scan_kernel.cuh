@@ -3,9 +3,9 @@
 //
 // Parallelism: N is padded to NP (a power of two >= 8), G consecutive lanes own one channel and
 // each lane S = NP / G states: G = min(NP, 32) (one thread per (batch, channel, state)), or, for
-// NP = 16, G = 8 with two states per lane (launch_np chooses; see auto_lanes_per_channel). The recurrence
-// over t is sequential by definition; time is processed in chunks of kChunk steps staged through
-// shared memory:
+// NP = 16, G = 8 with two states per lane (launch_np chooses; see auto_lanes_per_channel). The
+// recurrence over t is sequential by definition; time is processed in chunks of kChunk steps
+// staged through shared memory:
 //   1. load:   u, delta (+bias, softplus), silu(z) for the block's channels and B, C for all
 //              states, dequantized to float32 exactly as the reference does. The raw inputs of
 //              the next chunk are loaded into registers (4 steps per thread, vector loads) while
@@ -13,9 +13,10 @@
 //              channel) and silu(q * s_z) come from 256-entry tables built once per block with
 //              the same float32 operations, so they are bit-identical to evaluating them;
 //   2. scan:   every thread advances its states through the chunk; the products h * C of G
-//              consecutive steps are summed over the state with a reduce-scatter across the G
-//              lanes whose tree is exactly the reference's pairwise halving (lane distance G/2
-//              first), so afterwards lane j holds y for step j of the group;
+//              consecutive steps are summed over the state, within the lane first (states n and
+//              n + G) and then with a reduce-scatter across the G lanes, a tree that is exactly
+//              the reference's pairwise halving (state distance NP/2 first), so afterwards lane j
+//              holds y for step j of the group;
 //   3. output: y + u * D, gate y * silu(z), one (B, L, E) store per chunk.
 // Padded steps (t >= L) and padded states (n >= N) carry zeros: exp(0) = 1 and + 0 leave h as is.
 #include <type_traits>
@@ -124,7 +125,8 @@ __device__ __forceinline__ bool aligned_to(const void* p, int bytes) {
 __device__ __forceinline__ int table_index(int8_t q) { return static_cast<int>(q) + 128; }
 
 template <int NP, int kBlock, typename TU, typename TX, typename TOut, bool kExact, int kG>
-__global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>()) selective_scan_kernel(ScanArgs a) {
+__global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
+    selective_scan_kernel(ScanArgs a) {
   launch::start_after_prior_grids();  // first: see launch.cuh
   using L = Layout<NP, kBlock, kG>;
   constexpr int G = L::kLanes;

@@ -2,7 +2,9 @@
 // The W8A8 GEMM epilogue shared by the GEMM kernels (gemm_int8.cu; the Hopper kernel in
 // sm90a/gemm_int8_wgmma.cu): the conversion of an exact int32 accumulator into the output type
 // (reference_ops.w8a8_linear's arithmetic, see gemm_int8.h) and the conversion and write-out of a
-// tile of accumulators staged in shared memory.
+// tile of accumulators staged in shared memory; and the kernels' shared-memory opt-in.
+#include <atomic>
+
 #include "common.cuh"
 #include "gemm_int8.h"
 
@@ -249,6 +251,19 @@ __device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
 cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, int64_t M,
                                    int64_t N, int64_t K, const EpilogueConsts& ep, int device,
                                    cudaStream_t stream);
+
+// Dynamic shared memory beyond the default 48 KB needs a per-kernel opt-in, once per device
+// (`opted_in`: one bit per device ordinal below 64; others opt in on every launch).
+template <typename Kernel>
+cudaError_t opt_in_shared_memory(Kernel kernel, int bytes, int device,
+                                 std::atomic<unsigned long long>& opted_in) {
+  const unsigned long long bit = device < 64 ? 1ULL << device : 0;
+  if (bit != 0 && (opted_in.load() & bit)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) opted_in |= bit;
+  return err;
+}
 
 }  // namespace gemm
 }  // namespace quamba

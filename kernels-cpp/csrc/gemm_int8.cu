@@ -6,8 +6,6 @@
 // Three kernels: for K % 16 == 0 (sm_80+, mma.sync m16n8k32 s8) a skinny kernel for few rows
 // (decode: M = batch; weights read once per 16 rows) and a tiled kernel for many (prefill); a
 // byte-wise kernel for any other K. The epilogue is fused into all three.
-#include <atomic>
-
 #include "gemm_epilogue.cuh"
 #include "gemm_int8.h"
 
@@ -630,19 +628,6 @@ __global__ void __launch_bounds__(256)
     }
     __syncthreads();  // the tile is reused by the next row block
   }
-}
-
-// Dynamic shared memory beyond the default 48 KB needs a per-kernel opt-in, once per device
-// (`opted_in`: one bit per device ordinal below 64; others opt in on every launch).
-template <typename Kernel>
-cudaError_t opt_in_shared_memory(Kernel kernel, int bytes, int device,
-                                 std::atomic<unsigned long long>& opted_in) {
-  const unsigned long long bit = device < 64 ? 1ULL << device : 0;
-  if (bit != 0 && (opted_in.load() & bit)) return cudaSuccess;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) opted_in |= bit;
-  return err;
 }
 
 template <int kTiles>

@@ -287,14 +287,9 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
   cudaError_t err = make_map(&x_map, x, M, K, kBlockM);
   if (err == cudaSuccess) err = make_map(&w_map, w, N, K, kBlockN);
   if (err != cudaSuccess) return err;
-  static unsigned long long smem_opt_in = 0;  // one bit per device (< 64) already set up
-  const unsigned long long bit = device < 64 ? 1ULL << device : 0;
-  if (!(smem_opt_in & bit)) {
-    err = cudaFuncSetAttribute(int8_gemm_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kSmemBytes);
-    if (err != cudaSuccess) return err;
-    smem_opt_in |= bit;
-  }
+  static std::atomic<unsigned long long> opted_in{0};
+  err = opt_in_shared_memory(int8_gemm_wgmma_kernel, kSmemBytes, device, opted_in);
+  if (err != cudaSuccess) return err;
   launch::launch_kernel(int8_gemm_wgmma_kernel, static_cast<unsigned>(tiles), kThreads,
                         kSmemBytes, stream, x_map, w_map, out, M, N, K, ep);
   return cudaGetLastError();

@@ -78,7 +78,7 @@ def _lanes_code(lanes_per_channel, n: int) -> int:
     """The kernel's lanes_per_channel argument: 0 (its choice), 8 or 16 (9 <= N <= 16 only)."""
     if lanes_per_channel is None:
         return 0
-    if lanes_per_channel not in (8, 16) or isinstance(lanes_per_channel, bool):
+    if lanes_per_channel not in (8, 16):
         raise ValueError(f"lanes_per_channel must be None, 8 or 16, got {lanes_per_channel!r}")
     if not 9 <= n <= 16:
         raise ValueError(

@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 // result). The split keeps each warp to one round of loads and gives narrow layers (x_proj: 192
 // rows) enough warps.
 constexpr int kStreamThreads = 256;
-constexpr int kStreamUnroll = 8;  // 8 x 512 bytes of a row in flight per warp
+constexpr int kStreamUnroll = 8;  // 512-byte chunks of a row per round of loads
 
 __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   acc = __dp4a(a.x, b.x, acc);

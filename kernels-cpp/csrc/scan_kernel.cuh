@@ -422,6 +422,13 @@ cudaError_t launch_layout(const ScanArgs& a, cudaStream_t stream) {
 // every batch (B = 1: 320 blocks), exact 5-8% faster from B = 2 (640 blocks) and 1.5% slower at
 // B = 1; float16 with 8 lanes in 256-thread blocks 11% faster from B = 4 (640 blocks), slower
 // below; the float32 simulation scan slower with 8 lanes at every batch.
+// Block size of the 8-lane layout: 128 threads for 1-byte inputs (16 channels, room for the INT8
+// tables), 256 otherwise.
+template <typename TX>
+constexpr int narrow_block() {
+  return sizeof(TX) == 1 ? 128 : 256;
+}
+
 template <typename TX, bool kExact>
 int auto_lanes_per_channel(const ScanArgs& a) {
   if (sizeof(TX) == 4) return 16;
@@ -430,7 +437,7 @@ int auto_lanes_per_channel(const ScanArgs& a) {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return 16;
   }
-  const int64_t channels_per_block = sizeof(TX) == 1 ? 16 : 32;
+  const int64_t channels_per_block = Layout<16, narrow_block<TX>(), 8>::kChannels;
   const int64_t blocks = (a.dim + channels_per_block - 1) / channels_per_block * a.batch;
   const int64_t min_blocks_per_sm = sizeof(TX) == 1 && !kExact ? 2 : 4;
   return blocks >= min_blocks_per_sm * sms ? 8 : 16;
@@ -441,10 +448,8 @@ cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
   if constexpr (NP == 16) {
     const int lanes =
         a.lanes_per_channel != 0 ? a.lanes_per_channel : auto_lanes_per_channel<TX, kExact>(a);
-    // 8 lanes: 128-thread blocks for 1-byte inputs (16 channels, room for the INT8 tables),
-    // 256-thread blocks otherwise.
     if (lanes == 8) {
-      return launch_layout<16, sizeof(TX) == 1 ? 128 : 256, 8, TU, TX, TOut, kExact>(a, stream);
+      return launch_layout<16, narrow_block<TX>(), 8, TU, TX, TOut, kExact>(a, stream);
     }
   }
   if (a.lanes_per_channel != 0 && a.lanes_per_channel != (NP < 32 ? NP : 32)) {

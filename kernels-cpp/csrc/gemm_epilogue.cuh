@@ -149,7 +149,9 @@ __device__ __forceinline__ void store_element(int8_t* dst, const int8_t* src) {
 // and where a piece is not contiguous or aligned in the output). The conversion is a short loop,
 // not unrolled per accumulator: unrolled over a thread's 64 accumulators in each of 10 output
 // variants, the wgmma GEMM's epilogue spent 46% of its warp cycles waiting for instructions (ncu).
-template <GemmOut T, int kTileM, int kTileN, int kPitch>
+// kSeqLast must equal ep.seq_len > 0 (a template parameter so that the piece arithmetic is
+// shifts: as a run-time value it cost a division per piece).
+template <GemmOut T, bool kSeqLast, int kTileM, int kTileN, int kPitch>
 __device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& ep,
                                                        const int32_t* staged, void* out,
                                                        int64_t m_block, int64_t n_block, int64_t M,
@@ -157,10 +159,11 @@ __device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& 
   static_assert(kPitch % 4 == 0, "staged rows must stay 16-byte aligned");
   constexpr int kSize = out_elem_size(T);
   constexpr int kPer = 16 / kSize;  // elements per 16-byte piece
-  const bool seq_last = ep.seq_len > 0;
-  const int row_length = seq_last ? kTileM : kTileN;
-  const int rows = seq_last ? kTileN : kTileM;
-  const int pieces_per_row = row_length / kPer;
+  constexpr bool seq_last = kSeqLast;
+  constexpr int row_length = seq_last ? kTileM : kTileN;
+  constexpr int rows = seq_last ? kTileN : kTileM;
+  constexpr int pieces_per_row = row_length / kPer;
+  static_assert(row_length % kPer == 0, "rows of whole 16-byte pieces");
   int8_t* out_bytes = static_cast<int8_t*>(out);
   for (int p = tid; p < rows * pieces_per_row; p += threads) {
     const int row = p / pieces_per_row;
@@ -190,7 +193,7 @@ __device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& 
         convert_as<T>(ep, packed + (4 * q + 3) * kSize, acc.w);
       }
     }
-    if (seq_last) {
+    if constexpr (seq_last) {
       // The piece is kPer consecutive m (= positions l of sequences b) of column n.
       const int64_t n = n_block + row;
       int64_t m = m_block + col;
@@ -226,15 +229,16 @@ __device__ __forceinline__ void write_accumulator_tile_as(const EpilogueConsts& 
   }
 }
 
-// write_accumulator_tile_as with the output type chosen at run time, once per tile.
-template <int kTileM, int kTileN, int kPitch>
-__device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
-                                                       const int32_t* staged, void* out,
-                                                       int64_t m_block, int64_t n_block, int64_t M,
-                                                       int64_t N, int tid, int threads) {
-#define QUAMBA_WRITE(T)                                                                       \
-  write_accumulator_tile_as<GemmOut::T, kTileM, kTileN, kPitch>(ep, staged, out, m_block,    \
-                                                                n_block, M, N, tid, threads)
+// write_accumulator_tile_as with the output type and layout chosen at run time, once per tile.
+template <bool kSeqLast, int kTileM, int kTileN, int kPitch>
+__device__ __forceinline__ void write_accumulator_tile_in(const EpilogueConsts& ep,
+                                                          const int32_t* staged, void* out,
+                                                          int64_t m_block, int64_t n_block,
+                                                          int64_t M, int64_t N, int tid,
+                                                          int threads) {
+#define QUAMBA_WRITE(T)                                                                    \
+  write_accumulator_tile_as<GemmOut::T, kSeqLast, kTileM, kTileN, kPitch>(                 \
+      ep, staged, out, m_block, n_block, M, N, tid, threads)
   switch (ep.type) {
     case GemmOut::Int32: QUAMBA_WRITE(Int32); break;
     case GemmOut::Int8: QUAMBA_WRITE(Int8); break;
@@ -243,6 +247,20 @@ __device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
     default: QUAMBA_WRITE(Float32); break;
   }
 #undef QUAMBA_WRITE
+}
+
+template <int kTileM, int kTileN, int kPitch>
+__device__ __forceinline__ void write_accumulator_tile(const EpilogueConsts& ep,
+                                                       const int32_t* staged, void* out,
+                                                       int64_t m_block, int64_t n_block, int64_t M,
+                                                       int64_t N, int tid, int threads) {
+  if (ep.seq_len > 0) {
+    write_accumulator_tile_in<true, kTileM, kTileN, kPitch>(ep, staged, out, m_block, n_block, M,
+                                                           N, tid, threads);
+  } else {
+    write_accumulator_tile_in<false, kTileM, kTileN, kPitch>(ep, staged, out, m_block, n_block, M,
+                                                            N, tid, threads);
+  }
 }
 
 // The Hopper GEMM (sm90a/gemm_int8_wgmma.cu), for devices of compute capability 9.0, K % 16 == 0

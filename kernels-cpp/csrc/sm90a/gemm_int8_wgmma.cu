@@ -1,25 +1,33 @@
-// INT8 x INT8 -> INT32 GEMM for Hopper (sm_90a): TMA loads, wgmma, the exact W8A8 epilogue fused.
+// INT8 x INT8 -> INT32 GEMMs for Hopper (sm_90a): TMA loads, wgmma, the exact W8A8 epilogue fused.
 //
 // On the H100, cuBLASLt's INT8 GEMM runs an sm80 (mma.sync) kernel that is no faster than cuBLAS
 // FP16 (benchmarks/README.md); Hopper's INT8 throughput (twice FP16's) needs the asynchronous
 // warpgroup MMA, which only sm_90a code can issue. This file is compiled for sm_90a alone
-// (kernels-cpp/CMakeLists.txt) and used only on devices of compute capability 9.0.
+// (kernels-cpp/CMakeLists.txt) and used only on devices of compute capability 9.0. Two kernels;
+// launch_int8_gemm_wgmma picks one by shape (use_wide_kernel):
 //
-// One block = one output tile of 128 rows (m) x 128 columns (n), 2 warpgroups and a warp:
+// The 128 x 128 kernel. One block = one output tile of 128 rows (m) x 128 columns (n), 2
+// warpgroups and a warp:
 //   * warpgroups 0 and 1: the consumers, 64 rows each. Per K tile, four wgmma m64 x n128 x k32
 //     (s8 x s8 -> s32) read both operands from shared memory; a stage is handed back to the
 //     producer once the wgmma that read it have completed;
 //   * warp 8, one thread: the producer. It streams K in tiles of 128 bytes through a
 //     kStages-deep ring of shared-memory stages with TMA (x rows and w rows, 128-byte swizzle;
-//     rows and k beyond the tensors are filled with zeros by TMA, so any M, N and K % 16 == 0 work).
+//     rows and k beyond the tensors are filled with zeros by TMA, so any M, N and K % 16 == 0
+//     work).
 // Two blocks run per SM (3 stages each), so that one block's epilogue overlaps the other's wgmma.
-// (Measured on the H100: 128 x 256 tiles at one block per SM, 4 stages, were slower where it
-// matters: in_proj at M = 2048 131.5 us against 114.0 us; benchmarks/README.md.) Blocks take their tiles in bands of kBandTiles row tiles, column
-// by column within a band: the band's x rows stay in L2 while w streams past once per band.
-// Accumulation is exact int32, so the order of the sum does not matter: the results equal
-// reference_ops.w8a8_linear bit for bit. The epilogue stages the raw accumulators in the
-// pipeline's shared memory along the output's contiguous axis, then converts them (convert_as, the
-// same arithmetic as every other GEMM path) and writes 16-byte pieces (write_accumulator_tile).
+// Blocks take their tiles in bands of kBandTiles row tiles, column by column within a band: the
+// band's x rows stay in L2 while w streams past once per band. The epilogue stages the raw
+// accumulators in the pipeline's shared memory along the output's contiguous axis, then converts
+// them (convert_as, the same arithmetic as every other GEMM path) and writes 16-byte pieces
+// (write_accumulator_tile).
+//
+// The persistent wide kernel (128 x 256 tiles, one block per SM; described above its code): less
+// shared-memory and L2 traffic per operation, but an epilogue that no MMA overlaps, so it is taken
+// for long K loops only.
+//
+// Accumulation is exact int32, so the order of the sum does not matter: both kernels' results
+// equal reference_ops.w8a8_linear bit for bit.
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's entry point query)
 
 #include "../gemm_epilogue.cuh"
@@ -132,6 +140,38 @@ __device__ __forceinline__ void wgmma_m64n128k32_s8(int (&d)[64], uint64_t desc_
         "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
+__device__ __forceinline__ void wgmma_m64n256k32_s8(int (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                     int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
 // clang-format on
 
 // The consumer warpgroup's raw accumulators into the shared tile, rows of kStagedPitch int32 along
@@ -237,6 +277,170 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                                                          threadIdx.x, kConsumerThreads);
 }
 
+// ---- The persistent wide-tile kernel ----
+// One block per SM, each taking output tiles of 128 x 256 in turn (grid = SMs). Two consumer
+// warpgroups issue wgmma m64 x n256 x k32, 64 rows each: per operation they read 20% less shared
+// memory than two n128 products, which with the TMA writes into the ring is what bounded the
+// 128 x 128 kernel (~160 B of shared-memory traffic per cycle at the INT8 rate; the pipe gives
+// 128). The producer runs ahead across tiles through a 4-stage ring, so the next tile's K tiles
+// arrive while the consumers convert the last one's accumulators. The epilogue cannot reuse the
+// ring (it is being refilled): each consumer warp converts its 16 x 256 accumulators in 8 rounds of
+// 16 x 32 through its own small staging area (write_accumulator_tile_as), with no block barrier.
+// The 16 rows of a warp must be the output's strided axis, so that a round writes 32 contiguous
+// output elements per row (whole 32-byte sectors): for the row-major layout the wgmma rows are x's
+// (128 of M) and the columns w's (256 of N); for the sequence-last layout (contiguous along M) the
+// operands swap: rows are w's (128 of N), columns x's (256 of M).
+constexpr int kWideRows = 128;  // the wgmma M extent of a tile (two warpgroups of 64)
+constexpr int kWideCols = 256;  // the wgmma N extent
+constexpr int kWideStages = 4;
+constexpr int64_t kWideMinK = 2048;  // the wide kernel takes K > kWideMinK (use_wide_kernel)
+constexpr int kWideBytesA = kWideRows * kTileK;
+constexpr int kWideStageBytes = kWideBytesA + kWideCols * kTileK;  // 48 KB
+constexpr int kWideRingBytes = kWideStages * kWideStageBytes;      // 192 KB
+constexpr int kWideConsumerWarps = kConsumerThreads / 32;
+constexpr int kRoundCols = 32;                    // columns per epilogue round
+constexpr int kRoundPitch = kRoundCols + 8;       // 8-byte staging stores: no bank conflicts
+constexpr int kWarpStagedInts = 16 * kRoundPitch;
+constexpr int kWideStagingBytes = kWideConsumerWarps * kWarpStagedInts * 4;  // 20 KB
+constexpr int kWideSmemBytes =
+    kWideRingBytes + kWideStagingBytes + 1024 /* alignment */ + 2 * kWideStages * 8;
+
+// Tile `tile` in the band order of the 128 x 128 kernel: bands of kBandTiles row tiles, row tiles
+// varying fastest within a band, so that a band's A rows stay in L2 while B streams past.
+__device__ __forceinline__ void band_tile(int tile, int row_tiles, int col_tiles, int64_t& row0,
+                                          int64_t& col0) {
+  const int band_size = kBandTiles * col_tiles;
+  const int band = tile / band_size;
+  const int in_band = tile % band_size;
+  const int band_rows = min(kBandTiles, row_tiles - band * kBandTiles);
+  row0 = static_cast<int64_t>(band * kBandTiles + in_band % band_rows) * kWideRows;
+  col0 = static_cast<int64_t>(in_band / band_rows) * kWideCols;
+}
+
+// Round kRound of a consumer warp's epilogue: its 16 rows x columns 32 kRound .. 32 kRound + 31
+// into its staging area, [row][column]. Accumulator 4 j + r of a lane is row g + 8 (r >= 2),
+// column 8 j + 2 t + (r & 1) of the warp's 16 x 256 (the wgmma D fragment layout).
+template <int kRound>
+__device__ __forceinline__ void stage_round(int32_t* staged, const int (&d)[kWideCols / 2], int g,
+                                            int t) {
+#pragma unroll
+  for (int jj = 0; jj < kRoundCols / 8; ++jj) {
+    const int j = kRound * (kRoundCols / 8) + jj;
+    const int col = 8 * jj + 2 * t;
+    *reinterpret_cast<int2*>(staged + g * kRoundPitch + col) = make_int2(d[4 * j], d[4 * j + 1]);
+    *reinterpret_cast<int2*>(staged + (g + 8) * kRoundPitch + col) =
+        make_int2(d[4 * j + 2], d[4 * j + 3]);
+  }
+}
+
+// a_map / b_map: the operands of the wgmma rows and columns (x and w, or w and x when kSeqLast).
+template <GemmOut T, bool kSeqLast>
+__global__ void __launch_bounds__(kThreads, 1)
+    int8_gemm_wgmma_wide_kernel(const __grid_constant__ CUtensorMap a_map,
+                                const __grid_constant__ CUtensorMap b_map, void* __restrict__ out,
+                                int64_t M, int64_t N, int64_t K, EpilogueConsts ep) {
+  extern __shared__ uint8_t smem_raw[];
+  int8_t* ring =
+      reinterpret_cast<int8_t*>(smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024));
+  int32_t* staging = reinterpret_cast<int32_t*>(ring + kWideRingBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kWideRingBytes + kWideStagingBytes);
+  uint64_t* empty = full + kWideStages;
+  const int64_t rows = kSeqLast ? N : M, cols = kSeqLast ? M : N;
+  const int row_tiles = static_cast<int>((rows + kWideRows - 1) / kWideRows);
+  const int col_tiles = static_cast<int>((cols + kWideCols - 1) / kWideCols);
+  const int tiles = row_tiles * col_tiles;
+  const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWideStages; ++s) {
+      barrier_init(&full[s], 1);   // the producer's expect_tx; TMA completes the bytes
+      barrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  launch::start_after_prior_grids();  // before the first global access: see launch.cuh
+
+  if (threadIdx.x >= kConsumerThreads) {
+    if (threadIdx.x == kConsumerThreads) {
+      int it = 0;  // K tiles issued by this block over all its output tiles
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int64_t row0, col0;
+        band_tile(tile, row_tiles, col_tiles, row0, col0);
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = it % kWideStages;
+          if (it >= kWideStages) barrier_wait(&empty[s], ((it / kWideStages) & 1) ^ 1);
+          int8_t* stage = ring + s * kWideStageBytes;
+          barrier_expect_bytes(&full[s], kWideStageBytes);
+          tma_load(stage, &a_map, kt * kTileK, static_cast<int>(row0), &full[s]);
+          tma_load(stage + kWideBytesA, &b_map, kt * kTileK, static_cast<int>(col0), &full[s]);
+        }
+      }
+    }
+    return;
+  }
+
+  const int consumer = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  int32_t* staged = staging + warp * kWarpStagedInts;
+  int it = 0;
+  int d[kWideCols / 2];
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int64_t row0, col0;
+    band_tile(tile, row_tiles, col_tiles, row0, col0);
+#pragma unroll
+    for (int i = 0; i < kWideCols / 2; ++i) d[i] = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int s = it % kWideStages;
+      barrier_wait(&full[s], (it / kWideStages) & 1);
+      const int8_t* a = ring + s * kWideStageBytes + consumer * 64 * kTileK;
+      const int8_t* b = ring + s * kWideStageBytes + kWideBytesA;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 32; ++kk) {
+        wgmma_m64n256k32_s8(d, operand_descriptor(a + 32 * kk), operand_descriptor(b + 32 * kk), 1);
+      }
+      wgmma_commit();
+      // Keep this K tile's wgmma in flight and hand back the stage the previous one's have read.
+      wgmma_wait<1>();
+      fence_registers(d);
+      if (kt > 0 && threadIdx.x % 128 == 0) barrier_arrive(&empty[(it - 1) % kWideStages]);
+    }
+    wgmma_wait<0>();
+    fence_registers(d);
+    if (threadIdx.x % 128 == 0) barrier_arrive(&empty[(it - 1) % kWideStages]);
+
+    // The rounds run as a loop, the accumulator registers picked by a switch: unrolled, the 8
+    // copies of the conversion made the INT8 kernels 200 KB of code and their epilogue waited on
+    // instruction fetch.
+    const int64_t warp_row0 = row0 + warp * 16;  // warps 0-3: tile rows 0-63, warps 4-7: 64-127
+#pragma unroll 1
+    for (int round = 0; round < kWideCols / kRoundCols; ++round) {
+      switch (round) {
+        case 0: stage_round<0>(staged, d, g, t); break;
+        case 1: stage_round<1>(staged, d, g, t); break;
+        case 2: stage_round<2>(staged, d, g, t); break;
+        case 3: stage_round<3>(staged, d, g, t); break;
+        case 4: stage_round<4>(staged, d, g, t); break;
+        case 5: stage_round<5>(staged, d, g, t); break;
+        case 6: stage_round<6>(staged, d, g, t); break;
+        default: stage_round<7>(staged, d, g, t); break;
+      }
+      __syncwarp();
+      const int64_t round_col0 = col0 + round * kRoundCols;
+      if constexpr (kSeqLast) {  // staged [n][m]: 16 n x 32 contiguous m
+        write_accumulator_tile_as<T, true, kRoundCols, 16, kRoundPitch>(ep, staged, out, round_col0,
+                                                                  warp_row0, M, N, lane, 32);
+      } else {  // staged [m][n]: 16 m x 32 contiguous n
+        write_accumulator_tile_as<T, false, 16, kRoundCols, kRoundPitch>(ep, staged, out, warp_row0,
+                                                                  round_col0, M, N, lane, 32);
+      }
+      __syncwarp();
+    }
+  }
+}
+
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                                  const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
@@ -273,6 +477,53 @@ cudaError_t make_map(CUtensorMap* map, const int8_t* data, int64_t rows, int64_t
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+template <GemmOut T, bool kSeqLast>
+cudaError_t launch_wide_as(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& a_map,
+                           const CUtensorMap& b_map, void* out, int64_t M, int64_t N, int64_t K,
+                           int device, cudaStream_t stream) {
+  static std::atomic<unsigned long long> opted_in{0};
+  const auto kernel = int8_gemm_wgmma_wide_kernel<T, kSeqLast>;
+  cudaError_t err = opt_in_shared_memory(kernel, kWideSmemBytes, device, opted_in);
+  if (err != cudaSuccess) return err;
+  launch::launch_kernel(kernel, grid, kThreads, kWideSmemBytes, stream, a_map, b_map, out, M, N, K,
+                        ep);
+  return cudaGetLastError();
+}
+
+// The wide kernel for INT8 and FP16 outputs (the layers' outputs), in either layout.
+cudaError_t launch_wide(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& a_map,
+                        const CUtensorMap& b_map, void* out, int64_t M, int64_t N, int64_t K,
+                        int device, cudaStream_t stream) {
+  const bool seq_last = ep.seq_len > 0;
+  const bool int8 = ep.type == GemmOut::Int8;
+  using Launch = cudaError_t (*)(const EpilogueConsts&, unsigned, const CUtensorMap&,
+                                 const CUtensorMap&, void*, int64_t, int64_t, int64_t, int,
+                                 cudaStream_t);
+  const Launch launch =
+      int8 ? (seq_last ? launch_wide_as<GemmOut::Int8, true> : launch_wide_as<GemmOut::Int8, false>)
+           : (seq_last ? launch_wide_as<GemmOut::Float16, true>
+                       : launch_wide_as<GemmOut::Float16, false>);
+  return launch(ep, grid, a_map, b_map, out, M, N, K, device, stream);
+}
+
+// Output tiles of the wide kernel (rows = x's when !swap, w's when swap).
+int64_t wide_tiles(int64_t M, int64_t N, bool swap) {
+  const int64_t rows = swap ? N : M, cols = swap ? M : N;
+  return ((rows + kWideRows - 1) / kWideRows) * ((cols + kWideCols - 1) / kWideCols);
+}
+
+// Which kernel takes a product (measured on the H100, benchmarks/README.md, session 8): the wide
+// kernel's epilogue is not overlapped with any MMA, so it needs a long K loop per tile to pay for
+// it (K > 2048: in_proj and out_proj of 2.8B, out_proj of 1.4B; dt_proj, K = 160, is twice as fast
+// on the 128 x 128 kernel, whose two blocks per SM overlap one's epilogue with the other's wgmma),
+// and at least half a tile per SM. INT8 and FP16 outputs (the layers'); others take the 128 x 128
+// kernel.
+bool use_wide_kernel(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, int sms) {
+  if (ep.type != GemmOut::Int8 && ep.type != GemmOut::Float16) return false;
+  if (K <= kWideMinK) return false;
+  return 2 * wide_tiles(M, N, ep.seq_len > 0) >= sms;
+}
+
 }  // namespace
 
 cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, int64_t M,
@@ -283,10 +534,23 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
   if (M > 2147483647LL || N > 2147483647LL || K > 2147483647LL || tiles > 2147483647LL) {
     return cudaErrorInvalidValue;
   }
-  CUtensorMap x_map, w_map;
-  cudaError_t err = make_map(&x_map, x, M, K, kBlockM);
-  if (err == cudaSuccess) err = make_map(&w_map, w, N, K, kBlockN);
+  int sms = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
+  const bool wide = use_wide_kernel(M, N, K, ep, sms);
+  CUtensorMap x_map, w_map;
+  const bool swap = wide && ep.seq_len > 0;  // x's rows are the wgmma columns
+  err = make_map(&x_map, x, M, K, !wide ? kBlockM : (swap ? kWideCols : kWideRows));
+  if (err == cudaSuccess) {
+    err = make_map(&w_map, w, N, K, !wide ? kBlockN : (swap ? kWideRows : kWideCols));
+  }
+  if (err != cudaSuccess) return err;
+  if (wide) {
+    const int64_t tiles = wide_tiles(M, N, swap);
+    const unsigned grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
+    return swap ? launch_wide(ep, grid, w_map, x_map, out, M, N, K, device, stream)
+                : launch_wide(ep, grid, x_map, w_map, out, M, N, K, device, stream);
+  }
   static std::atomic<unsigned long long> opted_in{0};
   err = opt_in_shared_memory(int8_gemm_wgmma_kernel, kSmemBytes, device, opted_in);
   if (err != cudaSuccess) return err;

@@ -13,11 +13,15 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 - ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
   nothing but the CUDA runtime) writing int32, then our epilogue kernel (16-byte accesses in
   64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill with K >= 512.
-- ``"wgmma"``: our Hopper kernel (kernels-cpp/csrc/sm90a/gemm_int8_wgmma.cu): TMA loads, warpgroup
-  MMA (wgmma, sm_90a only) in 128 x 128 tiles, two blocks per SM, the epilogue fused. Needs a build whose
-  architectures include sm_90, a device of compute capability 9.0 (H100, H200), K % 16 == 0 and
-  16-byte aligned tensors (``wgmma_applies``). cuBLASLt's INT8 GEMM runs an sm80 kernel on these
-  GPUs, no faster than FP16; wgmma is what reaches Hopper's INT8 rate.
+- ``"wgmma"``: our Hopper kernels (kernels-cpp/csrc/sm90a/gemm_int8_wgmma.cu): TMA loads, warpgroup
+  MMA (wgmma, sm_90a only), the epilogue fused. Needs a build whose architectures include sm_90, a
+  device of compute capability 9.0 (H100, H200), K % 16 == 0 and 16-byte aligned tensors
+  (``wgmma_applies``). cuBLASLt's INT8 GEMM runs an sm80 kernel on these GPUs, no faster than
+  FP16; wgmma is what reaches Hopper's INT8 rate. Two kernels, picked by shape in C++: 128 x 128
+  tiles, two blocks per SM (one's epilogue overlaps the other's MMA); and, for INT8 / FP16 outputs
+  with K > 2048 and at least half a 128 x 256 tile per SM, a persistent kernel with 128 x 256
+  tiles (less shared-memory and L2 traffic per operation; its epilogue is not overlapped, so it
+  needs a long K loop: in_proj and out_proj of 2.8B). Same bits either way.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.

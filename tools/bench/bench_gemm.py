@@ -96,7 +96,7 @@ def sweep() -> None:
                     (5, 11, 17), (48, 136, 64), (64, 200, 512),
                     (9, 2200, 2128), (7, 1100, 4112),  # skinny ring wrapping, 4 / 2 tiles
                     (1, 300, 5120), (3, 600, 1536),  # stream GEMV, rows split 8 / 2 ways
-                    (140, 17000, 2064)):  # wgmma wide kernel, blocks taking two tiles  # fmt: skip
+                    (140, 17000, 2064)):  # wgmma wide kernel (row layout), two tiles per block  # fmt: skip
         x, w = _int8(m, k), _int8(n, k)
         x3 = x.view(1, m, k)
         impls = ["stream"] if m <= 4 else []

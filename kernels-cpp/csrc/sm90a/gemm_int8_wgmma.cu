@@ -24,7 +24,7 @@
 //
 // The persistent wide kernel (128 x 256 tiles, one block per SM; described above its code): less
 // shared-memory and L2 traffic per operation, but an epilogue that no MMA overlaps, so it is taken
-// for long K loops only.
+// for long K loops and row-major outputs only.
 //
 // Accumulation is exact int32, so the order of the sum does not matter: both kernels' results
 // equal reference_ops.w8a8_linear bit for bit.
@@ -285,11 +285,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // 128). The producer runs ahead across tiles through a 4-stage ring, so the next tile's K tiles
 // arrive while the consumers convert the last one's accumulators. The epilogue cannot reuse the
 // ring (it is being refilled): each consumer warp converts its 16 x 256 accumulators in 8 rounds of
-// 16 x 32 through its own small staging area (write_accumulator_tile_as), with no block barrier.
-// The 16 rows of a warp must be the output's strided axis, so that a round writes 32 contiguous
-// output elements per row (whole 32-byte sectors): for the row-major layout the wgmma rows are x's
-// (128 of M) and the columns w's (256 of N); for the sequence-last layout (contiguous along M) the
-// operands swap: rows are w's (128 of N), columns x's (256 of M).
+// 16 x 32 through its own small staging area (write_accumulator_tile_as), with no block barrier: a
+// round writes 32 contiguous outputs per row (whole 32-byte sectors). Row-major outputs only (see
+// use_wide_kernel). Tried and not kept: the sequence-last layout with the operands swapped (rows
+// w's, columns x's, so that a warp's rows are the output's strided axis): no faster than the
+// 128 x 128 kernel on Mamba's in_proj (session 8, benchmarks/README.md).
 constexpr int kWideRows = 128;  // the wgmma M extent of a tile (two warpgroups of 64)
 constexpr int kWideCols = 256;  // the wgmma N extent
 constexpr int kWideStages = 4;
@@ -333,11 +333,10 @@ __device__ __forceinline__ void stage_round(int32_t* staged, const int (&d)[kWid
   }
 }
 
-// a_map / b_map: the operands of the wgmma rows and columns (x and w, or w and x when kSeqLast).
-template <GemmOut T, bool kSeqLast>
+template <GemmOut T>
 __global__ void __launch_bounds__(kThreads, 1)
-    int8_gemm_wgmma_wide_kernel(const __grid_constant__ CUtensorMap a_map,
-                                const __grid_constant__ CUtensorMap b_map, void* __restrict__ out,
+    int8_gemm_wgmma_wide_kernel(const __grid_constant__ CUtensorMap x_map,
+                                const __grid_constant__ CUtensorMap w_map, void* __restrict__ out,
                                 int64_t M, int64_t N, int64_t K, EpilogueConsts ep) {
   extern __shared__ uint8_t smem_raw[];
   int8_t* ring =
@@ -345,9 +344,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t* staging = reinterpret_cast<int32_t*>(ring + kWideRingBytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kWideRingBytes + kWideStagingBytes);
   uint64_t* empty = full + kWideStages;
-  const int64_t rows = kSeqLast ? N : M, cols = kSeqLast ? M : N;
-  const int row_tiles = static_cast<int>((rows + kWideRows - 1) / kWideRows);
-  const int col_tiles = static_cast<int>((cols + kWideCols - 1) / kWideCols);
+  const int row_tiles = static_cast<int>((M + kWideRows - 1) / kWideRows);
+  const int col_tiles = static_cast<int>((N + kWideCols - 1) / kWideCols);
   const int tiles = row_tiles * col_tiles;
   const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
 
@@ -372,8 +370,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (it >= kWideStages) barrier_wait(&empty[s], ((it / kWideStages) & 1) ^ 1);
           int8_t* stage = ring + s * kWideStageBytes;
           barrier_expect_bytes(&full[s], kWideStageBytes);
-          tma_load(stage, &a_map, kt * kTileK, static_cast<int>(row0), &full[s]);
-          tma_load(stage + kWideBytesA, &b_map, kt * kTileK, static_cast<int>(col0), &full[s]);
+          tma_load(stage, &x_map, kt * kTileK, static_cast<int>(row0), &full[s]);
+          tma_load(stage + kWideBytesA, &w_map, kt * kTileK, static_cast<int>(col0), &full[s]);
         }
       }
     }
@@ -428,14 +426,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         default: stage_round<7>(staged, d, g, t); break;
       }
       __syncwarp();
-      const int64_t round_col0 = col0 + round * kRoundCols;
-      if constexpr (kSeqLast) {  // staged [n][m]: 16 n x 32 contiguous m
-        write_accumulator_tile_as<T, true, kRoundCols, 16, kRoundPitch>(ep, staged, out, round_col0,
-                                                                  warp_row0, M, N, lane, 32);
-      } else {  // staged [m][n]: 16 m x 32 contiguous n
-        write_accumulator_tile_as<T, false, 16, kRoundCols, kRoundPitch>(ep, staged, out, warp_row0,
-                                                                  round_col0, M, N, lane, 32);
-      }
+      // staged [m][n]: 16 rows x 32 contiguous columns
+      write_accumulator_tile_as<T, false, 16, kRoundCols, kRoundPitch>(
+          ep, staged, out, warp_row0, col0 + round * kRoundCols, M, N, lane, 32);
       __syncwarp();
     }
   }
@@ -477,51 +470,34 @@ cudaError_t make_map(CUtensorMap* map, const int8_t* data, int64_t rows, int64_t
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <GemmOut T, bool kSeqLast>
-cudaError_t launch_wide_as(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& a_map,
-                           const CUtensorMap& b_map, void* out, int64_t M, int64_t N, int64_t K,
+template <GemmOut T>
+cudaError_t launch_wide_as(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& x_map,
+                           const CUtensorMap& w_map, void* out, int64_t M, int64_t N, int64_t K,
                            int device, cudaStream_t stream) {
   static std::atomic<unsigned long long> opted_in{0};
-  const auto kernel = int8_gemm_wgmma_wide_kernel<T, kSeqLast>;
-  cudaError_t err = opt_in_shared_memory(kernel, kWideSmemBytes, device, opted_in);
+  cudaError_t err =
+      opt_in_shared_memory(int8_gemm_wgmma_wide_kernel<T>, kWideSmemBytes, device, opted_in);
   if (err != cudaSuccess) return err;
-  launch::launch_kernel(kernel, grid, kThreads, kWideSmemBytes, stream, a_map, b_map, out, M, N, K,
-                        ep);
+  launch::launch_kernel(int8_gemm_wgmma_wide_kernel<T>, grid, kThreads, kWideSmemBytes, stream,
+                        x_map, w_map, out, M, N, K, ep);
   return cudaGetLastError();
 }
 
-// The wide kernel for INT8 and FP16 outputs (the layers' outputs), in either layout.
-cudaError_t launch_wide(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& a_map,
-                        const CUtensorMap& b_map, void* out, int64_t M, int64_t N, int64_t K,
-                        int device, cudaStream_t stream) {
-  const bool seq_last = ep.seq_len > 0;
-  const bool int8 = ep.type == GemmOut::Int8;
-  using Launch = cudaError_t (*)(const EpilogueConsts&, unsigned, const CUtensorMap&,
-                                 const CUtensorMap&, void*, int64_t, int64_t, int64_t, int,
-                                 cudaStream_t);
-  const Launch launch =
-      int8 ? (seq_last ? launch_wide_as<GemmOut::Int8, true> : launch_wide_as<GemmOut::Int8, false>)
-           : (seq_last ? launch_wide_as<GemmOut::Float16, true>
-                       : launch_wide_as<GemmOut::Float16, false>);
-  return launch(ep, grid, a_map, b_map, out, M, N, K, device, stream);
-}
-
-// Output tiles of the wide kernel (rows = x's when !swap, w's when swap).
-int64_t wide_tiles(int64_t M, int64_t N, bool swap) {
-  const int64_t rows = swap ? N : M, cols = swap ? M : N;
-  return ((rows + kWideRows - 1) / kWideRows) * ((cols + kWideCols - 1) / kWideCols);
+// Output tiles of the wide kernel.
+int64_t wide_tiles(int64_t M, int64_t N) {
+  return ((M + kWideRows - 1) / kWideRows) * ((N + kWideCols - 1) / kWideCols);
 }
 
 // Which kernel takes a product (measured on the H100, benchmarks/README.md, session 8): the wide
 // kernel's epilogue is not overlapped with any MMA, so it needs a long K loop per tile to pay for
-// it (K > 2048: in_proj and out_proj of 2.8B, out_proj of 1.4B; dt_proj, K = 160, is twice as fast
-// on the 128 x 128 kernel, whose two blocks per SM overlap one's epilogue with the other's wgmma),
-// and at least half a tile per SM. INT8 and FP16 outputs (the layers'); others take the 128 x 128
-// kernel.
+// it (K > 2048: out_proj of 2.8B and 1.4B, x_proj at long prompts; dt_proj, K = 160, is twice as
+// fast on the 128 x 128 kernel, whose two blocks per SM overlap one's epilogue with the other's
+// wgmma), and at least half a tile per SM. Row-major INT8 and FP16 outputs (the layers'); other
+// types and the sequence-last layout take the 128 x 128 kernel.
 bool use_wide_kernel(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, int sms) {
   if (ep.type != GemmOut::Int8 && ep.type != GemmOut::Float16) return false;
-  if (K <= kWideMinK) return false;
-  return 2 * wide_tiles(M, N, ep.seq_len > 0) >= sms;
+  if (ep.seq_len > 0 || K <= kWideMinK) return false;
+  return 2 * wide_tiles(M, N) >= sms;
 }
 
 }  // namespace
@@ -539,17 +515,16 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
   if (err != cudaSuccess) return err;
   const bool wide = use_wide_kernel(M, N, K, ep, sms);
   CUtensorMap x_map, w_map;
-  const bool swap = wide && ep.seq_len > 0;  // x's rows are the wgmma columns
-  err = make_map(&x_map, x, M, K, !wide ? kBlockM : (swap ? kWideCols : kWideRows));
-  if (err == cudaSuccess) {
-    err = make_map(&w_map, w, N, K, !wide ? kBlockN : (swap ? kWideRows : kWideCols));
-  }
+  err = make_map(&x_map, x, M, K, kBlockM);
+  if (err == cudaSuccess) err = make_map(&w_map, w, N, K, wide ? kWideCols : kBlockN);
   if (err != cudaSuccess) return err;
   if (wide) {
-    const int64_t tiles = wide_tiles(M, N, swap);
-    const unsigned grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
-    return swap ? launch_wide(ep, grid, w_map, x_map, out, M, N, K, device, stream)
-                : launch_wide(ep, grid, x_map, w_map, out, M, N, K, device, stream);
+    const int64_t wide_count = wide_tiles(M, N);
+    const unsigned grid = static_cast<unsigned>(wide_count < sms ? wide_count : sms);
+    return ep.type == GemmOut::Int8
+               ? launch_wide_as<GemmOut::Int8>(ep, grid, x_map, w_map, out, M, N, K, device, stream)
+               : launch_wide_as<GemmOut::Float16>(ep, grid, x_map, w_map, out, M, N, K, device,
+                                                  stream);
   }
   static std::atomic<unsigned long long> opted_in{0};
   err = opt_in_shared_memory(int8_gemm_wgmma_kernel, kSmemBytes, device, opted_in);

@@ -247,11 +247,10 @@ def test_int8_linear_extreme_accumulators():
 
 # Shapes for the wgmma GEMMs: M, N and K off the 128 x 128 x 128-byte tiles, one partial tile only,
 # K = 16 (one zero-filled k tile), more than one band of 16 row tiles (M > 2048, a partial band),
-# Mamba's in_proj / x_proj / dt_proj / out_proj. K > 2048 with INT8 / FP16 outputs and at least
-# 66 tiles of 128 x 256 take the persistent wide kernel (use_wide_kernel in gemm_int8_wgmma.cu):
-# partial tiles in both directions, blocks that loop over several tiles, a partial band, odd
-# sequence lengths (sequence-last: the operands swap, tiles run along M); the others take the
-# 128 x 128 kernel.
+# Mamba's in_proj / x_proj / dt_proj / out_proj. K > 2048 with row-major INT8 / FP16 outputs and at
+# least 66 tiles of 128 x 256 take the persistent wide kernel (use_wide_kernel in
+# gemm_int8_wgmma.cu): partial tiles in both directions, blocks that loop over several tiles, a
+# partial band; everything else (and every shape's sequence-last run) the 128 x 128 kernel.
 WGMMA_SHAPES = [
     (17, 24, 16),
     (100, 300, 48),

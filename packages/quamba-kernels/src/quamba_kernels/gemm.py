@@ -18,10 +18,11 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
   device of compute capability 9.0 (H100, H200), K % 16 == 0 and 16-byte aligned tensors
   (``wgmma_applies``). cuBLASLt's INT8 GEMM runs an sm80 kernel on these GPUs, no faster than
   FP16; wgmma is what reaches Hopper's INT8 rate. Two kernels, picked by shape in C++: 128 x 128
-  tiles, two blocks per SM (one's epilogue overlaps the other's MMA); and, for INT8 / FP16 outputs
-  with K > 2048 and at least half a 128 x 256 tile per SM, a persistent kernel with 128 x 256
-  tiles (less shared-memory and L2 traffic per operation; its epilogue is not overlapped, so it
-  needs a long K loop: in_proj and out_proj of 2.8B). Same bits either way.
+  tiles, two blocks per SM (one's epilogue overlaps the other's MMA); and, for row-major INT8 /
+  FP16 outputs with K > 2048 and at least half a 128 x 256 tile per SM, a persistent kernel with
+  128 x 256 tiles (less shared-memory and L2 traffic per operation; its epilogue is not
+  overlapped, so it needs a long K loop: out_proj of 1.4B / 2.8B, x_proj at long prompts). Same
+  bits either way.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.

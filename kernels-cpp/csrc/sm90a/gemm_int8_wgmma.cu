@@ -492,9 +492,9 @@ int64_t wide_tiles(int64_t M, int64_t N) {
 
 // Which kernel takes a product (measured on the H100, benchmarks/README.md, session 8): the wide
 // kernel's epilogue is not overlapped with any MMA, so it needs a long K loop per tile to pay for
-// it (K > 2048: out_proj of 2.8B and 1.4B, x_proj at long prompts; dt_proj, K = 160, is twice as
-// fast on the 128 x 128 kernel, whose two blocks per SM overlap one's epilogue with the other's
-// wgmma), and at least half a tile per SM. Row-major INT8 and FP16 outputs (the layers'); other
+// it (K > 2048: out_proj of 2.8B and 1.4B, x_proj at long prompts; dt_proj, K = 160, ran 1.2-1.4x
+// slower on it than on the 128 x 128 kernel, whose two blocks per SM overlap one's epilogue with
+// the other's wgmma), and at least half a tile per SM. Row-major INT8 and FP16 outputs (the layers'); other
 // types and the sequence-last layout take the 128 x 128 kernel.
 bool use_wide_kernel(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, int sms) {
   if (ep.type != GemmOut::Int8 && ep.type != GemmOut::Float16) return false;

@@ -8,6 +8,7 @@
 // byte-wise kernel for any other K. The epilogue is fused into all three.
 #include "gemm_epilogue.cuh"
 #include "gemm_int8.h"
+#include "mma_s8.cuh"
 
 namespace quamba {
 namespace {
@@ -42,19 +43,6 @@ __device__ __forceinline__ void reduce_scatter(int (&v)[V], int lane, int& base,
   }
 }
 
-// ---- cp.async (sm_80+): 16 bytes global -> shared, zero-filled when !valid ----
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // ---- tensor-core skinny GEMM (rows in tiles of 16: decode, and small weight matrices) ----
 //
 // One block = kSkinnyWarps warps = an output tile of 16 rows x 8 kTiles columns; the warps split K
@@ -73,28 +61,6 @@ constexpr int kSkinnyWarps = 8;
 // Measured (H100, M = 16, in_proj + x_proj + out_proj of Mamba-2.8B): 8 warps x 4 stages 32.8 us,
 // 2 stages 33.1, 8 stages 36.1; 4 warps 36.8-39.9.
 constexpr int kSkinnyStages = 4;
-
-__device__ __forceinline__ void mma_s8_16x8x32(int (&c)[4], int a0, int a1, int a2, int a3, int b0,
-                                               int b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  // Not volatile: the compiler may then move loads of later chunks ahead of this mma.
-  asm(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-  __trap();  // built for sm_80+ only (see CMakeLists.txt)
-#endif
-}
-
-// The two mma of a 64-byte k chunk, with A words (x rows g, g + 8) and B words (weight row g) in
-// the permuted order described above.
-__device__ __forceinline__ void mma_chunk64(int (&c)[4], const int4& xa, const int4& xb,
-                                            const int4& wv) {
-  mma_s8_16x8x32(c, xa.x, xb.x, xa.y, xb.y, wv.x, wv.y);
-  mma_s8_16x8x32(c, xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
-}
 
 // Dynamic shared memory of the skinny kernel: the ring (kTiles + 2 pieces of 16 bytes per lane and
 // chunk), then the per-warp accumulators summed in the epilogue.

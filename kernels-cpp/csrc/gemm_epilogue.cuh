@@ -90,19 +90,30 @@ __device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, i
 // boundary k + 0.5 (about 1e-4 of uniformly spread outputs are not, and take the exact path).
 constexpr float kFactorMargin = 6.4e-5f;
 
+// The INT8 code of one accumulator from the combined factor (in the low byte of the result);
+// `clear` is cleared when q lies within kFactorMargin of a rounding boundary, i.e. when the code
+// may differ from the reference's. The clamp-and-shift rounding of q8_code_and_distance, with the
+// boundary test on |c - nearest| itself: q is near k + 0.5 when |c - nearest| >= 0.5 -
+// kFactorMargin (the bound below rounds to a float a few 1e-8 from that, still far above the
+// 3.8e-5 the factor's error needs; c - nearest is exact where it matters, |c - nearest| >= 0.25).
+constexpr float kFactorClearBound = 0.5f - kFactorMargin;
+__device__ __forceinline__ uint32_t q8_code_by_factor(float factor, int acc, bool& clear) {
+  const float q = __fmul_rn(__int2float_rn(acc), factor);
+  const float c = fminf(fmaxf(q, -128.0f), 127.0f);
+  const float shifted = __fadd_rn(c, 12582912.0f);  // 1.5 * 2^23: rounds c to an integer
+  const float nearest = __fadd_rn(shifted, -12582912.0f);  // exact
+  clear &= fabsf(__fadd_rn(c, -nearest)) < kFactorClearBound;  // no short circuit: no branch
+  return __float_as_uint(shifted);
+}
+
 // The INT8 codes of four accumulators from the combined factor, byte j of the result for element
 // j of acc; `clear` stays true if every one lies farther than kFactorMargin from a rounding
-// boundary, i.e. the codes are the reference's (the clamp-and-shift rounding of q8_if_clear).
+// boundary, i.e. the codes are the reference's.
 __device__ __forceinline__ uint32_t q8_word_by_factor(float factor, int4 acc, bool& clear) {
   uint32_t code[4];
   const int a[4] = {acc.x, acc.y, acc.z, acc.w};
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float q = __fmul_rn(__int2float_rn(a[j]), factor);
-    const float c = fminf(fmaxf(q, -128.0f), 127.0f);
-    const float distance = q8_code_and_distance(c, code[j]);
-    clear = clear && distance > kFactorMargin;
-  }
+  for (int j = 0; j < 4; ++j) code[j] = q8_code_by_factor(factor, a[j], clear);
   // Low bytes of the four codes: [c0, c1, x, x], [c2, c3, x, x], then [c0, c1, c2, c3].
   return __byte_perm(__byte_perm(code[0], code[1], 0x0040), __byte_perm(code[2], code[3], 0x0040),
                      0x5410);

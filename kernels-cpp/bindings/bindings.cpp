@@ -726,9 +726,9 @@ quamba::GemmEpilogue gemm_epilogue(const AnyArray& out, int64_t M, int64_t N, fl
 
 void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scale, int rounding,
                int64_t seq_len, int algo, std::uintptr_t stream) {
-  if (algo < 0 || algo > 4) {
+  if (algo < 0 || algo > 5) {
     throw std::invalid_argument(
-        "algo must be 0 (auto), 1 (skinny), 2 (tiled), 3 (stream) or 4 (wgmma)");
+        "algo must be 0 (auto), 1 (skinny), 2 (tiled), 3 (stream), 4 (wgmma) or 5 (short_k)");
   }
   expect_type(x, "x", ElemType::Int8);
   expect_type(w, "w", ElemType::Int8);
@@ -744,6 +744,11 @@ void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scal
                                 std::to_string(K));
   }
   if (algo == 3 && M > 4) throw std::invalid_argument("the stream GEMV takes M <= 4 rows");
+  if (algo == 5 && K > quamba::kShortKMax) {
+    throw std::invalid_argument("the short-K GEMM takes K <= " +
+                                std::to_string(quamba::kShortKMax) + ", got K = " +
+                                std::to_string(K));
+  }
   if (algo == 4 &&
       (K % 16 != 0 || reinterpret_cast<std::uintptr_t>(x.data()) % 16 != 0 ||
        reinterpret_cast<std::uintptr_t>(w.data()) % 16 != 0)) {

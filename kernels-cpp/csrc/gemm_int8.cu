@@ -641,6 +641,7 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
     return gemm::launch_int8_gemm_wgmma(x, w, out, M, N, K, c, device, stream);
 #endif
   }
+  if (algo == GemmAlgo::ShortK && K > kShortKMax) return cudaErrorInvalidValue;
   if (vec && major >= 8) {  // mma.sync with s8 operands: Ampere and newer
     if (algo == GemmAlgo::Auto) {
       algo = M <= 4 ? GemmAlgo::Stream : (M <= 16 ? GemmAlgo::Skinny : GemmAlgo::Tiled);
@@ -650,6 +651,9 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
       if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, stream);
       if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, stream);
       return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, stream);
+    }
+    if (algo == GemmAlgo::ShortK) {
+      return gemm::launch_int8_gemm_short_k(x, w, out, M, N, K, c, device, sms, stream);
     }
     if (algo == GemmAlgo::Tiled) {
       const int64_t col_tiles = (N + kTileN - 1) / kTileN;

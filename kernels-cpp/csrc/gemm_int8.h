@@ -25,8 +25,12 @@ struct GemmEpilogue {
 // need K % 16 == 0, 16-byte aligned x and w and sm_80+; otherwise a byte-wise kernel runs whatever
 // is asked, with the same results. Stream takes M <= 4 only. Wgmma (Hopper) needs a build with
 // sm_90 (wgmma_gemm_built()), a device of compute capability 9.0, K % 16 == 0 and aligned x and w;
-// otherwise it returns cudaErrorNotSupported. Auto never picks it (the caller decides).
-enum class GemmAlgo : int { Auto = 0, Skinny = 1, Tiled = 2, Stream = 3, Wgmma = 4 };
+// otherwise it returns cudaErrorNotSupported. ShortK (any sm_80+ GPU) takes K <= kShortKMax only
+// (cudaErrorInvalidValue above). Auto never picks Wgmma or ShortK (the caller decides).
+enum class GemmAlgo : int { Auto = 0, Skinny = 1, Tiled = 2, Stream = 3, Wgmma = 4, ShortK = 5 };
+
+// The largest K of the short-K kernel (gemm_short_k.cu): w's slice stays in registers.
+constexpr int kShortKMax = 256;
 
 // Whether this build has the Hopper GEMM.
 bool wgmma_gemm_built();

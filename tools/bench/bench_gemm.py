@@ -1,5 +1,5 @@
 """W8A8 GEMM benchmark at Mamba shapes: our stream GEMV, skinny and tiled tensor-core kernels,
-the Hopper wgmma kernel, cuBLASLt INT8 + our epilogue, and the cuBLAS FP16 GEMM of the same shape, side by side in one
+the Hopper wgmma kernel, the short-K kernel (K <= 256), cuBLASLt INT8 + our epilogue, and the cuBLAS FP16 GEMM of the same shape, side by side in one
 run (GPU machine).
 
 For each linear layer of Mamba-2.8B (in_proj, x_proj, dt_proj, out_proj) and the rows M of decode
@@ -71,6 +71,8 @@ def bench_layer(name, m, n, k, output, bandwidth, reps):
         impls.append("cublaslt")
     if qk.gemm.wgmma_applies(m, n, k):
         impls.append("wgmma")
+    if k <= qk.gemm.SHORT_K_MAX:
+        impls.append("short_k")
     for impl in impls:
         ms = time_kernel(int8_call(impl), int8_bytes, reps)
         floor = max(int8_bytes / bandwidth, ops / PEAK_INT8) * 1e3
@@ -103,11 +105,20 @@ def sweep() -> None:
         impls += ["skinny", "tiled"] + (["cublaslt"] if qk.gemm.cublaslt_applies(m, n, k) else [])
         if qk.gemm.wgmma_applies(m, n, k):
             impls.append("wgmma")
+        if k <= qk.gemm.SHORT_K_MAX and k % 16 == 0:
+            impls.append("short_k")
         for impl in impls:
             for out_scale, out_dtype in ((0.3, None), (None, torch.float16), (None, torch.int32)):
                 qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl)
                 qk.int8_linear(x3, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl,
                                layout="seq_last")  # fmt: skip
+    # The short-K kernel's persistent blocks over several tiles (double-buffered x, a new channel
+    # tile mid-range) with sequences that end inside a tile.
+    x, w = _int8(3, 5000, 48), _int8(300, 48)
+    for out_scale, out_dtype in ((0.3, None), (None, torch.float32)):
+        qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl="short_k")
+        qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl="short_k",
+                       layout="seq_last")  # fmt: skip
     torch.cuda.synchronize()
     print("sweep done")
 

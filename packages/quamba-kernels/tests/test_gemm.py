@@ -2,7 +2,7 @@
 
 Accumulation is exact and the epilogue is the reference's arithmetic, so every output (INT8 codes,
 float16/bfloat16/float32 values, raw int32 accumulators) must equal the reference bit for bit, for
-every implementation (our stream, skinny, tiled and Hopper wgmma kernels, cuBLASLt + our epilogue), both
+every implementation (our stream, skinny, tiled, short-K and Hopper wgmma kernels, cuBLASLt + our epilogue), both
 layouts and both rounding rules. Outputs are poisoned before each launch (two runs with different sentinels for integer
 outputs, NaN for floats), so an element a kernel leaves unwritten fails the test.
 
@@ -58,6 +58,8 @@ def _gen(*key) -> torch.Generator:
 def _skip_unless_wgmma_applies(impl, m, n, k):
     if impl == "wgmma" and not wgmma_applies(m, n, k, DEVICE):
         pytest.skip("the wgmma GEMM needs compute capability 9.0, M > 16 and K % 16 == 0")
+    if impl == "short_k" and k > gemm_module.SHORT_K_MAX:
+        pytest.skip("the short-K GEMM takes K <= 256")
 
 
 def _int8(g, shape):
@@ -113,7 +115,7 @@ OUTPUTS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", SHAPES)
-@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma"])
+@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma", "short_k"])
 @pytest.mark.parametrize("output,rounding", OUTPUTS)
 def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
     if impl == "cublaslt" and not cublaslt_applies(m, n, k):
@@ -154,7 +156,7 @@ def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
         (3, 40, 96, 512),  # cuBLASLt + the element-wise epilogue (L % 16 != 0)
     ],
 )
-@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled", "cublaslt", "wgmma"])
+@pytest.mark.parametrize("impl", ["auto", "skinny", "tiled", "cublaslt", "wgmma", "short_k"])
 @pytest.mark.parametrize("output", ["int8", "float16"])
 def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
     if impl == "cublaslt" and not cublaslt_applies(batch * length, n, k):
@@ -177,7 +179,7 @@ def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["skinny", "tiled", "cublaslt", "wgmma"])
+@pytest.mark.parametrize("impl", ["skinny", "tiled", "cublaslt", "wgmma", "short_k"])
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_int8_linear_rounding_rule_at_exact_ties(impl, rounding):
     """s_x * s_w = 0.5 and s_out = 1: v = acc / 2, so every odd accumulator is a tie."""
@@ -205,7 +207,7 @@ NEAR_BOUNDARY_SCALES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma"])
+@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma", "short_k"])
 @pytest.mark.parametrize("layout", ["row", "seq_last"])
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_int8_codes_near_rounding_boundaries(impl, layout, rounding):
@@ -293,6 +295,48 @@ def test_wgmma_tiles_match_reference(m, n, k, output, layout):
     _assert_equal(got, want, f"wgmma {output} {layout} M={m} N={n} K={k}")
 
 
+# Shapes for the short-K kernel (K <= 256; tiles of 128 channels x 128 tokens, persistent blocks
+# over a contiguous range of tiles): one token, partial tiles both ways, sequences shorter than a
+# tile (tiles straddle sequence boundaries), odd L (pieces not 16-byte aligned), K from one k
+# chunk to four, partial chunks (K % 64 != 0), blocks that take several tiles and move to the next
+# channel tile (2.8B's dt_proj at batch 2), Mamba's dt_proj shapes.
+SHORT_K_SHAPES = [
+    (1, 1, 200, 160),
+    (1, 17, 129, 16),
+    (2, 100, 300, 48),
+    (3, 7, 1000, 64),
+    (1, 128, 128, 256),
+    (2, 129, 257, 80),
+    (2, 1024, 5120, 160),
+    (4, 2047, 1536, 48),
+    (1, 4100, 520, 176),
+    (8, 256, 2048, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,length,n,k", SHORT_K_SHAPES)
+@pytest.mark.parametrize("output", ["int8", "bfloat16", "float16", "float32", "int32"])
+@pytest.mark.parametrize("layout", ["row", "seq_last"])
+def test_short_k_matches_reference(batch, length, n, k, output, layout):
+    g = _gen("short_k", batch, length, n, k, output, layout)
+    x, w = _int8(g, (batch, length, k)), _int8(g, (n, k))
+    s_x, s_w = 0.01 + 0.05 * torch.rand((), generator=g).item(), 0.002
+    out_dtype = None if output == "int8" else getattr(torch, output)
+    out_scale = s_x * s_w * k**0.5 * 91.0 if output == "int8" else None
+    m = batch * length
+    x_in = x if layout == "seq_last" else x.reshape(m, k)
+
+    def launch(out):
+        int8_linear(x_in, w, s_x, s_w, out_scale, "half_away", out_dtype=out_dtype, layout=layout,
+                    impl="short_k", out=out)  # fmt: skip
+
+    shape = (batch, n, length) if layout == "seq_last" else (m, n)
+    got = _run_poisoned(launch, shape, torch.int8 if output == "int8" else out_dtype)
+    want = _reference(x_in, w, s_x, s_w, out_scale, "half_away", out_dtype, layout)
+    _assert_equal(got, want, f"short_k {output} {layout} B={batch} L={length} N={n} K={k}")
+
+
 @pytest.mark.gpu
 def test_wgmma_rejects_unaligned_operands():
     x = _int8(_gen("unaligned"), (64 * 48 + 1,))[1:].view(64, 48)  # 1 byte off 16-byte alignment
@@ -335,8 +379,8 @@ def test_int8_linear_default_picks_by_shape():
 
 
 def test_gemm_implementation_choice():
-    def pick(m, n, k, impl="auto"):  # a device without the wgmma GEMM
-        return gemm_implementation(m, n, k, impl, device="cpu")
+    def pick(m, n, k, impl="auto", seq_len=0):  # a device without the wgmma GEMM
+        return gemm_implementation(m, n, k, impl, device="cpu", seq_len=seq_len)
 
     assert pick(1, 3072, 768) == "stream"
     assert pick(4, 3072, 768) == "stream"
@@ -344,7 +388,14 @@ def test_gemm_implementation_choice():
     assert pick(5, 3072, 768) == "skinny"
     assert pick(16, 10240, 2560) == "skinny"
     assert pick(17, 10240, 2560) == "cublaslt"
-    assert pick(2048, 5120, 160) == "tiled"  # small K (bench_gemm.py)
+    assert pick(2048, 5120, 160) == "tiled"  # row-major output: short_k only sequence-last
+    assert pick(2048, 5120, 160, seq_len=1024) == "short_k"  # dt_proj (bench_gemm.py)
+    assert pick(17, 5120, 256, seq_len=16) == "short_k"
+    assert pick(2048, 5120, 160, seq_len=90) == "tiled"  # unaligned rows: measured slower
+    assert pick(2048, 5120, 168, seq_len=1024) == "tiled"  # K % 16 != 0: byte path either way
+    assert pick(2048, 5120, 272) == "tiled"  # K > 256, below cuBLASLt's K threshold
+    assert pick(2048, 5120, 160, "short_k") == "short_k"
+    assert pick(3, 5120, 160, "short_k") == "short_k"
     assert pick(2048, 10240, 2552) == "cublaslt"
     assert pick(2048, 10239, 2560) == "tiled"  # N not a multiple of 8
     assert pick(2048, 3072, 768, "skinny") == "skinny"
@@ -357,12 +408,14 @@ def test_gemm_implementation_choice():
         pick(4, 8, 8, "cutlass")
     with pytest.raises(ValueError, match=r"compute capability 9\.0"):
         pick(2048, 3072, 768, "wgmma")
+    with pytest.raises(ValueError, match="K <= 256"):
+        pick(2048, 3072, 272, "short_k")
 
 
 def test_gemm_implementation_choice_on_hopper(monkeypatch):
     """Where the wgmma GEMM runs (a build with it, compute capability 9.0), auto takes it for
-    M > 16 and K % 16 == 0 with at least one 128 x 128 tile per SM; decode shapes, other K and
-    narrow outputs keep their kernels."""
+    M > 16 and K % 16 == 0 with at least one 128 x 128 tile per SM; decode shapes, short K
+    (short_k), other K and narrow outputs keep their kernels."""
     monkeypatch.setattr(gemm_module, "_device_index", lambda device: 0)
     monkeypatch.setattr(gemm_module, "_wgmma_device", lambda index: (True, 132))
     assert gemm_implementation(1, 3072, 768) == "stream"
@@ -370,7 +423,10 @@ def test_gemm_implementation_choice_on_hopper(monkeypatch):
     assert gemm_implementation(17, 10240, 2560) == "cublaslt"  # 80 tiles < 132 SMs
     assert gemm_implementation(17, 10240, 2560, "wgmma") == "wgmma"
     assert gemm_implementation(2048, 10240, 2560) == "wgmma"  # in_proj
-    assert gemm_implementation(2048, 5120, 160) == "wgmma"  # dt_proj
+    assert gemm_implementation(2048, 5120, 160, seq_len=2048) == "short_k"  # dt_proj
+    assert gemm_implementation(2048, 5120, 160) == "wgmma"  # row-major
+    assert gemm_implementation(2048, 5120, 160, seq_len=90) == "wgmma"
+    assert gemm_implementation(2048, 5120, 160, "wgmma") == "wgmma"
     assert gemm_implementation(2048, 192, 5120) == "cublaslt"  # x_proj: 32 tiles
     assert gemm_implementation(16384, 192, 5120) == "wgmma"  # 256 tiles
     assert gemm_implementation(2048, 10240, 2552) == "cublaslt"  # K % 16 != 0

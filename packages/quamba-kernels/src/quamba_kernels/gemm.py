@@ -10,6 +10,13 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 - ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
   coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank: its
   output, not its arithmetic, is the work) and shapes cuBLASLt does not take.
+- ``"short_k"``: our tensor-core kernel for K <= 256 (kernels-cpp/csrc/gemm_short_k.cu; any sm_80+
+  GPU): dt_proj, whose K is dt_rank and whose output is the work. Operands swapped (a warp's rows
+  are 16 output channels with their slice of w in registers, its columns 128 tokens), persistent
+  blocks with the next x tile copied in while the current one is multiplied, and each warp
+  converting its own accumulators in registers and writing a channel's tokens as contiguous
+  16-byte pieces of the sequence-last output (the 128 x 128 kernels stage 64 KB of int32 per tile
+  behind a block barrier instead).
 - ``"cublaslt"``: cuBLASLt's INT8 GEMM (through ``torch._int_mm``, so this package still links
   nothing but the CUDA runtime) writing int32, then our epilogue kernel (16-byte accesses in
   64 x 64 tiles). Needs M > 16 and K, N multiples of 8: prefill with K >= 512.
@@ -26,9 +33,11 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
-``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, then wgmma where it
-applies and its 128 x 128 tiles are at least one per SM, else cuBLASLt where it applies and
-K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
+``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, short_k for the
+sequence-last layout with K <= 256, K % 16 == 0 and L % 16 == 0 (dt_proj; with odd L its rows
+are not 16-byte aligned and the 128 x 128 kernels' element-wise path measured faster), then wgmma
+where it applies and its 128 x 128 tiles are at least one per SM, else cuBLASLt where it applies
+and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
 benchmarks/README.md; with fewer tiles than SMs, e.g. x_proj's N = 192 at M = 2048, cuBLASLt's
 split of K wins).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
@@ -51,12 +60,13 @@ from quamba_kernels._torch import (
     scale_product32,
 )
 
-IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt", "wgmma")
+IMPLEMENTATIONS = ("auto", "stream", "skinny", "tiled", "cublaslt", "wgmma", "short_k")
 STREAM_MAX_ROWS = 4
 SKINNY_MAX_ROWS = 16
 STREAM_MIN_K = 512  # below it the skinny kernel beats the stream GEMV (bench_gemm.py, dt_proj)
 CUBLASLT_MIN_K = 512  # below it the tiled kernel beats cuBLASLt + epilogue (dt_proj, K = 160)
-_ALGO = {"skinny": 1, "tiled": 2, "stream": 3, "wgmma": 4}
+SHORT_K_MAX = 256  # the short-K kernel keeps a warp's slice of w (16 rows x K) in registers
+_ALGO = {"skinny": 1, "tiled": 2, "stream": 3, "wgmma": 4, "short_k": 5}
 MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
 
 # cuBLASLt's INT8 GEMM (torch._int_mm) shape rules.
@@ -106,9 +116,12 @@ def _wgmma_fills_gpu(m: int, n: int, index: int) -> bool:
     return -(-m // 128) * -(-n // 128) >= _wgmma_device(index)[1]
 
 
-def gemm_implementation(m: int, n: int, k: int, impl: str = "auto", device=None) -> str:
+def gemm_implementation(
+    m: int, n: int, k: int, impl: str = "auto", device=None, *, seq_len: int = 0
+) -> str:
     """What ``int8_linear`` runs for rows M, outputs N, inputs K on `device` (default: the current
-    CUDA device): one of IMPLEMENTATIONS other than "auto"."""
+    CUDA device): one of IMPLEMENTATIONS other than "auto". ``seq_len``: L of the sequence-last
+    layout, 0 for row-major outputs."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
     if impl == "wgmma" and not wgmma_applies(m, n, k, device):
@@ -123,11 +136,15 @@ def gemm_implementation(m: int, n: int, k: int, impl: str = "auto", device=None)
         )
     if impl == "stream" and m > STREAM_MAX_ROWS:
         raise ValueError(f"the stream GEMV takes M <= {STREAM_MAX_ROWS} rows, got M={m}")
+    if impl == "short_k" and k > SHORT_K_MAX:
+        raise ValueError(f"the short-K GEMM takes K <= {SHORT_K_MAX}, got K={k} (use impl='auto')")
     if impl == "auto":
         if m <= STREAM_MAX_ROWS:
             return "stream" if k >= STREAM_MIN_K else "skinny"  # small K: skinny measured faster
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
+        if seq_len > 0 and seq_len % 16 == 0 and k <= SHORT_K_MAX and k % 16 == 0:
+            return "short_k"
         if wgmma_applies(m, n, k, device) and _wgmma_fills_gpu(m, n, _device_index(device)):
             return "wgmma"
         return "cublaslt" if cublaslt_applies(m, n, k) and k >= CUBLASLT_MIN_K else "tiled"
@@ -198,17 +215,13 @@ def int8_linear(
     code = rounding_code(rounding)
     scale, out_scale_32, out_dtype = _epilogue_scales(s_x, s_w, out_scale, out_dtype)
     m = x.numel() // k
-    which = gemm_implementation(m, n, k, impl, x.device)
+    seq_len = x.shape[1] if layout == "seq_last" else 0
+    which = gemm_implementation(m, n, k, impl, x.device, seq_len=seq_len)
     if which == "wgmma" and (x.data_ptr() % 16 or w.data_ptr() % 16):
         if impl == "wgmma":
             raise ValueError("the wgmma GEMM needs 16-byte aligned x and w (use impl='auto')")
         which = gemm_implementation(m, n, k, "tiled", x.device)  # same bits, any alignment
-    if layout == "seq_last":
-        out_shape = (x.shape[0], n, x.shape[1])
-        seq_len = x.shape[1]
-    else:
-        out_shape = (*x.shape[:-1], n)
-        seq_len = 0
+    out_shape = (x.shape[0], n, seq_len) if layout == "seq_last" else (*x.shape[:-1], n)
     if out is not None:
         check_tensor("out", out, out_dtype)
         if tuple(out.shape) != out_shape:

@@ -18,9 +18,12 @@
 //     boundary, the rule of write_accumulator_tile_as), stages the converted values in its own
 //     shared-memory rows (no block barrier) and writes them as 16-byte pieces: a channel's tokens
 //     are contiguous bytes of the sequence-last output. The row-major layout stages per token.
-// Measured (H100, 2.8B dt_proj, N = 5120, K = 160, sequence-last INT8): 130 us against the wgmma
-// kernel's 145 at M = 16 x 1024, 21.9 against 24.0 at M = 2048; slower with odd L (79 against 72
-// at 64 x 90, 130m's K = 48: element-wise stores either way), where "auto" keeps the wgmma kernel.
+// Measured (H100, tools/bench/bench_gemm.py --dt-proj; 2.8B dt_proj, N = 5120, K = 160,
+// sequence-last INT8): 121 us against the wgmma kernel's 128-130 at M = 16 x 1024, 20.3 against
+// 22 at M = 2048 (bench_gemm's default scales, whose exact ties send whole 16-byte pieces of the
+// wgmma epilogue to the exact conversion: 129 against 145); slower with odd L (80-81 against
+// 71-72 at 64 x 90, 130m's K = 48: element-wise stores either way), where "auto" keeps the
+// 128 x 128 kernels.
 // What bounds it (ncu): about 10 instructions per INT8 code and 16 warps per SM (128 registers:
 // w's slice and 32 accumulators per lane), 2.4 instructions per cycle.
 // Accumulation is exact int32, so the results equal reference_ops.w8a8_linear bit for bit.

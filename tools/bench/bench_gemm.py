@@ -9,6 +9,7 @@ is max(bytes / copy bandwidth, ops / peak): weights + activations read once, out
 This is the evidence behind ``quamba_kernels.gemm``'s "auto" choice.
 
 Usage: python3 tools/bench/bench_gemm.py [--quick] [--json PATH]   (writes $OUT/bench_gemm.json)
+       python3 tools/bench/bench_gemm.py --dt-proj  (dt_proj's kernels at each model's shapes)
        python3 tools/bench/bench_gemm.py --sweep    (the compute-sanitizer workload)
 """
 
@@ -123,16 +124,75 @@ def sweep() -> None:
     print("sweep done")
 
 
+# dt_proj of each model size (B, L, N = d_inner, K = dt_rank) for --dt-proj; the last has odd L.
+DT_PROJ_SHAPES = [
+    (1, 1024, 5120, 160),
+    (1, 2048, 5120, 160),
+    (16, 1024, 5120, 160),
+    (8, 2048, 5120, 160),
+    (16, 1024, 4096, 128),
+    (64, 90, 1536, 48),
+]
+
+
+def _dt_proj_call(b, length, n, k, impl):
+    import quamba_kernels as qk
+
+    def make(_):
+        x, w = _int8(b, length, k), _int8(n, k)
+        return lambda: qk.int8_linear(x, w, 0.0173, 0.0031, 0.04, "half_away", layout="seq_last",
+                                      impl=impl)  # fmt: skip
+
+    return make
+
+
+def _fp16_linear_call(m, n, k):
+    def make(_):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        return lambda: torch.nn.functional.linear(x, w)
+
+    return make
+
+
+def dt_proj_table(reps: int) -> list[dict]:
+    """dt_proj (sequence-last INT8 output) on the tiled, wgmma and short-K kernels beside cuBLAS
+    FP16, with scales whose combined factor has no small-denominator structure (a factor like
+    0.02 * 0.003 / 0.05 = 3 / 2500 makes exact ties, ~4e-4 of the codes, which the epilogues hand
+    to the exact conversion)."""
+    import quamba_kernels as qk
+
+    results = []
+    for b, length, n, k in DT_PROJ_SHAPES:
+        m = b * length
+        nbytes = m * k + n * k + m * n
+        row = {"B": b, "L": length, "N": n, "K": k}
+        for impl in ("tiled", "wgmma", "short_k"):
+            if impl != "wgmma" or qk.gemm.wgmma_applies(m, n, k):
+                row[impl] = 1e3 * time_kernel(_dt_proj_call(b, length, n, k, impl), nbytes, reps)
+        row["fp16 cuBLAS"] = 1e3 * time_kernel(_fp16_linear_call(m, n, k), 2 * nbytes, reps)
+        print("  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key} {value}"
+                        for key, value in row.items()), flush=True)  # fmt: skip
+        results.append(row)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="sanitizer workload, no timing")
+    parser.add_argument("--dt-proj", action="store_true", help="dt_proj kernels side by side")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.sweep:
         sweep()
         return 0
     reps = 10 if args.quick else 30
+    if args.dt_proj:
+        device = torch.cuda.get_device_name()
+        payload = {"device": device, "dt_proj": dt_proj_table(reps)}
+        write_result(payload, "bench_gemm_dt_proj.json", args.json)
+        return 0
     bandwidth = copy_bandwidth(reps) * 1e9
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s")

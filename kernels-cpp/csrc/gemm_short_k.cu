@@ -218,7 +218,8 @@ __global__ void __launch_bounds__(kShortThreads, 2)
               const uint32_t c0 = q8_code_by_factor(ep.out_factor, acc[j][2 * h], clear);
               const uint32_t c1 = q8_code_by_factor(ep.out_factor, acc[j][2 * h + 1], clear);
               redo |= (clear ? 0u : 1u) << (2 * jj + h);
-              stage_int8_pair<kSeqLast, kPitch>(staging, g + 8 * h, col, __byte_perm(c0, c1, 0x0040));
+              const uint32_t pair = __byte_perm(c0, c1, 0x0040);
+              stage_int8_pair<kSeqLast, kPitch>(staging, g + 8 * h, col, pair);
             }
           }
           if (!fast) redo = ~0u;

@@ -93,18 +93,6 @@ __device__ __forceinline__ void stage_int8_pair(int8_t* staging, int row, int co
   }
 }
 
-// One element of kSize bytes from the staging area to the output.
-template <int kSize>
-__device__ __forceinline__ void copy_element(int8_t* dst, const int8_t* src) {
-  if constexpr (kSize == 1) {
-    *dst = *src;
-  } else if constexpr (kSize == 2) {
-    *reinterpret_cast<uint16_t*>(dst) = *reinterpret_cast<const uint16_t*>(src);
-  } else {
-    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
-  }
-}
-
 template <GemmOut T, bool kSeqLast>
 __global__ void __launch_bounds__(kShortThreads, 2)
     int8_gemm_short_k_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
@@ -284,7 +272,7 @@ __global__ void __launch_bounds__(kShortThreads, 2)
               if (n >= N || m >= M) continue;
               int64_t b = divide_small(m, L), l = m - b * L;
               for (int e = 0; e < kPer && m < M; ++e, ++m) {
-                copy_element<kSize>(out_bytes + ((b * N + n) * L + l) * kSize,
+                store_element<kSize>(out_bytes + ((b * N + n) * L + l) * kSize,
                                     staging + r * kPitch + (col + e) * kSize);
                 if (++l == L) {
                   l = 0;
@@ -310,7 +298,7 @@ __global__ void __launch_bounds__(kShortThreads, 2)
               const int64_t m = m_round + r, n = n0 + col;
               if (m >= M || n >= N) continue;
               for (int e = 0; e < kPer && n + e < N; ++e) {
-                copy_element<kSize>(out_bytes + (m * N + n + e) * kSize,
+                store_element<kSize>(out_bytes + (m * N + n + e) * kSize,
                                     staging + r * kPitch + (col + e) * kSize);
               }
             }

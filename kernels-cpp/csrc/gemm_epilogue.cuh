@@ -281,8 +281,8 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
                                    int64_t N, int64_t K, const EpilogueConsts& ep, int device,
                                    cudaStream_t stream);
 
-// The short-K GEMM (gemm_short_k.cu) for 1 <= K <= kShortKMax, K % 16 == 0, 16-byte aligned x and w,
-// sm_80+. `sms`: the device's multiprocessor count (the grid is persistent).
+// The short-K GEMM (gemm_short_k.cu) for 1 <= K <= kShortKMax, K % 16 == 0, 16-byte aligned x
+// and w, sm_80+. `sms`: the device's multiprocessor count (the grid is persistent).
 cudaError_t launch_int8_gemm_short_k(const int8_t* x, const int8_t* w, void* out, int64_t M,
                                      int64_t N, int64_t K, const EpilogueConsts& ep, int device,
                                      int sms, cudaStream_t stream);

@@ -8,8 +8,8 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
   (1, 2 or 4 such column tiles per block on wider layers, so x is read once per 8-32 weight
   rows), the warps splitting K: reads the weights once per 16 rows of x. Decode at batch 5..16.
 - ``"tiled"``: our tensor-core kernel with 128 x 128 block tiles, a cp.async pipeline and a
-  coalesced epilogue through shared memory: prefill with small K (dt_proj, K = dt_rank: its
-  output, not its arithmetic, is the work) and shapes cuBLASLt does not take.
+  coalesced epilogue through shared memory: prefill with small K where short_k does not apply
+  (row-major outputs, odd L) and shapes cuBLASLt does not take.
 - ``"short_k"``: our tensor-core kernel for K <= 256 (kernels-cpp/csrc/gemm_short_k.cu; any sm_80+
   GPU): dt_proj, whose K is dt_rank and whose output is the work. Operands swapped (a warp's rows
   are 16 output channels with their slice of w in registers, its columns 128 tokens), persistent

@@ -41,6 +41,15 @@ def _int8(*shape):
     return torch.randint(-128, 128, shape, dtype=torch.int8, device="cuda")
 
 
+def _fp16_linear_call(m, n, k):
+    def make(_):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        return lambda: torch.nn.functional.linear(x, w)
+
+    return make
+
+
 def bench_layer(name, m, n, k, output, bandwidth, reps):
     import quamba_kernels as qk
 
@@ -79,12 +88,7 @@ def bench_layer(name, m, n, k, output, bandwidth, reps):
         floor = max(int8_bytes / bandwidth, ops / PEAK_INT8) * 1e3
         rows.append((name, m, n, k, f"int8 {impl}", ms, int8_bytes, ops, floor))
 
-    def fp16_make(_):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        return lambda: torch.nn.functional.linear(x, w)
-
-    ms = time_kernel(fp16_make, fp16_bytes, reps)
+    ms = time_kernel(_fp16_linear_call(m, n, k), fp16_bytes, reps)
     floor = max(fp16_bytes / bandwidth, ops / PEAK_FP16) * 1e3
     rows.append((name, m, n, k, "fp16 cuBLAS", ms, fp16_bytes, ops, floor))
     return rows
@@ -142,15 +146,6 @@ def _dt_proj_call(b, length, n, k, impl):
         x, w = _int8(b, length, k), _int8(n, k)
         return lambda: qk.int8_linear(x, w, 0.0173, 0.0031, 0.04, "half_away", layout="seq_last",
                                       impl=impl)  # fmt: skip
-
-    return make
-
-
-def _fp16_linear_call(m, n, k):
-    def make(_):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        return lambda: torch.nn.functional.linear(x, w)
 
     return make
 

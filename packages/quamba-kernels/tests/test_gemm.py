@@ -55,7 +55,7 @@ def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _skip_unless_wgmma_applies(impl, m, n, k):
+def _skip_unless_impl_applies(impl, m, n, k):
     if impl == "wgmma" and not wgmma_applies(m, n, k, DEVICE):
         pytest.skip("the wgmma GEMM needs compute capability 9.0, M > 16 and K % 16 == 0")
     if impl == "short_k" and k > gemm_module.SHORT_K_MAX:
@@ -120,7 +120,7 @@ OUTPUTS = [
 def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
     if impl == "cublaslt" and not cublaslt_applies(m, n, k):
         pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
-    _skip_unless_wgmma_applies(impl, m, n, k)
+    _skip_unless_impl_applies(impl, m, n, k)
     if impl == "stream" and m > 4:
         pytest.skip("the stream GEMV takes M <= 4")
     g = _gen("gemm", m, n, k, impl, output, rounding)
@@ -161,7 +161,7 @@ def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
 def test_int8_linear_seq_last_layout(batch, length, n, k, impl, output):
     if impl == "cublaslt" and not cublaslt_applies(batch * length, n, k):
         pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
-    _skip_unless_wgmma_applies(impl, batch * length, n, k)
+    _skip_unless_impl_applies(impl, batch * length, n, k)
     g = _gen("seq-last", batch, length, n, k, impl, output)
     x, w = _int8(g, (batch, length, k)), _int8(g, (n, k))
     s_x, s_w = 0.03, 0.004
@@ -185,7 +185,7 @@ def test_int8_linear_rounding_rule_at_exact_ties(impl, rounding):
     """s_x * s_w = 0.5 and s_out = 1: v = acc / 2, so every odd accumulator is a tie."""
     g = _gen("gemm-ties", impl, rounding)
     m, n, k = 64, 128, 32
-    _skip_unless_wgmma_applies(impl, m, n, k)
+    _skip_unless_impl_applies(impl, m, n, k)
     x = torch.randint(-3, 4, (m, k), generator=g, dtype=I8).to(DEVICE)
     w = torch.randint(-3, 4, (n, k), generator=g, dtype=I8).to(DEVICE)
     got = int8_linear(x, w, 0.5, 1.0, 1.0, rounding, impl=impl)
@@ -216,7 +216,7 @@ def test_int8_codes_near_rounding_boundaries(impl, layout, rounding):
     exact conversion), and with scales outside that shortcut's range."""
     m = 4 if impl == "stream" else 160  # the stream GEMV takes M <= 4
     n, k = 384, 48  # |acc| up to ~250: quotients up to ~125, all codes in range
-    _skip_unless_wgmma_applies(impl, m, n, k)
+    _skip_unless_impl_applies(impl, m, n, k)
     g = _gen("gemm-near-boundary", impl, layout, rounding)
     x = torch.randint(-3, 4, (2, m // 2, k), generator=g, dtype=I8).to(DEVICE)
     w = torch.randint(-3, 4, (n, k), generator=g, dtype=I8).to(DEVICE)

@@ -267,6 +267,26 @@ def test_conv1d_int8_codes_across_output_scales(length, silu, s_out):
         assert int((want == 127).sum()) > 0 and int((want == -128).sum()) > 0
 
 
+@pytest.mark.parametrize("batch,channels,length", [(1, 5120, 2048), (2, 2051, 2049)])
+def test_conv1d_int8_codes_two_chunks_per_thread(batch, channels, length):
+    """Large inputs (2^19 chunks of 16 outputs and more) give each thread two consecutive chunks;
+    with an odd length a thread's second chunk straddles the end of its row."""
+    from quamba_kernels.conv1d import conv1d_int8
+    from quamba_layers import reference_ops as ref
+
+    assert batch * channels * -(-length // 16) >= 2**19  # the launch's two-chunk threshold
+    g = _gen("conv-two-chunks", batch, channels, length)
+    x_q, w_q, b_q, s_x, s_w, s_b = _conv_inputs(g, batch, channels, length, 4)
+    s_out = _uniform(g, 0.02, 0.08)
+    got = _run_int8_twice(
+        lambda out: conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, out=out),
+        (batch, channels, length),
+    )
+    want = ref.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out)
+    v = ref.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, None)
+    _assert_codes(got, want, v.double() / _f32(s_out), f"conv two chunks L={length}")
+
+
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_conv1d_rounding_rule_at_exact_ties(rounding):
     """Without SiLU and with s_w*s_x = 0.5, s_out = 1: v = acc/2, half of the codes are ties."""

@@ -189,7 +189,11 @@ __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ ou
 // builds (checked by every block), its +-1 entries are compile-time constants (each product is a
 // sign, rows with a common prefix share its partial sums); any other matrix is read from shared
 // memory (fused multiply-add by +-1: the same rounding as the reference's product and sum).
-// Shared-memory index of position pos: pos + pos / 16 (conflict-free for passes 1 and 2).
+// INT8 codes: every output from the fast quotient without a branch, then, for the rare thread
+// with an output near a rounding boundary, all its outputs again with the per-output decision.
+// Shared-memory index of position pos: pos + pos / 16 (conflict-free for passes 1 and 2); each
+// pass computes one index and reaches the others as compile-time offsets from it (ncu at 2.8B
+// shapes: index arithmetic had been ~13 of the kernel's 67 instructions per element).
 
 __host__ __device__ constexpr uint32_t quadratic_residue_mask(int q) {
   uint32_t mask = 0;
@@ -233,6 +237,35 @@ __device__ __forceinline__ TOut hadamard_output(float acc, float scale, float ou
   } else {
     return from_float<TOut>(y);
   }
+}
+
+// The fast path of hadamard_output: the code from q = RN(y * inv_out_scale) whether or not q is
+// clear of the rounding boundaries (q8_if_clear); `clear` is and-ed with that. Other output
+// types are a plain conversion.
+template <typename TOut>
+__device__ __forceinline__ TOut hadamard_output_unchecked(float acc, float scale,
+                                                          float inv_out_scale, bool& clear) {
+  const float y = __fmul_rn(acc, scale);
+  if constexpr (sizeof(TOut) == 1) {
+    uint32_t code;
+    clear = q8_if_clear(__fmul_rn(y, inv_out_scale), kQuotientMargin, code) && clear;
+    return static_cast<TOut>(code);
+  } else {
+    return from_float<TOut>(y);
+  }
+}
+
+// Output i of the Paley matrix at one position: acc = H[i,0] * v_0, then acc +- v_j, the
+// reference's exact products and rounded sums (i is known at compile time: the signs are
+// constants).
+template <int M>
+__device__ __forceinline__ float paley_row_sum(int i, const float (&col)[M]) {
+  float acc = paley_entry<M>(i, 0) > 0 ? col[0] : -col[0];
+#pragma unroll
+  for (int jj = 1; jj < M; ++jj) {
+    acc = paley_entry<M>(i, jj) > 0 ? __fadd_rn(acc, col[jj]) : __fsub_rn(acc, col[jj]);
+  }
+  return acc;
 }
 
 template <int M, int P, typename TIn, typename TOut>
@@ -282,18 +315,22 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
         }
       }
     }
+    // base is a multiple of 16: pidx(base + i) = pidx(base) + i (addresses as immediates).
+    float* s_mine = s_row + pidx(base);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s_row[pidx(base + i)] = v[i];
+    for (int i = 0; i < 16; ++i) s_mine[i] = v[i];
   }
   // Pass 2: strides 16..P/2, element (k, r) at j*P + 16k + qR + r.
   if constexpr (K2 > 1) {
     __syncthreads();
     if (butterfly) {
+      // q * R + r < 16, so pidx(j * P + 16 * k + q * R + r) = pidx(j * P + q * R) + 17 * k + r.
+      float* s_mine = s_row + pidx(j * P + q * R);
       float v[R][K2];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
-        for (int k = 0; k < K2; ++k) v[r][k] = s_row[pidx(j * P + 16 * k + q * R + r)];
+        for (int k = 0; k < K2; ++k) v[r][k] = s_mine[17 * k + r];
       }
 #pragma unroll
       for (int h = 1; h < K2; h *= 2) {
@@ -312,7 +349,7 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
-        for (int k = 0; k < K2; ++k) s_row[pidx(j * P + 16 * k + q * R + r)] = v[r][k];
+        for (int k = 0; k < K2; ++k) s_mine[17 * k + r] = v[r][k];
       }
     }
   }
@@ -320,20 +357,35 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
   // Pass 3: the m x m matrix at position p, then scale and output.
   if (!active || local >= P) return;
   const int p = local;
+  // P is a multiple of 16: pidx(jj * P + p) = pidx(p) + jj * (P + P / 16).
+  constexpr int kColStride = P + P / 16;
+  float* s_col = s_row + pidx(p);  // this thread's column: only this thread reads or writes it
   float col[M];
 #pragma unroll
-  for (int jj = 0; jj < M; ++jj) col[jj] = s_row[pidx(jj * P + p)];
+  for (int jj = 0; jj < M; ++jj) col[jj] = s_col[jj * kColStride];
   const float inv_out_scale = __frcp_rn(out_scale);
   const bool fast_q = reciprocal_ok(inv_out_scale);
   TOut* out_row = out + row * N + p;
   if (!other_matrix) {
+    // Every output from the fast quotient without a branch; in the rare case that one of them
+    // lies near a rounding boundary (or the scales rule the fast path out), all are redone with
+    // the per-output decision, which overwrites them with the same codes or the exact ones. The
+    // sums wait for that in the thread's own column of shared memory (its inputs are in `col`
+    // by then): a redo that recomputed them with run-time signs took ~17 us, which a decode
+    // step's few blocks could not hide.
+    bool clear = fast_q;
 #pragma unroll
     for (int i = 0; i < M; ++i) {
-      // acc = H[i,0] * v_0, then acc +- v_j: the reference's exact products and rounded sums.
-      float acc = paley_entry<M>(i, 0) > 0 ? col[0] : -col[0];
-#pragma unroll
-      for (int jj = 1; jj < M; ++jj) acc = paley_entry<M>(i, jj) > 0 ? acc + col[jj] : acc - col[jj];
-      out_row[i * P] = hadamard_output<TOut>(acc, scale, out_scale, inv_out_scale, fast_q, rule);
+      const float acc = paley_row_sum<M>(i, col);
+      if constexpr (sizeof(TOut) == 1) s_col[i * kColStride] = acc;
+      out_row[i * P] = hadamard_output_unchecked<TOut>(acc, scale, inv_out_scale, clear);
+    }
+    if (sizeof(TOut) == 1 && !clear) {
+#pragma unroll 1
+      for (int i = 0; i < M; ++i) {
+        out_row[i * P] = hadamard_output<TOut>(s_col[i * kColStride], scale, out_scale,
+                                               inv_out_scale, fast_q, rule);
+      }
     }
   } else {
     for (int i = 0; i < M; ++i) {

@@ -1063,6 +1063,24 @@ def test_binding_checks_shapes_itself():
                         None, 1, 0.2, 1.0, 0, 0)  # fmt: skip
 
 
+@pytest.mark.parametrize("n", [5120, 1536, 20 * 16, 12 * 64, 4096, 96])
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_hadamard_int8_rounding_at_exact_ties(n, rounding):
+    """Small integer inputs and scale 1/2 make every odd sum of the transform an exact tie (all
+    sums are exact in float32): about half of the codes take the rounding rule, and every
+    thread of the Paley kernel (m = 12, 20) its exact redo path."""
+    from quamba_kernels.hadamard import hadamard
+    from quamba_layers import reference_ops as ref
+
+    g = _gen("hadamard-ties", n, rounding)
+    x = torch.randint(-3, 4, (3, 41, n), generator=g).to(torch.float16).to(DEVICE)
+    got = _run_int8_twice(lambda out: hadamard(x, 0.5, 1.0, rounding, out=out), tuple(x.shape))
+    want = ref.hadamard(x, 0.5, 1.0, rounding)
+    y = ref.hadamard(x, 0.5)
+    assert float(((y - torch.floor(y)) == 0.5).float().mean()) > 0.3  # the test has ties
+    _assert_equal(got, want, f"hadamard ties n={n} {rounding}")
+
+
 @pytest.mark.parametrize(
     "n,dtype,out_kind", [(5120, torch.float16, "int8"), (768, torch.float32, "float32")]
 )

@@ -1067,8 +1067,8 @@ def test_binding_checks_shapes_itself():
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_hadamard_int8_rounding_at_exact_ties(n, rounding):
     """Small integer inputs and scale 1/2 make every odd sum of the transform an exact tie (all
-    sums are exact in float32): about half of the codes take the rounding rule, and every
-    thread of the Paley kernel (m = 12, 20) its exact redo path."""
+    sums are exact in float32): about half of the codes follow the rounding rule, and every
+    thread of the Paley kernel (m = 12, 20; 16 <= P <= 256) goes down its redo path."""
     from quamba_kernels.hadamard import hadamard
     from quamba_layers import reference_ops as ref
 

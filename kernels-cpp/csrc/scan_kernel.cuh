@@ -11,13 +11,16 @@
 //              the next chunk are loaded into registers (4 steps per thread, vector loads) while
 //              the current chunk is scanned. For INT8 delta and z, softplus(q * s + bias) (per
 //              channel) and silu(q * s_z) come from 256-entry tables built once per block with
-//              the same float32 operations, so they are bit-identical to evaluating them;
+//              the same float32 operations, so they are bit-identical to evaluating them
+//              (z's codes are staged as they are and looked up in step 3);
 //   2. scan:   every thread advances its states through the chunk; the products h * C of G
 //              consecutive steps are summed over the state, within the lane first (states n and
 //              n + G) and then with a reduce-scatter across the G lanes, a tree that is exactly
 //              the reference's pairwise halving (state distance NP/2 first), so afterwards lane j
 //              holds y for step j of the group;
 //   3. output: y + u * D, gate y * silu(z), one (B, L, E) store per chunk.
+// Shared memory bounds the blocks per SM of the 8-lane INT8 layout, registers those of the
+// others: see the comment at s_delta.
 // Padded steps (t >= L) and padded states (n >= N) carry zeros: exp(0) = 1 and + 0 leave h as is.
 #include <type_traits>
 
@@ -133,19 +136,30 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
   constexpr int S = L::kPerLane;
   constexpr int CPB = L::kChannels;
 
+  // INT8 delta / z tables when they fit in the 48 KB of static shared memory. With them, s_z
+  // keeps z's codes (silu looked up in step 3) instead of silu(z) in float32, and y goes to the
+  // rows of s_delta: the 8-lane INT8 block (16 channels) takes 36 KB instead of 43 KB, six blocks
+  // per SM instead of five (the 16-lane and float blocks are limited by registers; y keeps its
+  // own odd-width rows there, whose column reads in step 3 are free of bank conflicts).
+  constexpr bool kInt8X = sizeof(TX) == 1;
+  constexpr int kSharedNoZY = 4 * (2 * CPB * kRow + 2 * NP * kRow + 2 * CPB);
+  constexpr bool kTables =
+      kInt8X && kSharedNoZY + CPB * kRow + 4 * (CPB + 1) * 256 <= 48 * 1024;
+  constexpr int kTableChannels = kTables ? CPB : 1;
+  using ZSlot = std::conditional_t<kTables, int8_t, float>;
+  constexpr int kYRow = kTables ? kRow : kChunk + 1;
+
   __shared__ __align__(16) float s_delta[CPB][kRow];
+  __shared__ float s_y_own[kTables ? 1 : CPB][kYRow];
+  // y of channel c, step t: s_y[c * kYRow + t]. In s_delta's rows, a channel's lanes write y for
+  // steps g0..g0+G-1 after the reduce-scatter, i.e. after all of them have read delta there.
+  float* const s_y = kTables ? &s_delta[0][0] : &s_y_own[0][0];
   __shared__ __align__(16) float s_u[CPB][kRow];
-  __shared__ float s_z[CPB][kChunk + 1];  // odd rows: conflict-free column reads in step 3
-  __shared__ float s_y[CPB][kChunk + 1];
+  __shared__ __align__(16) ZSlot s_z[CPB][kTables ? kRow : kChunk + 1];  // codes or silu(z)
   __shared__ __align__(16) float s_B[NP][kRow];
   __shared__ __align__(16) float s_C[NP][kRow];
   __shared__ float s_bias[CPB];
   __shared__ float s_D[CPB];
-  // INT8 delta / z tables (when they fit in the 48 KB of static shared memory).
-  constexpr bool kInt8X = sizeof(TX) == 1;
-  constexpr int kBaseSmem = 4 * (4 * CPB * kRow + 2 * NP * kRow + 2 * CPB);
-  constexpr bool kTables = kInt8X && kBaseSmem + 4 * (CPB + 1) * 256 <= 48 * 1024;
-  constexpr int kTableChannels = kTables ? CPB : 1;
   __shared__ float s_delta_table[kTableChannels][kTables ? 256 : 1];
   __shared__ float s_silu_z_table[kTables ? 256 : 1];
 
@@ -264,7 +278,6 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
             if constexpr (kTables) {
               const int8_t dq = static_cast<int8_t>(raw_d[it].get(k));
               dv[k] = s_delta_table[cc][table_index(dq)];
-              if (has_z) zv[k] = s_silu_z_table[table_index(static_cast<int8_t>(raw_z[it].get(k)))];
             } else {
               dv[k] = dequant(raw_d[it].get(k), a.delta_scale);
               if (a.delta_bias != nullptr) dv[k] = __fadd_rn(dv[k], s_bias[cc]);
@@ -275,8 +288,13 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
         }
         *reinterpret_cast<float4*>(&s_u[cc][tt]) = make_float4(uv[0], uv[1], uv[2], uv[3]);
         *reinterpret_cast<float4*>(&s_delta[cc][tt]) = make_float4(dv[0], dv[1], dv[2], dv[3]);
+        if constexpr (kTables) {
+          // z's four codes as loaded (zeros for padded steps and channels).
+          *reinterpret_cast<uint32_t*>(&s_z[cc][tt]) = has_z ? raw_z[it].w : 0u;
+        } else {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) s_z[cc][tt + k] = zv[k];
+          for (int k = 0; k < 4; ++k) s_z[cc][tt + k] = zv[k];
+        }
       }
     }
 #pragma unroll
@@ -353,7 +371,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
         }
       }
       reduce_scatter<G, kExact>(acc, lane);
-      s_y[c][g0 + lane] = acc[0];
+      s_y[c * kYRow + g0 + lane] = acc[0];
     }
     __syncthreads();
 
@@ -367,9 +385,15 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
 #pragma unroll
       for (int j = 0; j < kOutVec; ++j) {
         const int cc = c0 + j;
-        float y = s_y[cc][tt];
+        float y = s_y[cc * kYRow + tt];
         if (a.D != nullptr) y = __fadd_rn(y, __fmul_rn(s_u[cc][tt], s_D[cc]));
-        if (has_z) y = __fmul_rn(y, s_z[cc][tt]);  // s_z holds silu(z)
+        if (has_z) {
+          if constexpr (kTables) {
+            y = __fmul_rn(y, s_silu_z_table[table_index(s_z[cc][tt])]);
+          } else {
+            y = __fmul_rn(y, s_z[cc][tt]);  // s_z holds silu(z)
+          }
+        }
         vals[j] = from_float<TOut>(y);
       }
       TOut* dst = static_cast<TOut*>(a.out) + (b * Lq + t0 + tt) * E + e0 + c0;

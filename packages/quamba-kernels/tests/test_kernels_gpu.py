@@ -604,7 +604,10 @@ def _dequant(args):
     from quamba_layers import reference_ops as ref
 
     u_q, s_u, dt_q, s_dt, a_q, s_a, b_q, s_b, c_q, s_c, d_q, s_d, z_q, s_z, dtb_q, s_dtb = args[:16]
-    dq = ref.dequantize
+
+    def dq(q, scale):
+        return None if q is None else ref.dequantize(q, scale)
+
     u = dq(u_q, s_u) if u_q.dtype == torch.int8 else u_q
     return (
         u, dq(dt_q, s_dt), -torch.exp(dq(a_q, s_a)), dq(b_q, s_b), dq(c_q, s_c), dq(d_q, s_d),
@@ -620,7 +623,8 @@ def _scan64(u, delta, A, B, C, D, z, delta_bias):
     summed as ``sum_n |h_n C_n| + |u D|`` and multiplied by ``|silu(z)|``.
     """
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    delta = delta + delta_bias.double()[:, None]
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
     delta = torch.where(delta <= 20, torch.log1p(torch.exp(delta)), delta)
     h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64, device=u.device)
     h_abs = torch.zeros_like(h)
@@ -633,9 +637,10 @@ def _scan64(u, delta, A, B, C, D, z, delta_bias):
         h_abs = decay * h_abs + d_bu.abs()
         ys.append((h * C[:, None, :, t]).sum(-1))
         mags.append((h_abs * C[:, None, :, t].abs()).sum(-1))
-    y = torch.stack(ys, -1) + u * D.double()[:, None]
-    mag = torch.stack(mags, -1) + (u * D.double()[:, None]).abs()
-    gate = z.double() / (1 + torch.exp(-z.double()))
+    skip = u * D.double()[:, None] if D is not None else torch.zeros_like(u)
+    y = torch.stack(ys, -1) + skip
+    mag = torch.stack(mags, -1) + skip.abs()
+    gate = z.double() / (1 + torch.exp(-z.double())) if z is not None else torch.ones_like(u)
     return (y * gate).transpose(1, 2), (mag * gate.abs()).transpose(1, 2), h
 
 
@@ -698,6 +703,43 @@ def test_selective_scan_int8(length, batch, n, float_u, lanes):
     h_err = (h_fast.double() - h64).abs().max().item()
     assert h_err <= 1e-4 * (h64.abs().max().item() + 1e-3)
     assert int((hq_fast.int() - hq_ref.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("absent", ["z", "z D delta_bias"])
+@pytest.mark.parametrize("lanes", [None, 8, 16])
+@pytest.mark.parametrize("length,batch", [(7, 3), (130, 2), (2047, 1)])
+def test_selective_scan_int8_optional_parts_absent(length, batch, lanes, absent):
+    """Without z (the gate; its codes share shared memory with the INT8 tables) and without D
+    and delta_bias, the exact INT8 scan gives the reference's bits and its state codes; the
+    fast scan stays within its tolerance of float64."""
+    from quamba_kernels.scan import selective_scan_int8
+    from quamba_layers import reference_ops as ref
+
+    channels = 37
+    g = _gen("scan8 absent", length, batch, lanes, absent)
+    tensors, s = _int8_scan_inputs(g, batch, channels, length, 16)
+    u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q = tensors
+    z_q = None
+    if absent != "z":
+        D_q = dtb_q = None
+    args = _int8_args((u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q), s, 0.1)
+    y_ref, hq_ref = ref.selective_scan_int8(*args)
+    y = _poisoned_float((batch, length, channels), torch.float16)
+    hq = _run_int8_twice(
+        lambda out: selective_scan_int8(
+            *args, exact=True, out=y, state_q=out, lanes_per_channel=lanes
+        ),
+        (batch, channels, 16),
+    )
+    _assert_written(y, "int8 scan y without z")
+    _assert_equal(y, y_ref, f"int8 scan exact y without {absent} L={length}")
+    assert torch.equal(hq, hq_ref), f"int8 scan exact state without {absent} L={length}"
+    y_fast = _poisoned_float((batch, length, channels), torch.float16)
+    selective_scan_int8(*args, out=y_fast, lanes_per_channel=lanes)
+    torch.cuda.synchronize()
+    _assert_written(y_fast, "int8 fast scan y without z")
+    y64, mag64, _ = _scan64(*_dequant(args))
+    _check_fast(y_fast, y64, mag64, torch.float16, f"int8 fast without {absent} L={length}")
 
 
 @pytest.mark.parametrize("length,batch", [(7, 3), (2047, 2), (130, 5)])

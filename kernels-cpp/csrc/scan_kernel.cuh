@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
   __shared__ __align__(16) float s_delta[CPB][kRow];
   __shared__ float s_y_own[kTables ? 1 : CPB][kYRow];
   // y of channel c, step t: s_y[c * kYRow + t]. In s_delta's rows, a channel's lanes write y for
-  // steps g0..g0+G-1 after the reduce-scatter, i.e. after all of them have read delta there.
+  // steps g0..g0+G-1 after the reduce-scatter and a warp barrier, i.e. after all of them have
+  // read delta there.
   float* const s_y = kTables ? &s_delta[0][0] : &s_y_own[0][0];
   __shared__ __align__(16) float s_u[CPB][kRow];
   __shared__ __align__(16) ZSlot s_z[CPB][kTables ? kRow : kChunk + 1];  // codes or silu(z)
@@ -371,6 +372,9 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
         }
       }
       reduce_scatter<G, kExact>(acc, lane);
+      // With y in s_delta's rows: the channel's lanes have read delta for these steps (the
+      // shuffles above consumed it); the warp barrier orders those reads before the stores.
+      if constexpr (kTables) __syncwarp();
       s_y[c * kYRow + g0 + lane] = acc[0];
     }
     __syncthreads();

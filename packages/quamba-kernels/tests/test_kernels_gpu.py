@@ -709,9 +709,9 @@ def test_selective_scan_int8(length, batch, n, float_u, lanes):
 @pytest.mark.parametrize("lanes", [None, 8, 16])
 @pytest.mark.parametrize("length,batch", [(7, 3), (130, 2), (2047, 1)])
 def test_selective_scan_int8_optional_parts_absent(length, batch, lanes, absent):
-    """Without z (the gate; its codes share shared memory with the INT8 tables) and without D
-    and delta_bias, the exact INT8 scan gives the reference's bits and its state codes; the
-    fast scan stays within its tolerance of float64."""
+    """Without z (the gate, whose codes the table layouts stage and look up in the output step)
+    and without D and delta_bias, the exact INT8 scan gives the reference's bits and its state
+    codes; the fast scan stays within its tolerance of float64."""
     from quamba_kernels.scan import selective_scan_int8
     from quamba_layers import reference_ops as ref
 

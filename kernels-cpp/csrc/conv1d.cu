@@ -543,7 +543,22 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
                                      const TW* __restrict__ weight, const TW* __restrict__ bias,
                                      TOut* __restrict__ out, int64_t rows, int64_t dim,
                                      int64_t x_row, ConvScalars c) {
-  launch::start_after_prior_grids();  // first: see launch.cuh
+  {
+    // While the previous kernel finishes: the block's state rows and (first sequence's blocks)
+    // the weights into L2 (see launch.cuh).
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x;
+    const int64_t count = rows - first < blockDim.x ? rows - first : blockDim.x;
+    launch::prefetch_l2_range(state + first * (K - 1),
+                              count * (K - 1) * static_cast<int64_t>(sizeof(TIn)));
+    if (first < dim) {
+      const int64_t channels = dim - first < count ? dim - first : count;
+      launch::prefetch_l2_range(weight + first * K, channels * K * static_cast<int64_t>(sizeof(TW)));
+      if (bias != nullptr) {
+        launch::prefetch_l2_range(bias + first, channels * static_cast<int64_t>(sizeof(TW)));
+      }
+    }
+  }
+  launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const int64_t channel = row % dim;

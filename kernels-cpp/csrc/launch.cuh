@@ -11,9 +11,10 @@
 //   * its first statement is start_after_prior_grids(), which waits before the kernel reads or
 //     writes any global memory, so it never sees a predecessor's unfinished output and never
 //     overwrites anything a predecessor still reads;
-//     The one exception is an L2 prefetch of read-only operands (prefetch_l2 below): it moves
-//     no data into the kernel and cannot go stale, because L2 is where every write lands (the
-//     point of coherence), so the GEMVs use the wait to pull their weights into L2;
+//     The one exception is an L2 prefetch (prefetch_l2 below): it moves no data into the
+//     kernel and cannot go stale, because L2 is where every write lands (the point of
+//     coherence), so the GEMVs use the wait to pull their weights into L2 and the decode
+//     step's norm and scan their weights and state;
 //   * the same call then lets the kernel after it be scheduled in turn (at most one kernel runs
 //     ahead: a successor can only start once every block of this kernel has passed its wait, i.e.
 //     once this kernel's predecessor has finished).
@@ -23,6 +24,7 @@
 // PDL is used only when it is enabled (set_programmatic_launch), the device is sm_90 or newer, and
 // the kernel's binary was compiled for sm_90 or newer (a kernel JIT-compiled from older PTX has no
 // wait instruction, so it gets an ordinary launch).
+#include <cstdint>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -47,6 +49,17 @@ __device__ __forceinline__ void start_after_prior_grids() {
 // Ask for the 128-byte line holding `p` to be brought into L2 (a hint: no data is returned).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// prefetch_l2 of every 128-byte line of [p, p + bytes), spread over the block's threads.
+__device__ __forceinline__ void prefetch_l2_range(const void* p, int64_t bytes) {
+  if (p == nullptr || bytes <= 0) return;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127};
+  for (uintptr_t line = first + 128 * uintptr_t{threadIdx.x}; line < end;
+       line += 128 * uintptr_t{blockDim.x}) {
+    prefetch_l2(reinterpret_cast<const void*>(line));
+  }
 }
 
 

@@ -68,7 +68,16 @@ __global__ void __launch_bounds__(kThreads)
                         const TW* __restrict__ weight, TOut* __restrict__ out,
                         float* __restrict__ residual_out, int64_t dim, float eps, float out_scale,
                         Rounding rule) {
-  launch::start_after_prior_grids();  // first: see launch.cuh
+  if constexpr (kDecode) {
+    // While the previous kernel finishes: the weight and the residual row (HBM in a decode
+    // step of a large model) into L2 (see launch.cuh).
+    launch::prefetch_l2_range(weight, dim * static_cast<int64_t>(sizeof(TW)));
+    if (residual != nullptr) {
+      launch::prefetch_l2_range(residual + blockIdx.x * dim,
+                                dim * static_cast<int64_t>(sizeof(float)));
+    }
+  }
+  launch::start_after_prior_grids();  // after the L2 prefetch (decode): see launch.cuh
   const int64_t row = blockIdx.x;
   const int64_t groups = dim / 8;
   const TX* xr = x + row * dim;

@@ -725,7 +725,7 @@ quamba::GemmEpilogue gemm_epilogue(const AnyArray& out, int64_t M, int64_t N, fl
 }
 
 void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scale, int rounding,
-               int64_t seq_len, int algo, std::uintptr_t stream) {
+               int64_t seq_len, int algo, std::uintptr_t stream, bool constant_weight) {
   if (algo < 0 || algo > 5) {
     throw std::invalid_argument(
         "algo must be 0 (auto), 1 (skinny), 2 (tiled), 3 (stream), 4 (wgmma) or 5 (short_k)");
@@ -760,7 +760,8 @@ void int8_gemm(AnyArray x, AnyArray w, AnyArray out, float scale, float out_scal
   DeviceGuard guard(common_device({&x, &w, &out}));
   check_cuda(quamba::launch_int8_gemm(static_cast<const int8_t*>(x.data()),
                                       static_cast<const int8_t*>(w.data()), out.data(), M, N, K, ep,
-                                      static_cast<quamba::GemmAlgo>(algo), as_stream(stream)),
+                                      static_cast<quamba::GemmAlgo>(algo), constant_weight,
+                                      as_stream(stream)),
              "int8_gemm launch");
 }
 
@@ -852,9 +853,10 @@ NB_MODULE(_C, m) {
         "B_row, C_row > 0: that input is the 1-D span of rows that many elements apart.");
   m.def("int8_gemm", &int8_gemm, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
         nb::arg("out").noconvert(), nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"),
-        nb::arg("seq_len"), nb::arg("algo"), nb::arg("stream"),
+        nb::arg("seq_len"), nb::arg("algo"), nb::arg("stream"), nb::arg("constant_weight") = false,
         nb::call_guard<nb::gil_scoped_release>(),
-        "x (M, K) int8 @ w (N, K)^T int8 -> exact int32 -> epilogue into out (its dtype decides).");
+        "x (M, K) int8 @ w (N, K)^T int8 -> exact int32 -> epilogue into out (its dtype decides). "
+        "constant_weight: the kernel launched just before on the stream does not write w.");
   m.def("int32_epilogue", &int32_epilogue, nb::arg("acc").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("seq_len"),
         nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),

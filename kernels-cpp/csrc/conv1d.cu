@@ -552,7 +552,8 @@ __global__ void conv1d_update_kernel(const TIn* __restrict__ x, TIn* __restrict_
                               count * (K - 1) * static_cast<int64_t>(sizeof(TIn)));
     if (first < dim) {
       const int64_t channels = dim - first < count ? dim - first : count;
-      launch::prefetch_l2_range(weight + first * K, channels * K * static_cast<int64_t>(sizeof(TW)));
+      launch::prefetch_l2_range(weight + first * K,
+                                channels * K * static_cast<int64_t>(sizeof(TW)));
       if (bias != nullptr) {
         launch::prefetch_l2_range(bias + first, channels * static_cast<int64_t>(sizeof(TW)));
       }

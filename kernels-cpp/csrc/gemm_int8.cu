@@ -179,7 +179,11 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 // loads, keep the bytes in flight). x (M <= 4 rows) comes from L1. Warp all-reduce; with kSplit > 1
 // the row's partial sums meet in shared memory (integer sums: the split does not change the
 // result). The split keeps each warp to one round of loads and gives narrow layers (x_proj: 192
-// rows) enough warps.
+// rows) enough warps. With a constant weight (the caller's promise that the kernel just before
+// this one does not write w: model weights), each warp copies its share of the row into shared
+// memory with cp.async before the PDL wait, so the weight stream runs while the previous kernel
+// finishes (2.8B batch-1 decode on an H100: 1967 -> 1913 us per token against the L2 prefetch
+// every other call gets).
 constexpr int kStreamThreads = 256;
 constexpr int kStreamUnroll = 8;  // 512-byte chunks of a row per round of loads
 
@@ -190,7 +194,7 @@ __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   return __dp4a(a.w, b.w, acc);
 }
 
-template <int MT, int kSplit>
+template <int MT, int kSplit, bool kPreload>
 __global__ void __launch_bounds__(kStreamThreads)
     int8_gemv_stream_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
                             void* __restrict__ out, int64_t M, int64_t N, int64_t K,
@@ -198,6 +202,7 @@ __global__ void __launch_bounds__(kStreamThreads)
   constexpr int kWarps = kStreamThreads / 32;
   static_assert(kWarps % kSplit == 0, "a block holds whole rows");
   __shared__ int s_part[kSplit > 1 ? kWarps : 1][MT];
+  extern __shared__ int4 s_w[];  // kPreload: [warp][chunk][lane], the warp's share of its row
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int part = warp % kSplit;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (kWarps / kSplit) + warp / kSplit;
@@ -208,18 +213,52 @@ __global__ void __launch_bounds__(kStreamThreads)
   const int64_t k_begin = min(part * per_part, chunks) * 512;
   const int64_t k_end = min((part + 1) * per_part * 512, K);
   const int8_t* w_row = w + n * K;
-  // While the previous kernel finishes: this warp's share of the row into L2 (see launch.cuh).
-  if (row_ok) {
+  if constexpr (kPreload) {
+    // While the previous kernel finishes: this warp's share of the row (at most one round of
+    // kStreamUnroll chunks) into shared memory.
+    if (row_ok) {
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        const int64_t k = k_begin + static_cast<int64_t>(lane) * 16 + u * 512;
+        if (k < k_end) cp_async16(&s_w[(warp * per_part + u) * 32 + lane], w_row + k, true);
+      }
+    }
+    cp_async_commit();
+  } else if (row_ok) {
+    // While the previous kernel finishes: this warp's share of the row into L2 (see launch.cuh).
     for (int64_t off = k_begin + 128 * static_cast<int64_t>(lane); off < k_end; off += 128 * 32) {
       launch::prefetch_l2(w_row + off);
     }
   }
-  launch::start_after_prior_grids();  // after the L2 prefetch: see launch.cuh
+  launch::start_after_prior_grids();  // after the weight loads: see launch.cuh
   const int4 zero = make_int4(0, 0, 0, 0);
   int acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0;
-  if (row_ok) {
+  if constexpr (kPreload) {
+    if (row_ok) {
+      cp_async_wait<0>();  // each lane reads only the pieces it copied itself
+      const int64_t k0 = k_begin + static_cast<int64_t>(lane) * 16;
+      int4 xv[kStreamUnroll][MT];
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        const int64_t k = k0 + u * 512;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          xv[u][m] =
+              k < k_end && m < M ? __ldg(reinterpret_cast<const int4*>(x + m * K + k)) : zero;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        if (k0 + u * 512 < k_end) {
+          const int4 wv = s_w[(warp * per_part + u) * 32 + lane];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[m] = dot16(xv[u][m], wv, acc[m]);
+        }
+      }
+    }
+  } else if (row_ok) {
     for (int64_t k0 = k_begin + static_cast<int64_t>(lane) * 16; k0 < k_end;
          k0 += kStreamUnroll * 512) {
       int4 wv[kStreamUnroll];
@@ -268,12 +307,22 @@ __global__ void __launch_bounds__(kStreamThreads)
 template <int MT, int kSplit>
 cudaError_t launch_gemv_stream_split(const int8_t* x, const int8_t* w, void* out, int64_t M,
                                      int64_t N, int64_t K, const EpilogueConsts& ep,
-                                     cudaStream_t stream) {
+                                     bool constant_w, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kStreamThreads / 32 / kSplit;
   const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 2147483647LL) return cudaErrorInvalidValue;
-  launch::launch_kernel(int8_gemv_stream_kernel<MT, kSplit>, static_cast<unsigned>(blocks),
-                        kStreamThreads, 0, stream, x, w, out, M, N, K, ep);
+  const int64_t chunks = (K + 511) / 512;
+  const int64_t per_part = (chunks + kSplit - 1) / kSplit;
+  if (constant_w && per_part <= kStreamUnroll) {
+    const size_t smem = static_cast<size_t>(kStreamThreads / 32) * per_part * 512;
+    launch::launch_kernel(int8_gemv_stream_kernel<MT, kSplit, true>,
+                          static_cast<unsigned>(blocks), kStreamThreads, smem, stream, x, w, out,
+                          M, N, K, ep);
+  } else {
+    launch::launch_kernel(int8_gemv_stream_kernel<MT, kSplit, false>,
+                          static_cast<unsigned>(blocks), kStreamThreads, 0, stream, x, w, out, M,
+                          N, K, ep);
+  }
   return cudaGetLastError();
 }
 
@@ -287,7 +336,8 @@ cudaError_t launch_gemv_stream_split(const int8_t* x, const int8_t* w, void* out
 // token end to end).
 template <int MT>
 cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
-                               int64_t K, const EpilogueConsts& ep, int sms, cudaStream_t stream) {
+                               int64_t K, const EpilogueConsts& ep, int sms, bool constant_w,
+                               cudaStream_t stream) {
   const int64_t chunks = (K + 511) / 512;
   int split = 1;
   while (split < 8 && (chunks + split - 1) / split > kStreamUnroll) split *= 2;
@@ -295,10 +345,10 @@ cudaError_t launch_gemv_stream(const int8_t* x, const int8_t* w, void* out, int6
     while (split < 8 && 2 * split <= chunks && N * split < 64LL * sms) split *= 2;
   }
   switch (split) {
-    case 1: return launch_gemv_stream_split<MT, 1>(x, w, out, M, N, K, ep, stream);
-    case 2: return launch_gemv_stream_split<MT, 2>(x, w, out, M, N, K, ep, stream);
-    case 4: return launch_gemv_stream_split<MT, 4>(x, w, out, M, N, K, ep, stream);
-    default: return launch_gemv_stream_split<MT, 8>(x, w, out, M, N, K, ep, stream);
+    case 1: return launch_gemv_stream_split<MT, 1>(x, w, out, M, N, K, ep, constant_w, stream);
+    case 2: return launch_gemv_stream_split<MT, 2>(x, w, out, M, N, K, ep, constant_w, stream);
+    case 4: return launch_gemv_stream_split<MT, 4>(x, w, out, M, N, K, ep, constant_w, stream);
+    default: return launch_gemv_stream_split<MT, 8>(x, w, out, M, N, K, ep, constant_w, stream);
   }
 }
 
@@ -621,7 +671,7 @@ bool wgmma_gemm_built() {
 }
 
 cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
-                             int64_t K, const GemmEpilogue& ep, GemmAlgo algo,
+                             int64_t K, const GemmEpilogue& ep, GemmAlgo algo, bool constant_w,
                              cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   const EpilogueConsts c = make_consts(ep);
@@ -648,9 +698,9 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
     }
     if (algo == GemmAlgo::Stream) {
       if (M > 4) return cudaErrorInvalidValue;  // checked by the caller
-      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, stream);
-      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, stream);
-      return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, stream);
+      if (M == 1) return launch_gemv_stream<1>(x, w, out, M, N, K, c, sms, constant_w, stream);
+      if (M == 2) return launch_gemv_stream<2>(x, w, out, M, N, K, c, sms, constant_w, stream);
+      return launch_gemv_stream<4>(x, w, out, M, N, K, c, sms, constant_w, stream);
     }
     if (algo == GemmAlgo::ShortK) {
       return gemm::launch_int8_gemm_short_k(x, w, out, M, N, K, c, device, sms, stream);

@@ -35,9 +35,11 @@ constexpr int kShortKMax = 256;
 // Whether this build has the Hopper GEMM.
 bool wgmma_gemm_built();
 
-// x (M, K) and w (N, K) int8, row-major, contiguous; any M, N, K >= 1.
+// x (M, K) and w (N, K) int8, row-major, contiguous; any M, N, K >= 1. constant_w: the caller
+// promises that the kernel launched just before this one on the stream does not write w (model
+// weights); the stream GEMV then starts reading w before that kernel has finished (launch.cuh).
 cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_t M, int64_t N,
-                             int64_t K, const GemmEpilogue& ep, GemmAlgo algo,
+                             int64_t K, const GemmEpilogue& ep, GemmAlgo algo, bool constant_w,
                              cudaStream_t stream);
 
 // The epilogue alone over int32 accumulators acc (M, N) row-major (e.g. cuBLASLt's output).

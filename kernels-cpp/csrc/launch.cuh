@@ -14,7 +14,10 @@
 //     The one exception is an L2 prefetch (prefetch_l2 below): it moves no data into the
 //     kernel and cannot go stale, because L2 is where every write lands (the point of
 //     coherence), so the GEMVs use the wait to pull their weights into L2 and the decode
-//     step's norm and scan their weights and state;
+//     step's norm and scan their weights and state. A second exception: a GEMV whose caller
+//     promises a constant weight (constant_w: not written by the kernel just before it) copies
+//     its weights into shared memory before the wait; whatever wrote them earlier has completed
+//     (the next point: at most one kernel runs ahead), and cp.async.cg reads through L2;
 //   * the same call then lets the kernel after it be scheduled in turn (at most one kernel runs
 //     ahead: a successor can only start once every block of this kernel has passed its wait, i.e.
 //     once this kernel's predecessor has finished).

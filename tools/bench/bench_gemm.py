@@ -117,6 +117,9 @@ def sweep() -> None:
                 qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl)
                 qk.int8_linear(x3, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl,
                                layout="seq_last")  # fmt: skip
+                if impl == "stream":  # the shared-memory preload of a constant weight
+                    qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl,
+                                   constant_weight=True)  # fmt: skip
     # The short-K kernel's persistent blocks over several tiles (double-buffered x, a new channel
     # tile mid-range) with sequences that end inside a tile.
     x, w = _int8(3, 5000, 48), _int8(300, 48)

@@ -33,6 +33,7 @@ SHAPES = [
     (2, 37, 100),
     (3, 1000, 160),
     (4, 192, 5120),
+    (1, 40, 40960),  # stream: 10 chunks per warp, over one round (no shared-memory preload)
     (5, 61, 33),
     (8, 10240, 2560),
     (16, 5120, 160),
@@ -115,15 +116,21 @@ OUTPUTS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", SHAPES)
-@pytest.mark.parametrize("impl", ["stream", "skinny", "tiled", "cublaslt", "wgmma", "short_k"])
+@pytest.mark.parametrize(
+    "impl", ["stream", "stream-constant-w", "skinny", "tiled", "cublaslt", "wgmma", "short_k"]
+)
 @pytest.mark.parametrize("output,rounding", OUTPUTS)
 def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
+    """Every kernel against the reference; "stream-constant-w": the stream GEMV told that w is
+    constant (its shared-memory preload before the programmatic-launch wait)."""
+    g = _gen("gemm", m, n, k, impl, output, rounding)
+    constant_weight = impl == "stream-constant-w"
+    impl = "stream" if constant_weight else impl
     if impl == "cublaslt" and not cublaslt_applies(m, n, k):
         pytest.skip("shape outside cuBLASLt's INT8 rules (covered by our kernels)")
     _skip_unless_impl_applies(impl, m, n, k)
     if impl == "stream" and m > 4:
         pytest.skip("the stream GEMV takes M <= 4")
-    g = _gen("gemm", m, n, k, impl, output, rounding)
     x, w = _int8(g, (m, k)), _int8(g, (n, k))
     s_x, s_w = 0.01 + 0.05 * torch.rand((), generator=g).item(), 0.002
     out_dtype = None if output == "int8" else getattr(torch, output)
@@ -131,7 +138,8 @@ def test_int8_linear_matches_reference(m, n, k, impl, output, rounding):
     out_scale = s_x * s_w * k**0.5 * 91.0 if output == "int8" else None
 
     def launch(out):
-        int8_linear(x, w, s_x, s_w, out_scale, rounding, out_dtype=out_dtype, impl=impl, out=out)
+        int8_linear(x, w, s_x, s_w, out_scale, rounding, out_dtype=out_dtype, impl=impl, out=out,
+                    constant_weight=constant_weight)  # fmt: skip
 
     dtype = torch.int8 if output == "int8" else out_dtype
     got = _run_poisoned(launch, (m, n), dtype)

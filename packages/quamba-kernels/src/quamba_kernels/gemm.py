@@ -180,6 +180,7 @@ def int8_linear(
     layout: str = "row",
     impl: str = "auto",
     out=None,
+    constant_weight: bool = False,
 ):
     """``x_q (..., K) int8 @ w_q (N, K)^T`` with the W8A8 epilogue, on the GPU.
 
@@ -190,6 +191,10 @@ def int8_linear(
       layout the conv and scan read, written by the epilogue without a separate transpose).
     - ``impl``: "auto", "stream", "skinny", "tiled", "wgmma" (our kernels) or "cublaslt" (module
       doc).
+    - ``constant_weight=True``: a promise that the kernel launched just before this call on the
+      stream does not write ``w`` (true of model weights). The decode GEMV (M <= 4, "stream")
+      then copies its weights in while that kernel is still running (programmatic dependent
+      launch, sm_90); the results are the same. Leave it False when ``w`` was just computed.
     x and w must be contiguous CUDA int8 tensors on one device.
     """
     import torch
@@ -238,7 +243,10 @@ def int8_linear(
     if seq_len == 1:  # (B, N, 1) is (B, N) in memory
         out_view, seq_len = out.view(m, n), 0
     if which in _ALGO:
-        module.int8_gemm(x2, w, out_view, scale, out_scale_32, code, seq_len, _ALGO[which], stream)
+        module.int8_gemm(
+            x2, w, out_view, scale, out_scale_32, code, seq_len, _ALGO[which], stream,
+            bool(constant_weight),
+        )  # fmt: skip
     else:
         acc = torch._int_mm(x2, w.t())
         if out_dtype == torch.int32 and seq_len == 0:

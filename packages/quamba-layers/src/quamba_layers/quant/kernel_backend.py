@@ -67,9 +67,12 @@ class KernelBackend(Backend):
     def w8a8_linear(
         self, x_q, w_q, s_x, s_w, s_out, rounding, out_dtype=torch.float16, layout="row"
     ):
+        # w_q is a model weight (written once, at load time): the decode GEMV may start reading
+        # it before the previous kernel has finished.
         return self._k.int8_linear(
             self._token_major(x_q), w_q, s_x, s_w, s_out, rounding,
             out_dtype=None if s_out is not None else out_dtype, layout=layout,
+            constant_weight=True,
         )  # fmt: skip
 
     def _token_major(self, x_q):

@@ -72,6 +72,9 @@ template <int kTiles>
 constexpr int skinny_smem_bytes() {
   return skinny_ring_int4s<kTiles>() * 16 + kSkinnyWarps * 16 * 8 * kTiles * 4;
 }
+// Two tiles fit the 99 KB a block may opt in to on every GPU this package builds for (sm_86 and
+// sm_89 have the least); four need more, and launch_int8_gemm falls back where they do not fit.
+static_assert(skinny_smem_bytes<2>() <= 99 * 1024, "the skinny GEMM must run on sm_86 / sm_89");
 
 // kTiles column tiles of 8 per block (1, 2 or 4): a block reads x once for 8 * kTiles weight
 // rows, so wide layers (in_proj at batch 16) pull less x through L1/L2 per weight byte.
@@ -351,6 +354,7 @@ constexpr int kTileThreads = 256;
 constexpr int kHalfBytes = kTileM * kHalfK;           // 8 KB: one half of A or of B
 constexpr int kStageBytes = 4 * kHalfBytes;           // A halves, then B halves
 constexpr int kTileSmemBytes = kStages * kStageBytes; // 96 KB (>= the 64 KB fp32 output tile)
+static_assert(kTileSmemBytes <= 99 * 1024, "within the opt-in limit of sm_86 / sm_89");
 
 // Step 1 of the tiled kernel's epilogue: this thread's 64 raw accumulators (mma fragment (i, j, r)
 // at tile row ml0 + 16 i + 8 (r >= 2), column nl0 + 8 j + (r & 1)) into the shared tile, rows of
@@ -704,8 +708,14 @@ cudaError_t launch_int8_gemm(const int8_t* x, const int8_t* w, void* out, int64_
     // Column tiles per block: as many (4, 2, 1) as leave at least one block per two SMs. Measured
     // (H100, M = 16): out_proj (N = 2560) 9.0 us with 4 tiles (80 blocks) against 12.3 with 1;
     // x_proj (N = 192) 3.4 us with 1 tile (24 blocks) against 6.0 with 4.
+    // Capped by the shared memory a block may opt in to: four tiles need 112 KB, past the 99 KB
+    // of sm_86 / sm_89 (A100 and H100 allow 163 / 227 KB).
     const int64_t min_blocks = (sms + 1) / 2;
-    const int tiles = N >= min_blocks * 32 ? 4 : (N >= min_blocks * 16 ? 2 : 1);
+    int tiles = N >= min_blocks * 32 ? 4 : (N >= min_blocks * 16 ? 2 : 1);
+    int smem_optin = 0;
+    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return err;
+    if (tiles == 4 && skinny_smem_bytes<4>() > smem_optin) tiles = 2;  // 2 always fit (above)
     const int64_t col_blocks = (N + 8 * tiles - 1) / (8 * tiles);
     const int64_t row_blocks = (M + 15) / 16;
     if (col_blocks > 2147483647LL) return cudaErrorInvalidValue;

@@ -12,6 +12,9 @@
 # BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
 # The whole set takes longer than one 10-minute device call: split it with the SKIP_* options.
+# QUAMBA_CUDA_ARCHS (default 90) picks what is built; QUAMBA_CUDA_ARCHS=80-virtual SKIP_BENCH=1 ...
+# runs the code paths of sm_80 / sm_86 / sm_89 on a Hopper GPU (compute_80 PTX, JIT-compiled by
+# the driver: no programmatic launch, no wgmma GEMM), e.g. with SKIP_E2E=1 SKIP_SANITIZER=1.
 set -uo pipefail
 T0=$(date +%s)
 BUDGET_S="${BUDGET_S:-440}"

@@ -17,7 +17,6 @@ Writes $OUT/bench_kernels.json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -25,17 +24,20 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance
+
 D_MODEL, D_INNER, D_STATE, WIDTH, SEQLEN = 2560, 5120, 16, 4, 2048
 L2_BYTES = 50 * 2**20
 
 
 def write_result(payload, default_name: str, path: str | None) -> None:
-    """JSON to ``path``, or to $OUT/default_name when OUT is set (the GPU check's folder)."""
+    """JSON to ``path``, or to $OUT/default_name when OUT is set (the GPU check's folder), with
+    the provenance of the run (tools/bench/provenance.py), written atomically."""
     if path is None and "OUT" in os.environ:
         path = os.path.join(os.environ["OUT"], default_name)
     if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
+        provenance.write_result(payload, path)
 
 
 def _median_ms(fn, reps: int, warmup: int = 3) -> float:

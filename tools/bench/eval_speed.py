@@ -30,6 +30,9 @@ from quamba_layers.quant import CalibrationSet, quantize, select_backend  # noqa
 from quamba_layers.tokenizer import load_tokenizer  # noqa: E402
 from quamba_modes import resolve_mode  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
 
 def requests(path: Path, tokenizer):
     out = []
@@ -102,7 +105,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['mode']:6} {r['seconds']:8.2f} {r['seconds'] / base:9.2f}x  {r['ssm']}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "eval_speed.json").write_text(json.dumps(rows, indent=2))
+        provenance.write_result(
+            {"device": torch.cuda.get_device_name(), "documents": len(reqs), "rows": rows},
+            Path(os.environ["OUT"], "eval_speed.json"),
+        )
     return 0
 
 

@@ -12,9 +12,22 @@ import sys
 from pathlib import Path
 
 
+def provenance_line(data: dict) -> str:
+    """Where the result came from (tools/bench/provenance.py); files from before it say so."""
+    p = data.get("provenance")
+    if not p:
+        return "Sources: not recorded (a file from before tools/bench/provenance.py)."
+    commit = p.get("git_commit")
+    where = (
+        f"commit {commit[:10]}{' with changes' if p.get('git_dirty') else ''}, " if commit else ""
+    )
+    return f"Sources: {where}digest {p['source_digest'][:16]}; measured {p['created_utc']}."
+
+
 def gemm_table(data: dict) -> str:
     lines = [
         f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s.",
+        provenance_line(data),
         "",
         "| layer | M | N | K | implementation | µs | TOPS | % of floor | vs cuBLAS FP16 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -37,6 +50,7 @@ def e2e_table(data: dict) -> str:
     lines = [
         f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
         f"{data.get('torch', '?')}, {data['new_tokens']} new tokens.",
+        provenance_line(data),
         "",
         "| model | batch | prompt | kind | PDL | TTFT ms | TTFT graphed ms | TPOT ms | floor ms | "
         "TPOT / floor | peak GiB |",

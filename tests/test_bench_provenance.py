@@ -1,0 +1,109 @@
+"""Benchmark results record what produced them (tools/bench/provenance.py), written atomically."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import provenance  # noqa: E402
+import tables  # noqa: E402
+
+
+def _tree(root: Path) -> Path:
+    files = {
+        "kernels-cpp/csrc/k.cu": "__global__ void k() {}\n",
+        "kernels-cpp/bindings/b.cpp": "int b;\n",
+        "packages/quamba-x/src/quamba_x/m.py": "X = 1\n",
+        "packages/quamba-x/pyproject.toml": "[project]\nname = 'x'\n",
+        "tools/bench/run.py": "print(1)\n",
+        "docs/notes.md": "words\n",
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_source_digest_follows_the_benchmarked_sources_only(tmp_path):
+    root = _tree(tmp_path)
+    first = provenance.source_digest(root)
+    assert first == provenance.source_digest(root)  # deterministic
+    assert len(first) == 64
+
+    # Neither documentation, tests nor caches change what a benchmark runs.
+    (root / "docs" / "notes.md").write_text("other words\n")
+    tests = root / "packages" / "quamba-x" / "tests"
+    tests.mkdir()
+    (tests / "test_m.py").write_text("def test(): pass\n")
+    cache = root / "packages" / "quamba-x" / "src" / "quamba_x" / "__pycache__"
+    cache.mkdir()
+    (cache / "m.cpython-312.pyc").write_bytes(b"\x00\x01")
+    assert provenance.source_digest(root) == first
+
+    # Device code, Python and file names do.
+    kernel = root / "kernels-cpp" / "csrc" / "k.cu"
+    kernel.write_text("__global__ void k() { }\n")
+    changed = provenance.source_digest(root)
+    assert changed != first
+    kernel.rename(root / "kernels-cpp" / "csrc" / "k2.cu")
+    assert provenance.source_digest(root) not in (first, changed)
+
+
+def test_git_state_without_a_repository(tmp_path):
+    assert provenance.git_state(_tree(tmp_path)) == (None, None)
+
+
+def test_write_result_records_provenance_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick"])
+    target = tmp_path / "out" / "result.json"
+    provenance.write_result({"device": "test", "rows": [{"us": 1.5}]}, target)
+    data = json.loads(target.read_text())
+    assert data["rows"] == [{"us": 1.5}] and data["device"] == "test"
+    record = data["provenance"]
+    assert record["source_digest"] == provenance.source_digest()
+    assert record["command"] == "bench.py --quick"
+    assert record["created_utc"].endswith("+00:00")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]  # no temp file
+
+
+def test_check_a_result_against_this_tree(tmp_path, capsys, monkeypatch):
+    ours, theirs, old = tmp_path / "ours.json", tmp_path / "theirs.json", tmp_path / "old.json"
+    provenance.write_result({"rows": []}, ours)
+    other = json.loads(ours.read_text())
+    other["provenance"]["source_digest"] = "0" * 64
+    theirs.write_text(json.dumps(other))
+    old.write_text(json.dumps({"rows": []}))
+
+    monkeypatch.setattr(sys, "argv", ["provenance.py", str(ours)])
+    assert provenance.main() == 0
+    assert "produced by these sources" in capsys.readouterr().out
+    for path, message in ((theirs, "other sources"), (old, "no provenance recorded")):
+        monkeypatch.setattr(sys, "argv", ["provenance.py", str(path)])
+        assert provenance.main() == 1
+        assert message in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("with_provenance", [True, False])
+def test_tables_name_the_sources(with_provenance):
+    data = {"device": "GPU", "copy_GBps": 3000.0, "new_tokens": 128, "rows": []}
+    if with_provenance:
+        data["provenance"] = {
+            "source_digest": "ab" * 32,
+            "git_commit": "0123456789abcdef",
+            "git_dirty": False,
+            "created_utc": "2026-11-21T19:00:00+00:00",
+        }
+    line = tables.e2e_table(data).splitlines()[1]
+    if with_provenance:
+        assert line == (
+            "Sources: commit 0123456789, digest abababababababab; measured 2026-11-21T19:00:00+00:00."
+        )
+    else:
+        assert line.startswith("Sources: not recorded")

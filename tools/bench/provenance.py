@@ -1,9 +1,10 @@
 """What produced a benchmark result: the source tree, the machine, the versions.
 
-The benchmarks run on GPU machines from a copy of the working tree, often without its .git: so
-besides the git commit (when there is one), every result carries a digest of the sources that
-were run (kernels-cpp/, the packages' sources and build files, tools/bench/). Printing the digest
-of a checkout matches a result to the commit it came from:
+The benchmarks run on GPU machines from a copy of the working tree, without its .git or laid
+over an older clone (whose commit git then reports, "with changes"): so besides the git commit,
+every result carries a digest of the sources that were run (kernels-cpp/, the packages' sources
+and build files, tools/bench/), which is what identifies them. Printing the digest of a checkout
+matches a result to the commit it came from:
 
     python tools/bench/provenance.py            # digest (and commit) of this tree
     python tools/bench/provenance.py RESULT.json  # does RESULT.json come from this tree?

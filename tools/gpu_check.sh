@@ -32,6 +32,7 @@ status_gemm_bench="skipped" status_e2e="skipped"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nvcc --version | tail -2
   "$PYTHON" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__)'
+  "$PYTHON" tools/bench/provenance.py  # the digest of the sources checked (matches the JSON files)
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from quamba_layers.tokenizer import load_tokenizer  # noqa: E402
 from quamba_modes import resolve_mode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import provenance  # noqa: E402
+from bench_kernels import write_result  # noqa: E402
 
 
 def requests(path: Path, tokenizer):
@@ -104,11 +103,8 @@ def main() -> int:
     print(f"{'mode':6} {'seconds':>8} {'vs mode 0':>9}  ssm implementation")
     for r in rows:
         print(f"{r['mode']:6} {r['seconds']:8.2f} {r['seconds'] / base:9.2f}x  {r['ssm']}")
-    if os.environ.get("OUT"):
-        provenance.write_result(
-            {"device": torch.cuda.get_device_name(), "documents": len(reqs), "rows": rows},
-            Path(os.environ["OUT"], "eval_speed.json"),
-        )
+    payload = {"device": torch.cuda.get_device_name(), "documents": len(reqs), "rows": rows}
+    write_result(payload, "eval_speed.json", None)  # to $OUT when set
     return 0
 
 

@@ -96,6 +96,47 @@ def test_scale_checks(value, error):
         scale64("s_x", value)
 
 
+class _FloatSubclass(float):
+    """A float that is not exactly ``float``: scale64 takes its general path for it."""
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2.0**-150,  # rounds to 0 in float32 (ties to even)
+        math.nextafter(2.0**-150, 1.0),  # rounds up to the smallest subnormal
+        2.0**-149,
+        1e-45,
+        1e-30,
+        0.0173,
+        1.0,
+        3.4028234663852886e38,  # FLT_MAX
+        math.nextafter(3.4028234663852886e38, math.inf),  # rounds down to FLT_MAX
+        3.4028235677973366e38,  # FLT_MAX + half an ulp: rounds to inf
+        1e39,
+        -1e-30,
+        0.0,
+        math.inf,
+        math.nan,
+    ],
+)
+def test_scale64_fast_path_agrees_with_the_general_path(value):
+    """Python floats take a shortcut; its accept/reject boundary must be the general check's."""
+
+    def outcome(v):
+        try:
+            return ("ok", scale64("s", v))
+        except (ValueError, TypeError) as error:
+            return ("error", type(error))
+
+    fast, general = outcome(value), outcome(_FloatSubclass(value))
+    assert fast[0] == general[0]
+    if fast[0] == "ok":
+        assert fast[1] == general[1] == value
+    else:
+        assert fast[1] is general[1]
+
+
 def test_scale32_rounds_once_and_accepts_one_element_tensors():
     assert scale32("s", 0.1) == float(torch.tensor(0.1, dtype=F32))
     assert scale64("s", 0.1) == 0.1

@@ -61,14 +61,20 @@ class CapsuleCalls:
         return call
 
 
-def _capsule(value):
-    import torch
+_tensor_type = _to_dlpack = None  # torch.Tensor and to_dlpack, bound at the first call
 
-    if isinstance(value, torch.Tensor):
+
+def _capsule(value):
+    # Runs for every argument of every launch: the imports happen once, not per call.
+    global _tensor_type, _to_dlpack
+    if _tensor_type is None:
+        import torch
         from torch.utils.dlpack import to_dlpack
 
+        _tensor_type, _to_dlpack = torch.Tensor, to_dlpack
+    if isinstance(value, _tensor_type):
         # Parameters export like their data (the kernels never take part in autograd).
-        return to_dlpack(value.detach() if value.requires_grad else value)
+        return _to_dlpack(value.detach() if value.requires_grad else value)
     return value
 
 

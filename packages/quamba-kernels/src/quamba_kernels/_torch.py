@@ -101,8 +101,16 @@ def float32_value(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
+# A Python float in (2^-150, FLT_MAX] is a valid scale: float32 rounds it to a positive finite
+# value. Wrappers check several scales per launch, so this common case skips the general path.
+_FLOAT32_TINY = 2.0**-150
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def scale64(name: str, value) -> float:
     """A checked scale as float64: finite, > 0 and representable as a positive float32."""
+    if type(value) is float and _FLOAT32_TINY < value <= _FLOAT32_MAX:
+        return value
     import torch
 
     if isinstance(value, torch.Tensor):

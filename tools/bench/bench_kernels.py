@@ -22,10 +22,8 @@ import os
 import statistics
 import sys
 
+import provenance  # beside this file (the scripts here run with their folder on sys.path)
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import provenance
 
 D_MODEL, D_INNER, D_STATE, WIDTH, SEQLEN = 2560, 5120, 16, 4, 2048
 L2_BYTES = 50 * 2**20

@@ -23,14 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 for package in ("quamba-layers", "quamba-modes"):
     sys.path.insert(0, str(ROOT / "packages" / package / "src"))
 
+from bench_kernels import write_result  # noqa: E402  (beside this file)
+
 from quamba_layers.config import MambaConfig  # noqa: E402
 from quamba_layers.model import MambaLM  # noqa: E402
 from quamba_layers.quant import CalibrationSet, quantize, select_backend  # noqa: E402
 from quamba_layers.tokenizer import load_tokenizer  # noqa: E402
 from quamba_modes import resolve_mode  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import write_result  # noqa: E402
 
 
 def requests(path: Path, tokenizer):

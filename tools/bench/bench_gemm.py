@@ -120,6 +120,10 @@ def sweep() -> None:
                 if impl == "stream":  # the shared-memory preload of a constant weight
                     qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl=impl,
                                    constant_weight=True)  # fmt: skip
+    # The wide kernel's sequence-last INT8 codes stored by TMA (sequences of whole 128-row tiles),
+    # two or three tiles per block (the code tile reused while the previous store may read it).
+    x, w = _int8(2, 256, 2064), _int8(17000, 2064)
+    qk.int8_linear(x, w, 0.02, 0.01, 0.3, impl="wgmma", layout="seq_last")
     # The short-K kernel's persistent blocks over several tiles (double-buffered x, a new channel
     # tile mid-range) with sequences that end inside a tile.
     x, w = _int8(3, 5000, 48), _int8(300, 48)

@@ -24,7 +24,9 @@
 //
 // The persistent wide kernel (128 x 256 tiles, one block per SM; described above its code): less
 // shared-memory and L2 traffic per operation, but an epilogue that no MMA overlaps, so it is taken
-// for long K loops and row-major outputs only.
+// for long K loops: row-major INT8 / FP16 outputs, and sequence-last INT8 outputs whose sequences
+// are whole 128-row tiles (in_proj), whose codes it converts in registers and stores with TMA
+// while the next tile's main loop runs.
 //
 // Accumulation is exact int32, so the order of the sum does not matter: both kernels' results
 // equal reference_ops.w8a8_linear bit for bit.
@@ -286,10 +288,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // arrive while the consumers convert the last one's accumulators. The epilogue cannot reuse the
 // ring (it is being refilled): each consumer warp converts its 16 x 256 accumulators in 8 rounds of
 // 16 x 32 through its own small staging area (write_accumulator_tile_as), with no block barrier: a
-// round writes 32 contiguous outputs per row (whole 32-byte sectors). Row-major outputs only (see
-// use_wide_kernel). Tried and not kept: the sequence-last layout with the operands swapped (rows
-// w's, columns x's, so that a warp's rows are the output's strided axis): no faster than the
-// 128 x 128 kernel on Mamba's in_proj (session 8, benchmarks/README.md).
+// round writes 32 contiguous outputs per row (whole 32-byte sectors). Row-major outputs (see
+// use_wide_kernel), and the kCodesByTma variant below for sequence-last INT8. Tried and not kept:
+// the sequence-last layout with the operands swapped (rows w's, columns x's, so that a warp's
+// rows are the output's strided axis): no faster than the 128 x 128 kernel on Mamba's in_proj
+// (session 8, benchmarks/README.md).
 constexpr int kWideRows = 128;  // the wgmma M extent of a tile (two warpgroups of 64)
 constexpr int kWideCols = 256;  // the wgmma N extent
 constexpr int kWideStages = 4;
@@ -304,6 +307,41 @@ constexpr int kWarpStagedInts = 16 * kRoundPitch;
 constexpr int kWideStagingBytes = kWideConsumerWarps * kWarpStagedInts * 4;  // 20 KB
 constexpr int kWideSmemBytes =
     kWideRingBytes + kWideStagingBytes + 1024 /* alignment */ + 2 * kWideStages * 8;
+// The sequence-last INT8 variant (kCodesByTma) stages the tile's codes, [column][row] in 128-byte
+// swizzled rows, for one TMA store per tile.
+constexpr int kWideCodeBytes = kWideCols * kWideRows;  // 32 KB
+constexpr int kWideTmaSmemBytes =
+    kWideRingBytes + kWideCodeBytes + 1024 /* alignment */ + 2 * kWideStages * 8;
+
+// ---- TMA stores (the sequence-last INT8 variant of the wide kernel) ----
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int c0,
+                                             int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(smem_address(src)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Until the committed stores have read their shared memory.
+__device__ __forceinline__ void tma_store_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+__device__ __forceinline__ void tma_store_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+// This thread's shared-memory writes, visible to the TMA (async proxy).
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// The exact conversion of one INT8 output (the rare path: a code near a rounding boundary, or
+// scales outside the factor's range), out of line to keep the unrolled epilogue small.
+__device__ __noinline__ int8_t exact_int8_code(const EpilogueConsts& ep, int acc) {
+  int8_t code;
+  convert_as<GemmOut::Int8>(ep, &code, acc);
+  return code;
+}
 
 // Tile `tile` in the band order of the 128 x 128 kernel: bands of kBandTiles row tiles, row tiles
 // varying fastest within a band, so that a band's A rows stay in L2 while B streams past.
@@ -333,16 +371,26 @@ __device__ __forceinline__ void stage_round(int32_t* staged, const int (&d)[kWid
   }
 }
 
-template <GemmOut T>
+// kCodesByTma (INT8, sequence-last, seq_len % 128 == 0): the consumers convert their accumulators
+// to codes in registers (four codes from the combined factor, and those four again, exactly, in
+// the rare case one is near a rounding boundary: redoing all of a thread's 128 made the warps that
+// had one wait 1.4x the kernel's time), write them into the 32 KB code tile, and one thread stores
+// the tile with TMA (out_map: (L, N, B), boxes of 128 positions x 256 channels), which proceeds
+// while the next tile's main loop runs. In-proj of Mamba-2.8B at 16 x 1024 tokens: 850 -> 714 us
+// against the 128 x 128 kernel (H100, benchmarks/README.md, session 14).
+template <GemmOut T, bool kCodesByTma = false>
 __global__ void __launch_bounds__(kThreads, 1)
     int8_gemm_wgmma_wide_kernel(const __grid_constant__ CUtensorMap x_map,
                                 const __grid_constant__ CUtensorMap w_map, void* __restrict__ out,
-                                int64_t M, int64_t N, int64_t K, EpilogueConsts ep) {
+                                int64_t M, int64_t N, int64_t K, EpilogueConsts ep,
+                                const __grid_constant__ CUtensorMap out_map) {
   extern __shared__ uint8_t smem_raw[];
   int8_t* ring =
       reinterpret_cast<int8_t*>(smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024));
   int32_t* staging = reinterpret_cast<int32_t*>(ring + kWideRingBytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kWideRingBytes + kWideStagingBytes);
+  int8_t* codes = ring + kWideRingBytes;  // kCodesByTma: the code tile (1024-byte aligned)
+  uint64_t* full = reinterpret_cast<uint64_t*>(
+      ring + kWideRingBytes + (kCodesByTma ? kWideCodeBytes : kWideStagingBytes));
   uint64_t* empty = full + kWideStages;
   const int row_tiles = static_cast<int>((M + kWideRows - 1) / kWideRows);
   const int col_tiles = static_cast<int>((N + kWideCols - 1) / kWideCols);
@@ -411,6 +459,44 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_registers(d);
     if (threadIdx.x % 128 == 0) barrier_arrive(&empty[(it - 1) % kWideStages]);
 
+    if constexpr (kCodesByTma) {
+      // The previous tile's store has read the code tile before it is overwritten.
+      if (threadIdx.x == 0) tma_store_wait_read();
+      asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+      // Accumulator 4 j + r: tile row 16 warp + g + 8 (r >= 2), column 8 j + 2 t + (r & 1).
+      // Code tile [column][row], 128-byte rows whose 16-byte chunks are XOR-swizzled by
+      // column % 8 (the TMA's 128-byte swizzle): byte 128 n + (((m / 16) ^ (n % 8)) * 16 + m % 16).
+      // Per thread the four (r) offsets within columns 8 j .. 8 j + 7 do not depend on j.
+      const int m_lo = 16 * warp + g;
+      int offset[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int n = 2 * t + (r & 1), m = m_lo + (r >= 2 ? 8 : 0);
+        offset[r] = 128 * n + ((((m >> 4) ^ n) << 4) | (m & 15));
+      }
+#pragma unroll
+      for (int j = 0; j < kWideCols / 8; ++j) {
+        bool clear = ep.fast_factor;
+        uint32_t code[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) code[r] = q8_code_by_factor(ep.out_factor, d[4 * j + r], clear);
+        if (!clear) {  // rare: a code near a rounding boundary (or scales outside the factor's range)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) code[r] = static_cast<uint8_t>(exact_int8_code(ep, d[4 * j + r]));
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) codes[1024 * j + offset[r]] = static_cast<int8_t>(code[r] & 0xFFu);
+      }
+      fence_async_shared();
+      asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+      if (threadIdx.x == 0) {
+        const int b = static_cast<int>(row0 / ep.seq_len);
+        const int l0 = static_cast<int>(row0 - static_cast<int64_t>(b) * ep.seq_len);
+        tma_store_3d(&out_map, codes, l0, static_cast<int>(col0), b);
+      }
+      continue;
+    }
+
     // The rounds run as a loop, the accumulator registers picked by a switch: unrolled, the 8
     // copies of the conversion made the INT8 kernels 200 KB of code and their epilogue waited on
     // instruction fetch.
@@ -433,6 +519,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           ep, staged, out, warp_row0, col0 + round * kRoundCols, M, N, lane, 32);
       __syncwarp();
     }
+  }
+  if constexpr (kCodesByTma) {
+    if (threadIdx.x == 0) tma_store_wait_all();
   }
 }
 
@@ -472,17 +561,35 @@ cudaError_t make_map(CUtensorMap* map, const int8_t* data, int64_t rows, int64_t
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <GemmOut T>
+template <GemmOut T, bool kCodesByTma = false>
 cudaError_t launch_wide_as(const EpilogueConsts& ep, unsigned grid, const CUtensorMap& x_map,
                            const CUtensorMap& w_map, void* out, int64_t M, int64_t N, int64_t K,
-                           int device, cudaStream_t stream) {
+                           int device, cudaStream_t stream, const CUtensorMap& out_map) {
+  constexpr int kBytes = kCodesByTma ? kWideTmaSmemBytes : kWideSmemBytes;
   static std::atomic<unsigned long long> opted_in{0};
-  cudaError_t err =
-      opt_in_shared_memory(int8_gemm_wgmma_wide_kernel<T>, kWideSmemBytes, device, opted_in);
+  cudaError_t err = opt_in_shared_memory(int8_gemm_wgmma_wide_kernel<T, kCodesByTma>, kBytes,
+                                         device, opted_in);
   if (err != cudaSuccess) return err;
-  launch::launch_kernel(int8_gemm_wgmma_wide_kernel<T>, grid, kThreads, kWideSmemBytes, stream,
-                        x_map, w_map, out, M, N, K, ep);
+  launch::launch_kernel(int8_gemm_wgmma_wide_kernel<T, kCodesByTma>, grid, kThreads, kBytes,
+                        stream, x_map, w_map, out, M, N, K, ep, out_map);
   return cudaGetLastError();
+}
+
+// The TMA map of the sequence-last int8 output (B, N, L) as (L, N, B), stored in boxes of 128
+// positions x 256 channels with the 128-byte swizzle of the code tile.
+cudaError_t make_seq_last_out_map(CUtensorMap* map, void* out, int64_t B, int64_t N, int64_t L) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(L), static_cast<cuuint64_t>(N),
+                              static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(L), static_cast<cuuint64_t>(N * L)};
+  const cuuint32_t box[3] = {kWideRows, kWideCols, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult result =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, out, dims, strides, box, element_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 // Output tiles of the wide kernel.
@@ -502,6 +609,16 @@ bool use_wide_kernel(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, 
   return 2 * wide_tiles(M, N) >= sms;
 }
 
+// Sequence-last INT8 outputs whose sequences are whole 128-row tiles (in_proj) take the wide
+// kernel with its codes stored by TMA, whose epilogue the next tile's main loop overlaps.
+bool use_wide_codes_by_tma(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, int sms,
+                           const void* out) {
+  // The TMA map: a 16-byte aligned base, strides (L, N L bytes) multiples of 16 below 2^40.
+  return ep.type == GemmOut::Int8 && ep.seq_len > 0 && ep.seq_len % kWideRows == 0 &&
+         K > kWideMinK && 2 * wide_tiles(M, N) >= sms &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0 && N < (int64_t{1} << 40) / ep.seq_len;
+}
+
 }  // namespace
 
 cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, int64_t M,
@@ -515,7 +632,8 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
   int sms = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  const bool wide = use_wide_kernel(M, N, K, ep, sms);
+  const bool codes_by_tma = use_wide_codes_by_tma(M, N, K, ep, sms, out);
+  const bool wide = codes_by_tma || use_wide_kernel(M, N, K, ep, sms);
   CUtensorMap x_map, w_map;
   err = make_map(&x_map, x, M, K, kBlockM);
   if (err == cudaSuccess) err = make_map(&w_map, w, N, K, wide ? kWideCols : kBlockN);
@@ -523,10 +641,18 @@ cudaError_t launch_int8_gemm_wgmma(const int8_t* x, const int8_t* w, void* out, 
   if (wide) {
     const int64_t wide_count = wide_tiles(M, N);
     const unsigned grid = static_cast<unsigned>(wide_count < sms ? wide_count : sms);
+    CUtensorMap out_map{};  // used by the kCodesByTma variant only
+    if (codes_by_tma) {
+      err = make_seq_last_out_map(&out_map, out, M / ep.seq_len, N, ep.seq_len);
+      if (err != cudaSuccess) return err;
+      return launch_wide_as<GemmOut::Int8, true>(ep, grid, x_map, w_map, out, M, N, K, device,
+                                                 stream, out_map);
+    }
     return ep.type == GemmOut::Int8
-               ? launch_wide_as<GemmOut::Int8>(ep, grid, x_map, w_map, out, M, N, K, device, stream)
+               ? launch_wide_as<GemmOut::Int8>(ep, grid, x_map, w_map, out, M, N, K, device,
+                                               stream, out_map)
                : launch_wide_as<GemmOut::Float16>(ep, grid, x_map, w_map, out, M, N, K, device,
-                                                  stream);
+                                                  stream, out_map);
   }
   static std::atomic<unsigned long long> opted_in{0};
   err = opt_in_shared_memory(int8_gemm_wgmma_kernel, kSmemBytes, device, opted_in);

@@ -260,7 +260,9 @@ def test_int8_linear_extreme_accumulators():
 # Mamba's in_proj / x_proj / dt_proj / out_proj. K > 2048 with row-major INT8 / FP16 outputs and at
 # least 66 tiles of 128 x 256 take the persistent wide kernel (use_wide_kernel in
 # gemm_int8_wgmma.cu): partial tiles in both directions, blocks that loop over several tiles, a
-# partial band; everything else (and every shape's sequence-last run) the 128 x 128 kernel.
+# partial band; so do sequence-last INT8 outputs whose sequences are whole 128-row tiles (two
+# sequences of 1024, 1152 and 2048 below; codes stored by TMA: use_wide_codes_by_tma), with a
+# partial column tile and a partial K tile; everything else the 128 x 128 kernel.
 WGMMA_SHAPES = [
     (17, 24, 16),
     (100, 300, 48),
@@ -275,6 +277,8 @@ WGMMA_SHAPES = [
     (1100, 4100, 2176),
     (4098, 520, 4112),
     (9000, 136, 2064),
+    (2304, 2600, 2176),
+    (4096, 520, 2064),
 ]
 
 

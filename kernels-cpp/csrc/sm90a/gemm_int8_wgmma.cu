@@ -376,7 +376,7 @@ __device__ __forceinline__ void stage_round(int32_t* staged, const int (&d)[kWid
 // the rare case one is near a rounding boundary: redoing all of a thread's 128 made the warps that
 // had one wait 1.4x the kernel's time), write them into the 32 KB code tile, and one thread stores
 // the tile with TMA (out_map: (L, N, B), boxes of 128 positions x 256 channels), which proceeds
-// while the next tile's main loop runs. In-proj of Mamba-2.8B at 16 x 1024 tokens: 850 -> 714 us
+// while the next tile's main loop runs. Mamba-2.8B's in_proj at 16 x 1024 tokens: 850 -> 714 us
 // against the 128 x 128 kernel (H100, benchmarks/README.md, session 14).
 template <GemmOut T, bool kCodesByTma = false>
 __global__ void __launch_bounds__(kThreads, 1)

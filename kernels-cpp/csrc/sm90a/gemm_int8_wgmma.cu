@@ -373,8 +373,8 @@ __device__ __forceinline__ void stage_round(int32_t* staged, const int (&d)[kWid
 
 // kCodesByTma (INT8, sequence-last, seq_len % 128 == 0): the consumers convert their accumulators
 // to codes in registers (four codes from the combined factor, and those four again, exactly, in
-// the rare case one is near a rounding boundary: redoing all of a thread's 128 made the warps that
-// had one wait 1.4x the kernel's time), write them into the 32 KB code tile, and one thread stores
+// the rare case one is near a rounding boundary: redoing all of a thread's 128 instead made the
+// kernel 1.4x slower), write them into the 32 KB code tile, and one thread stores
 // the tile with TMA (out_map: (L, N, B), boxes of 128 positions x 256 channels), which proceeds
 // while the next tile's main loop runs. Mamba-2.8B's in_proj at 16 x 1024 tokens: 850 -> 714 us
 // against the 128 x 128 kernel (H100, benchmarks/README.md, session 14).

@@ -12,7 +12,8 @@
 // quantized or converted. Each butterfly output is the same correctly rounded a + b or a - b as in
 // the reference, so the result is bit-identical.
 // m in {12, 20} with 16 <= P <= 256 takes hadamard_paley_kernel instead (see there): the m x m
-// step reads each element once instead of m times.
+// step reads each element once instead of m times. m = 1 with 1024 <= P <= 8192 takes
+// hadamard_pow2_kernel (radix-16 passes, one barrier per pass instead of two per stage).
 // Shared memory rows are padded by 4 floats after every 32 (index pos + 4 * (pos / 32)): a thread's
 // 8 consecutive elements stay contiguous (two 16-byte accesses) and the 8 threads of a 16-byte
 // access phase hit 8 different bank quadruples.
@@ -398,6 +399,175 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
   }
 }
 
+// ---- m = 1, 1024 <= P <= 8192: radix-16 passes through shared memory ----
+// The generic kernel runs the strides from 32 * EPT up through shared memory one stage at a time
+// (a barrier pair per stage: eight barriers at P = 4096, one row per 512-thread block), which
+// made it latency-bound (~3x its HBM time at 1.4B's n = 4096). Here T = P / 16 threads share a
+// row and each pass runs four stages (strides S, 2S, 4S, 8S) on 16 elements in registers:
+//   pass 0, S = 1: thread t loads elements 16t .. 16t + 15 from global memory;
+//   pass with S >= 16: group (hi, lo) holds elements hi * 16 S + k S + lo, k < 16 (the last pass
+//   has radix P / S < 16 when P is not a power of 16, and each thread then takes 16 / radix groups);
+// each pass writes its elements back where it read them, so one barrier separates two passes, and
+// the last pass writes the outputs from registers. Stages run in the reference's order (stride 1
+// first) with its rounded a + b, a - b: bit-identical. Shared-memory index pidx(pos) =
+// pos + pos / 16: pass 0's stores (16 consecutive floats per thread, stride 17) and the S = 16
+// pass (two half-warps 272 floats apart) are conflict-free, the passes with S >= 256 (32
+// consecutive positions per warp) take two wavefronts on one bank; every access of a thread is
+// its base plus a compile-time offset.
+template <int P>
+struct Pow2Shape {
+  static constexpr int kRowThreads = P / 16;
+  static constexpr int kRowsPerBlock = kRowThreads >= 256 ? 1 : 256 / kRowThreads;
+  static constexpr int kThreads = kRowsPerBlock * kRowThreads;
+  static constexpr int kRowFloats = P + P / 16;
+  static constexpr int kLastStride = P <= 4096 ? 256 : 4096;  // pow2_passes' last S
+};
+
+// One pass with stride S >= 16 (radix R = min(16, P / S)) over this thread's 16 / R groups: load
+// from shared memory, R-point butterflies in registers; stored back unless it is the last pass.
+template <int P, int S>
+__device__ __forceinline__ void pow2_pass(float* s_row, int t, float (&v)[16]) {
+  constexpr int R = 16 * S <= P ? 16 : P / S;
+  constexpr int G = 16 / R;  // groups per thread
+  constexpr int T = Pow2Shape<P>::kRowThreads;
+  static_assert(S >= 16 && R >= 2 && (S % 16) == 0 && (T % 16) == 0, "pass shape");
+  // Group gi = t + g T: lo = gi % S, hi = gi / S; element k at hi * R S + k S + lo. With S = 16
+  // (R = 16, G = 1) lo < 16, so pidx(hi * 256 + 16 k + lo) = pidx(hi * 256 + lo) + 17 k; with
+  // S >= 256, lo = t + g T and the group's start are multiples of 16 apart from t's position.
+  const int lo0 = t % S, hi0 = t / S;
+  float* base = s_row + pidx(hi0 * R * S + lo0);
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int k = 0; k < R; ++k) v[g * R + k] = base[pidx(g * T) + pidx(k * S)];
+  }
+#pragma unroll
+  for (int h = 1; h < R; h *= 2) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if ((k & h) == 0) {
+          const float a = v[g * R + k], b = v[g * R + k + h];
+          v[g * R + k] = __fadd_rn(a, b);
+          v[g * R + k + h] = __fsub_rn(a, b);
+        }
+      }
+    }
+  }
+  if constexpr (S * R < P) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) base[pidx(g * T) + pidx(k * S)] = v[g * R + k];
+    }
+  }
+}
+
+template <int P, int S>
+__device__ __forceinline__ void pow2_passes(float* s_row, int t, float (&v)[16]) {
+  static_assert(S * 16 < P || S == Pow2Shape<P>::kLastStride, "kLastStride");
+  pow2_pass<P, S>(s_row, t, v);
+  if constexpr (S * 16 < P) {
+    __syncthreads();
+    pow2_passes<P, S * 16>(s_row, t, v);
+  }
+}
+
+template <int P, typename TIn, typename TOut>
+__global__ void __launch_bounds__(Pow2Shape<P>::kThreads)
+    hadamard_pow2_kernel(const TIn* __restrict__ x, TOut* __restrict__ out, int64_t rows,
+                         float scale, float out_scale, Rounding rule) {
+  launch::start_after_prior_grids();  // first: see launch.cuh
+  using S = Pow2Shape<P>;
+  constexpr int T = S::kRowThreads;
+  extern __shared__ __align__(16) float smem[];
+  const int rib = threadIdx.x / T;
+  const int t = threadIdx.x - rib * T;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * S::kRowsPerBlock + rib;
+  // Rows past the end still reach the barriers; they load nothing and store nothing.
+  const bool active = row < rows;
+  float* s_row = smem + rib * S::kRowFloats;
+
+  // Pass 0: strides 1 .. 8 on 16 consecutive elements.
+  float v[16];
+  if (active) {
+    load8<TIn, true>(x + row * P + 16 * t, *reinterpret_cast<float(*)[8]>(v));
+    load8<TIn, true>(x + row * P + 16 * t + 8, *reinterpret_cast<float(*)[8]>(v + 8));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+  }
+#pragma unroll
+  for (int h = 1; h < 16; h *= 2) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      if ((i & h) == 0) {
+        const float a = v[i], b = v[i + h];
+        v[i] = __fadd_rn(a, b);
+        v[i + h] = __fsub_rn(a, b);
+      }
+    }
+  }
+  float* s_mine = s_row + pidx(16 * t);  // 16 t is a multiple of 16: pidx(16 t + i) = that + i
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s_mine[i] = v[i];
+  __syncthreads();
+  pow2_passes<P, 16>(s_row, t, v);
+  if (!active) return;
+
+  // Outputs: the last pass (stride S_last = P / R) left element g T + t + k S_last in
+  // v[g R + k]; for every (g, k) a warp writes 32 consecutive outputs.
+  constexpr int kLastS = Pow2Shape<P>::kLastStride;
+  constexpr int R = P / kLastS, G = 16 / R;
+  static_assert(kLastS * R == P && R >= 2 && R <= 16, "last pass shape");
+  TOut* out_row = out + row * P + t;
+  const float inv_out_scale = __frcp_rn(out_scale);
+  const bool fast_q = reciprocal_ok(inv_out_scale);
+  bool clear = fast_q;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      out_row[g * T + k * kLastS] =
+          hadamard_output_unchecked<TOut>(v[g * R + k], scale, inv_out_scale, clear);
+    }
+  }
+  if (sizeof(TOut) == 1 && !clear) {  // rare: the per-output decision for every output again
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        out_row[g * T + k * kLastS] = hadamard_output<TOut>(v[g * R + k], scale, out_scale,
+                                                             inv_out_scale, fast_q, rule);
+      }
+    }
+  }
+}
+
+template <int P, typename TIn, typename TOut>
+cudaError_t launch_pow2(const HadamardArgs& a, cudaStream_t stream) {
+  using S = Pow2Shape<P>;
+  const size_t smem = sizeof(float) * S::kRowsPerBlock * S::kRowFloats;
+  launch::launch_kernel(hadamard_pow2_kernel<P, TIn, TOut>, blocks_for(a.rows, S::kRowsPerBlock),
+                        S::kThreads, smem, stream, static_cast<const TIn*>(a.x),
+                        static_cast<TOut*>(a.out), a.rows, a.scale, a.out_scale,
+                        static_cast<Rounding>(a.rounding));
+  return cudaGetLastError();
+}
+
+// The power-of-two kernel for n = P when it has one; cudaErrorNotSupported otherwise.
+template <typename TIn, typename TOut>
+cudaError_t try_pow2(const HadamardArgs& a, int p, cudaStream_t stream) {
+  switch (p) {
+    case 1024: return launch_pow2<1024, TIn, TOut>(a, stream);
+    case 2048: return launch_pow2<2048, TIn, TOut>(a, stream);
+    case 4096: return launch_pow2<4096, TIn, TOut>(a, stream);
+    case 8192: return launch_pow2<8192, TIn, TOut>(a, stream);
+    default: return cudaErrorNotSupported;
+  }
+}
+
 template <int M, int P, typename TIn, typename TOut>
 cudaError_t launch_paley(const HadamardArgs& a, cudaStream_t stream) {
   using S = PaleyShape<M, P>;
@@ -449,6 +619,10 @@ cudaError_t run(const HadamardArgs& a, cudaStream_t stream) {
   if (a.m > 1) {
     const cudaError_t paley = try_paley<TIn, TOut>(a, p, stream);
     if (paley != cudaErrorNotSupported) return paley;
+  }
+  if (a.m == 1) {  // the alignment for 16-element loads is the one checked above (P >= 8)
+    const cudaError_t pow2 = try_pow2<TIn, TOut>(a, p, stream);
+    if (pow2 != cudaErrorNotSupported) return pow2;
   }
   const int ept = p < 8 ? p : 8;
   HadamardShape shape;

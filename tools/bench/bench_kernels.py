@@ -147,6 +147,14 @@ def bench(batch: int, reps: int, only: list[str] | None = None):
 
     add("hadamard 5120 fp16->int8", had, 3 * bel)
 
+    # and over 1.4B's d_inner (4096 = 2^12, the power-of-two kernel)
+    def had_4096(i):
+        x = _randn(b, length, 4096, dtype=torch.float16)
+        out = torch.empty(b, length, 4096, dtype=torch.int8, device="cuda")
+        return lambda: hadamard(x, 1 / 64, 0.03, out=out)
+
+    add("hadamard 4096 fp16->int8", had_4096, 3 * b * length * 4096)
+
     # x_proj's token-major copy of the sequence-last conv output: (B, E, L) -> (B, L, E)
     from quamba_kernels.transpose import transpose_int8
 
@@ -310,7 +318,7 @@ def sweep() -> None:
         x = _randn(5, dim, dtype=torch.float16)
         rmsnorm(x, _randn(5, dim), _randn(dim), 1e-5, 0.05)
         rmsnorm(x, None, None, 1e-5, out_dtype=torch.float32)
-    for size in (1, 2, 8, 96, 256, 512, 768, 5120, 6144, 8192):
+    for size in (1, 2, 8, 96, 256, 512, 768, 1024, 2048, 4096, 5120, 6144, 8192):
         hadamard(_randn(3, size, dtype=torch.float16), 1 / math.sqrt(size), 0.05)
         hadamard(_randn(2, size), 1 / math.sqrt(size))
     for n in (1, 16, 33, 64):

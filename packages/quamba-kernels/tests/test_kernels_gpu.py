@@ -519,6 +519,33 @@ def test_hadamard(n):
         assert bool(((out.double() - y64).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("n", [1024, 2048, 4096, 8192])
+@pytest.mark.parametrize("dtype,out_kind", [*HADAMARD_KINDS, (torch.float32, "int8")])
+@pytest.mark.parametrize("rows", [1, 3, 130])
+def test_hadamard_power_of_two_kernel(n, dtype, out_kind, rows):
+    """The radix-16 kernel (m = 1, 1024 <= n <= 8192): every input and output type, one row, row
+    counts that leave part of a block idle (4 rows per block at n = 1024, 2 at 2048), and many
+    rows; bit-identical to the reference."""
+    from quamba_kernels.hadamard import hadamard
+    from quamba_layers import reference_ops as ref
+
+    g = _gen("hadamard-pow2", n, dtype, out_kind, rows)
+    x = _normal(g, (rows, n), 1.0, dtype=dtype)
+    scale = 1.0 / math.sqrt(n)
+    if out_kind == "int8":
+        s_out = 4.0 / 127
+        got = _run_int8_twice(lambda out: hadamard(x, scale, s_out, out=out), tuple(x.shape))
+        want = ref.hadamard(x, scale, s_out)
+        _assert_codes(got, want, ref.hadamard(x, scale).double() / _f32(s_out), f"pow2 n={n}")
+    else:
+        out_dtype = getattr(torch, out_kind)
+        out = _poisoned_float(x.shape, out_dtype)
+        hadamard(x, scale, out_dtype=out_dtype, out=out)
+        torch.cuda.synchronize()
+        _assert_written(out, "hadamard")
+        _assert_equal(out, ref.hadamard(x, scale).to(out_dtype), f"pow2 n={n}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Selective scan
 # ------------------------------------------------------------------------------------------------
@@ -1105,12 +1132,13 @@ def test_binding_checks_shapes_itself():
                         None, 1, 0.2, 1.0, 0, 0)  # fmt: skip
 
 
-@pytest.mark.parametrize("n", [5120, 1536, 20 * 16, 12 * 64, 4096, 96])
+@pytest.mark.parametrize("n", [5120, 1536, 20 * 16, 12 * 64, 1024, 2048, 4096, 8192, 96])
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 def test_hadamard_int8_rounding_at_exact_ties(n, rounding):
     """Small integer inputs and scale 1/2 make every odd sum of the transform an exact tie (all
     sums are exact in float32): about half of the codes follow the rounding rule, and every
-    thread of the Paley kernel (m = 12, 20; 16 <= P <= 256) goes down its redo path."""
+    thread of the Paley kernel (m = 12, 20; 16 <= P <= 256) and of the power-of-two kernel
+    (m = 1, 1024 <= n <= 8192) goes down its redo path."""
     from quamba_kernels.hadamard import hadamard
     from quamba_layers import reference_ops as ref
 

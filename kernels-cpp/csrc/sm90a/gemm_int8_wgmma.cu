@@ -610,13 +610,19 @@ bool use_wide_kernel(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, 
 }
 
 // Sequence-last INT8 outputs whose sequences are whole 128-row tiles (in_proj) take the wide
-// kernel with its codes stored by TMA, whose epilogue the next tile's main loop overlaps.
+// kernel with its codes stored by TMA, whose epilogue the next tile's main loop overlaps. Measured
+// on the H100 (benchmarks/README.md, session 15): it needs no long K loop (in_proj of 1.4B,
+// K = 2048, 562 -> 482 us and of 130m, K = 768, 122 -> 105 us at 16384 tokens), but at K <= 2048
+// a full wave of tiles (130m's in_proj at 1024 tokens, 96 tiles on 132 SMs, was slower in the
+// model than the 128 x 128 kernel's 192 tiles); K > 2048 keeps session 14's half a tile per SM.
 bool use_wide_codes_by_tma(int64_t M, int64_t N, int64_t K, const EpilogueConsts& ep, int sms,
                            const void* out) {
+  const int64_t tiles = wide_tiles(M, N);
+  const bool enough_tiles = K > kWideMinK ? 2 * tiles >= sms : tiles >= sms;
   // The TMA map: a 16-byte aligned base, strides (L, N L bytes) multiples of 16 below 2^40.
   return ep.type == GemmOut::Int8 && ep.seq_len > 0 && ep.seq_len % kWideRows == 0 &&
-         K > kWideMinK && 2 * wide_tiles(M, N) >= sms &&
-         reinterpret_cast<uintptr_t>(out) % 16 == 0 && N < (int64_t{1} << 40) / ep.seq_len;
+         enough_tiles && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+         N < (int64_t{1} << 40) / ep.seq_len;
 }
 
 }  // namespace

@@ -30,8 +30,8 @@ Reference: ``quamba_layers.reference_ops.w8a8_linear``. Implementations, same bi
   128 x 256 tiles (less shared-memory and L2 traffic per operation; its epilogue is not
   overlapped, so it needs a long K loop: out_proj of 1.4B / 2.8B, x_proj at long prompts), which
   also takes sequence-last INT8 outputs whose sequences are whole 128-row tiles (L % 128 == 0:
-  in_proj of 2.8B), converting the codes in registers and storing them with TMA under the next
-  tile's main loop. Same bits either way.
+  in_proj, at any K given a full wave of tiles), converting the codes in registers and storing
+  them with TMA under the next tile's main loop. Same bits either way.
 
 The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byte aligned
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.

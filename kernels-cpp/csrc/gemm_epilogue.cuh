@@ -71,6 +71,15 @@ __device__ __forceinline__ void convert_as(const EpilogueConsts& c, void* dst, i
   }
 }
 
+// The exact INT8 code of one accumulator in the low byte (the rare path of the register
+// epilogues: a code near a rounding boundary, or scales outside the factor's range), out of line
+// to keep their unrolled conversions small.
+inline __device__ __noinline__ uint32_t exact_int8_code(const EpilogueConsts& c, int32_t acc) {
+  int8_t code;
+  convert_as<GemmOut::Int8>(c, &code, acc);
+  return static_cast<uint8_t>(code);
+}
+
 // The same with the output type chosen at run time.
 __device__ __forceinline__ void convert_to(const EpilogueConsts& c, void* dst, int32_t acc) {
   switch (c.type) {

@@ -70,17 +70,6 @@ constexpr int short_k_smem_bytes(int chunks) {
 static_assert(2 * kMaxChunks * kChunkBytes + kShortWarps * 4096 <= 99 * 1024,
               "the largest configuration must fit sm_86's shared memory per block");
 
-// The exact conversion of two INT8 outputs, low byte first (the rare path of the INT8 rounds: a
-// code near a rounding boundary, or scales outside the factor's range), out of line to keep the
-// unrolled epilogue small.
-__device__ __noinline__ uint32_t exact_int8_pair(const EpilogueConsts& ep, int a0, int a1) {
-  __align__(4) int8_t codes[2];
-  convert_as<GemmOut::Int8>(ep, codes, a0);
-  convert_as<GemmOut::Int8>(ep, codes + 1, a1);
-  return static_cast<uint32_t>(static_cast<uint8_t>(codes[0])) |
-         (static_cast<uint32_t>(static_cast<uint8_t>(codes[1])) << 8);
-}
-
 // The two codes of consecutive tokens (low byte first) into the staging rows of this lane's
 // channel row `row`: adjacent bytes (sequence-last) or one byte in each of two token rows.
 template <bool kSeqLast, int kPitch>
@@ -220,7 +209,8 @@ __global__ void __launch_bounds__(kShortThreads, 2)
                 if (redo & (1u << (2 * jj + h))) {
                   stage_int8_pair<kSeqLast, kPitch>(
                       staging, g + 8 * h, 8 * jj + 2 * t,
-                      exact_int8_pair(ep, acc[j][2 * h], acc[j][2 * h + 1]));
+                      exact_int8_code(ep, acc[j][2 * h]) |
+                          (exact_int8_code(ep, acc[j][2 * h + 1]) << 8));
                 }
               }
             }

@@ -335,14 +335,6 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-// The exact conversion of one INT8 output (the rare path: a code near a rounding boundary, or
-// scales outside the factor's range), out of line to keep the unrolled epilogue small.
-__device__ __noinline__ int8_t exact_int8_code(const EpilogueConsts& ep, int acc) {
-  int8_t code;
-  convert_as<GemmOut::Int8>(ep, &code, acc);
-  return code;
-}
-
 // Tile `tile` in the band order of the 128 x 128 kernel: bands of kBandTiles row tiles, row tiles
 // varying fastest within a band, so that a band's A rows stay in L2 while B streams past.
 __device__ __forceinline__ void band_tile(int tile, int row_tiles, int col_tiles, int64_t& row0,
@@ -482,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int r = 0; r < 4; ++r) code[r] = q8_code_by_factor(ep.out_factor, d[4 * j + r], clear);
         if (!clear) {  // rare: a code near a rounding boundary (or scales outside the factor's range)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) code[r] = static_cast<uint8_t>(exact_int8_code(ep, d[4 * j + r]));
+          for (int r = 0; r < 4; ++r) code[r] = exact_int8_code(ep, d[4 * j + r]);
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r) codes[1024 * j + offset[r]] = static_cast<int8_t>(code[r] & 0xFFu);

@@ -16,16 +16,18 @@ decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
 Models are built one at a time (peak memory is the model's own). --profile prints where a
 prefill and a decode step of the last size spend their GPU time, per kernel.
 --programmatic-launch both measures every configuration with programmatic dependent launch
-(quamba_kernels.set_programmatic_launch) on and off, side by side.
+(quamba_kernels.set_programmatic_launch) on and off, side by side. The W8A8 model's scales are
+plausible calibrated values (w8a8_model); --round-scales gives the round ones used until session 15.
 
 Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--prompts 1024,2048]
        [--new-tokens 128] [--reps 3] [--profile] [--programmatic-launch on|off|both]
-       [--json PATH]   (writes $OUT/e2e.json with OUT)
+       [--round-scales] [--json PATH]   (writes $OUT/e2e.json with OUT)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import statistics
@@ -73,8 +75,17 @@ def fp16_model(cfg: MambaConfig, gen: torch.Generator) -> MambaLM:
     return model.use_kernels("kernel")
 
 
-def w8a8_model(cfg: MambaConfig, gen: torch.Generator) -> QuantizedMambaLM:
-    """Random INT8 weights and plausible per-tensor scales in the Quamba1 layout, Mode 0."""
+def w8a8_model(
+    cfg: MambaConfig, gen: torch.Generator, round_scales: bool = False
+) -> QuantizedMambaLM:
+    """Random INT8 weights and plausible per-tensor scales in the Quamba1 layout, Mode 0.
+
+    Calibrated scales (max |x| / 127) are arbitrary floats; the round values below are each
+    moved by a random factor in [1, 1.25) like them (``round_scales=True`` keeps them round, as
+    until session 15). Round scales are not plausible: their products are exact fractions (dt_proj's
+    combined factor 0.02 * 0.002 / 0.01 = 1/250), which put ~0.4% of a GEMM's codes on exact
+    rounding ties, down the epilogues' exact path (dt_proj 92 -> 125 us at 1.4B, batch 16 x 1024;
+    calibrated scales send ~1e-4 of the codes there: benchmarks/README.md, session 15)."""
     # The Quamba1 recipe's structure for this config (a meta-device float model allocates nothing).
     qcfg = quantized_config_for(MambaLM(cfg, seed=None, device="meta"), QuantRecipe())
     with torch.device("meta"):
@@ -83,6 +94,10 @@ def w8a8_model(cfg: MambaConfig, gen: torch.Generator) -> QuantizedMambaLM:
     scales = {name: 0.02 for name in SCALE_NAMES}
     scales.update(s_A=math.log(16.0) / 127, s_h=0.05, s_dt=0.01, s_dtb=0.05, s_w_in=0.002,
                   s_w_x=0.002, s_w_dt=0.002, s_w_out=0.002, s_w_conv=0.01, s_b_conv=0.01)  # fmt: skip
+    if not round_scales:
+        for name in sorted(scales):
+            jitter = float(torch.rand((), device="cuda", generator=gen))
+            scales[name] *= 1.0 + 0.25 * jitter
     with torch.no_grad():
         for name, buf in model.named_buffers():
             short = name.rsplit(".", 1)[-1]
@@ -238,6 +253,11 @@ def main() -> int:
         help="kernel time tables of a prefill and 20 decode steps (last size)",
     )
     parser.add_argument(
+        "--round-scales",
+        action="store_true",
+        help="the W8A8 model's scales as round numbers (until session 15; see w8a8_model)",
+    )
+    parser.add_argument(
         "--programmatic-launch",
         choices=("on", "off", "both"),
         default="on",
@@ -259,7 +279,8 @@ def main() -> int:
         cfg = MambaConfig.from_preset(size)
         got = {}
         # One model on the GPU at a time, so that peak memory is that model's alone.
-        for kind, build in (("fp16", fp16_model), ("w8a8", w8a8_model)):
+        w8a8 = functools.partial(w8a8_model, round_scales=args.round_scales)
+        for kind, build in (("fp16", fp16_model), ("w8a8", w8a8)):
             gc.collect()
             torch.cuda.empty_cache()
             baseline = torch.cuda.memory_allocated()  # not this model's: subtracted from peaks
@@ -315,6 +336,7 @@ def main() -> int:
     print("\n" + header)
     print("\n".join(lines))
     payload = {"device": device, "copy_GBps": bandwidth / 1e9, "new_tokens": args.new_tokens,
+               "w8a8_scales": "round" if args.round_scales else "jittered",
                "torch": torch.__version__, "build": quamba_kernels.build_info(), "rows": rows}  # fmt: skip
     write_result(payload, "e2e.json", args.json)
     return 0

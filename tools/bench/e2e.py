@@ -80,12 +80,12 @@ def w8a8_model(
 ) -> QuantizedMambaLM:
     """Random INT8 weights and plausible per-tensor scales in the Quamba1 layout, Mode 0.
 
-    Calibrated scales (max |x| / 127) are arbitrary floats; the round values below are each
-    moved by a random factor in [1, 1.25) like them (``round_scales=True`` keeps them round, as
-    until session 15). Round scales are not plausible: their products are exact fractions (dt_proj's
-    combined factor 0.02 * 0.002 / 0.01 = 1/250), which put ~0.4% of a GEMM's codes on exact
-    rounding ties, down the epilogues' exact path (dt_proj 92 -> 125 us at 1.4B, batch 16 x 1024;
-    calibrated scales send ~1e-4 of the codes there: benchmarks/README.md, session 15)."""
+    Calibrated scales (max |x| / 127) are arbitrary floats, so each round value below is moved by
+    a seeded random factor in [1, 1.25) (``round_scales=True`` keeps them round, as until session
+    15). Round scales multiply to exact fractions (dt_proj's combined factor 0.02 * 0.002 / 0.01 =
+    1/250: an accumulator that is an odd multiple of 125, about 1 in 250, is an exact rounding
+    tie), which send many more codes down the epilogues' exact path than calibrated scales do
+    (dt_proj at 1.4B, batch 16 x 1024: 125 against 92 us; benchmarks/README.md, session 15)."""
     # The Quamba1 recipe's structure for this config (a meta-device float model allocates nothing).
     qcfg = quantized_config_for(MambaLM(cfg, seed=None, device="meta"), QuantRecipe())
     with torch.device("meta"):

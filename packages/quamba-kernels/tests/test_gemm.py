@@ -282,6 +282,8 @@ WGMMA_SHAPES = [
     (2048, 3072, 768),  # sequence-last INT8 on the wide kernel at K <= 2048 (130m's in_proj)
     (4096, 1100, 2048),
     (2560, 4096, 48),
+    (2048, 5120, 160),  # dt_proj of 2.8B (auto takes wgmma for it on Hopper)
+    (4096, 4000, 128),
 ]
 
 
@@ -388,14 +390,21 @@ def test_int8_linear_default_picks_by_shape():
             int8_linear(x, w, 0.1, 0.01, 0.7, "half_away", impl="skinny"),
             "auto vs gemv",
         )
+    # dt_proj's sequence-last codes: wgmma (Hopper) or short_k under auto, the same bits.
+    x, w = _int8(_gen("d"), (2, 1024, 160)), _int8(_gen("e"), (5120, 160))
+    _assert_equal(
+        int8_linear(x, w, 0.0173, 0.0031, 0.04, "half_away", layout="seq_last"),
+        int8_linear(x, w, 0.0173, 0.0031, 0.04, "half_away", layout="seq_last", impl="short_k"),
+        "auto vs short_k",
+    )
 
 
 # ---- argument handling (any machine) -----------------------------------------------------------
 
 
 def test_gemm_implementation_choice():
-    def pick(m, n, k, impl="auto", seq_len=0):  # a device without the wgmma GEMM
-        return gemm_implementation(m, n, k, impl, device="cpu", seq_len=seq_len)
+    def pick(m, n, k, impl="auto", seq_len=0, int8_out=False):  # a device without wgmma
+        return gemm_implementation(m, n, k, impl, device="cpu", seq_len=seq_len, int8_out=int8_out)
 
     assert pick(1, 3072, 768) == "stream"
     assert pick(4, 3072, 768) == "stream"
@@ -405,6 +414,7 @@ def test_gemm_implementation_choice():
     assert pick(17, 10240, 2560) == "cublaslt"
     assert pick(2048, 5120, 160) == "tiled"  # row-major output: short_k only sequence-last
     assert pick(2048, 5120, 160, seq_len=1024) == "short_k"  # dt_proj (bench_gemm.py)
+    assert pick(2048, 5120, 160, seq_len=1024, int8_out=True) == "short_k"  # no wgmma here
     assert pick(17, 5120, 256, seq_len=16) == "short_k"
     assert pick(2048, 5120, 160, seq_len=90) == "tiled"  # unaligned rows: measured slower
     assert pick(2048, 5120, 168, seq_len=1024) == "tiled"  # K % 16 != 0: byte path either way
@@ -430,7 +440,8 @@ def test_gemm_implementation_choice():
 def test_gemm_implementation_choice_on_hopper(monkeypatch):
     """Where the wgmma GEMM runs (a build with it, compute capability 9.0), auto takes it for
     M > 16 and K % 16 == 0 with at least one 128 x 128 tile per SM; decode shapes, short K
-    (short_k), other K and narrow outputs keep their kernels."""
+    (short_k, but for dt_proj's INT8 codes at K >= 128), other K and narrow outputs keep their
+    kernels."""
     monkeypatch.setattr(gemm_module, "_device_index", lambda device: 0)
     monkeypatch.setattr(gemm_module, "_wgmma_device", lambda index: (True, 132))
     assert gemm_implementation(1, 3072, 768) == "stream"
@@ -438,7 +449,14 @@ def test_gemm_implementation_choice_on_hopper(monkeypatch):
     assert gemm_implementation(17, 10240, 2560) == "cublaslt"  # 80 tiles < 132 SMs
     assert gemm_implementation(17, 10240, 2560, "wgmma") == "wgmma"
     assert gemm_implementation(2048, 10240, 2560) == "wgmma"  # in_proj
-    assert gemm_implementation(2048, 5120, 160, seq_len=2048) == "short_k"  # dt_proj
+    assert gemm_implementation(2048, 5120, 160, seq_len=2048) == "short_k"  # dt_proj, float out
+    # dt_proj's INT8 codes: wgmma's TMA-stored codes from K = 128 with a full wave of 128 x 256
+    # tiles and whole 128-row sequences, else short_k.
+    assert gemm_implementation(16384, 5120, 160, seq_len=1024, int8_out=True) == "wgmma"
+    assert gemm_implementation(2048, 4096, 128, seq_len=2048, int8_out=True) == "wgmma"
+    assert gemm_implementation(16384, 1536, 48, seq_len=1024, int8_out=True) == "short_k"
+    assert gemm_implementation(1024, 1536, 160, seq_len=1024, int8_out=True) == "short_k"
+    assert gemm_implementation(2016, 5120, 160, seq_len=1008, int8_out=True) == "short_k"
     assert gemm_implementation(2048, 5120, 160) == "wgmma"  # row-major
     assert gemm_implementation(2048, 5120, 160, seq_len=90) == "wgmma"
     assert gemm_implementation(2048, 5120, 160, "wgmma") == "wgmma"

@@ -37,7 +37,9 @@ The epilogue is fused into our kernels. They need sm_80+, K % 16 == 0 and 16-byt
 tensors for the vectorised paths; otherwise a byte-wise kernel computes the same result.
 ``"auto"`` = stream for M <= 4 (skinny when K < 512), skinny for M <= 16, short_k for the
 sequence-last layout with K <= 256, K % 16 == 0 and L % 16 == 0 (dt_proj; with odd L its rows
-are not 16-byte aligned and the 128 x 128 kernels' element-wise path measured faster), then wgmma
+are not 16-byte aligned and the 128 x 128 kernels' element-wise path measured faster) except
+INT8 outputs with K >= 128, L % 128 == 0 and 128 x 256 tiles filling a Hopper GPU (wgmma's
+TMA-stored codes: dt_proj of 1.4B and 2.8B), then wgmma
 where it applies and its 128 x 128 tiles are at least one per SM, else cuBLASLt where it applies
 and K >= 512, else tiled: the fastest of each on the H100 (tools/bench/bench_gemm.py,
 benchmarks/README.md; with fewer tiles than SMs, e.g. x_proj's N = 192 at M = 2048, cuBLASLt's
@@ -68,6 +70,12 @@ SKINNY_MAX_ROWS = 16
 STREAM_MIN_K = 512  # below it the skinny kernel beats the stream GEMV (bench_gemm.py, dt_proj)
 CUBLASLT_MIN_K = 512  # below it the tiled kernel beats cuBLASLt + epilogue (dt_proj, K = 160)
 SHORT_K_MAX = 256  # the short-K kernel keeps a warp's slice of w (16 rows x K) in registers
+# From this K up (to SHORT_K_MAX), sequence-last INT8 outputs of whole 128-row sequences take the
+# wgmma kernel's TMA-stored codes instead of short_k where its 128 x 256 tiles fill the GPU (H100,
+# 16 x 1024 tokens: dt_proj of 2.8B, K = 160, 126 -> 103 us; 1.4B, K = 128, 93 -> 78 us, and
+# the graphed prefill 1.6% / 0.6% faster; 130m's K = 48 was slower, 32 -> 39 us;
+# benchmarks/README.md, session 15).
+WIDE_SHORT_K_MIN = 128
 _ALGO = {"skinny": 1, "tiled": 2, "stream": 3, "wgmma": 4, "short_k": 5}
 MAX_K = 1 << 17  # |acc| <= K * 128 * 128 must fit int32
 
@@ -118,12 +126,24 @@ def _wgmma_fills_gpu(m: int, n: int, index: int) -> bool:
     return -(-m // 128) * -(-n // 128) >= _wgmma_device(index)[1]
 
 
+def _wide_tiles_fill_gpu(m: int, n: int, index: int) -> bool:
+    """Whether the wgmma GEMM's 128 x 256 output tiles number at least one per SM."""
+    return -(-m // 128) * -(-n // 256) >= _wgmma_device(index)[1]
+
+
 def gemm_implementation(
-    m: int, n: int, k: int, impl: str = "auto", device=None, *, seq_len: int = 0
+    m: int,
+    n: int,
+    k: int,
+    impl: str = "auto",
+    device=None,
+    *,
+    seq_len: int = 0,
+    int8_out: bool = False,
 ) -> str:
     """What ``int8_linear`` runs for rows M, outputs N, inputs K on `device` (default: the current
     CUDA device): one of IMPLEMENTATIONS other than "auto". ``seq_len``: L of the sequence-last
-    layout, 0 for row-major outputs."""
+    layout, 0 for row-major outputs; ``int8_out``: INT8 codes (out_scale given)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
     if impl == "wgmma" and not wgmma_applies(m, n, k, device):
@@ -146,6 +166,13 @@ def gemm_implementation(
         if m <= SKINNY_MAX_ROWS:
             return "skinny"
         if seq_len > 0 and seq_len % 16 == 0 and k <= SHORT_K_MAX and k % 16 == 0:
+            wide_codes = int8_out and seq_len % 128 == 0 and k >= WIDE_SHORT_K_MIN
+            if (
+                wide_codes
+                and wgmma_applies(m, n, k, device)
+                and _wide_tiles_fill_gpu(m, n, _device_index(device))
+            ):
+                return "wgmma"
             return "short_k"
         if wgmma_applies(m, n, k, device) and _wgmma_fills_gpu(m, n, _device_index(device)):
             return "wgmma"
@@ -223,7 +250,8 @@ def int8_linear(
     scale, out_scale_32, out_dtype = _epilogue_scales(s_x, s_w, out_scale, out_dtype)
     m = x.numel() // k
     seq_len = x.shape[1] if layout == "seq_last" else 0
-    which = gemm_implementation(m, n, k, impl, x.device, seq_len=seq_len)
+    int8_out = out_scale is not None
+    which = gemm_implementation(m, n, k, impl, x.device, seq_len=seq_len, int8_out=int8_out)
     if which == "wgmma" and (x.data_ptr() % 16 or w.data_ptr() % 16):
         if impl == "wgmma":
             raise ValueError("the wgmma GEMM needs 16-byte aligned x and w (use impl='auto')")

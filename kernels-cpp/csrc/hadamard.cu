@@ -217,6 +217,28 @@ __host__ __device__ constexpr int paley_entry(int i, int j) {
 
 __device__ __forceinline__ int pidx(int pos) { return pos + (pos >> 4); }
 
+// The butterfly stages with strides 1 .. R / 2 on each group of R consecutive elements of v
+// (16 / R groups): element k pairs with k + h inside each block of 2h, giving the reference's
+// rounded (a + b, a - b).
+template <int R>
+__device__ __forceinline__ void butterflies_in_registers(float (&v)[16]) {
+  static_assert(R >= 2 && 16 % R == 0, "R divides 16");
+#pragma unroll
+  for (int h = 1; h < R; h *= 2) {
+#pragma unroll
+    for (int g = 0; g < 16 / R; ++g) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if ((k & h) == 0) {
+          const float a = v[g * R + k], b = v[g * R + k + h];
+          v[g * R + k] = __fadd_rn(a, b);
+          v[g * R + k + h] = __fsub_rn(a, b);
+        }
+      }
+    }
+  }
+}
+
 template <int M, int P>
 struct PaleyShape {
   static constexpr int kK2 = P / 16;           // threads per sub-vector in passes 1, 2
@@ -305,17 +327,7 @@ __global__ void __launch_bounds__(PaleyShape<M, P>::kThreads)
 
   // Pass 1: strides 1..8.
   if (butterfly) {
-#pragma unroll
-    for (int h = 1; h < 16; h *= 2) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        if ((i & h) == 0) {
-          const float a = v[i], b = v[i + h];
-          v[i] = __fadd_rn(a, b);
-          v[i + h] = __fsub_rn(a, b);
-        }
-      }
-    }
+    butterflies_in_registers<16>(v);
     // base is a multiple of 16: pidx(base + i) = pidx(base) + i (addresses as immediates).
     float* s_mine = s_row + pidx(base);
 #pragma unroll
@@ -441,20 +453,7 @@ __device__ __forceinline__ void pow2_pass(float* s_row, int t, float (&v)[16]) {
 #pragma unroll
     for (int k = 0; k < R; ++k) v[g * R + k] = base[pidx(g * T) + pidx(k * S)];
   }
-#pragma unroll
-  for (int h = 1; h < R; h *= 2) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if ((k & h) == 0) {
-          const float a = v[g * R + k], b = v[g * R + k + h];
-          v[g * R + k] = __fadd_rn(a, b);
-          v[g * R + k + h] = __fsub_rn(a, b);
-        }
-      }
-    }
-  }
+  butterflies_in_registers<R>(v);
   if constexpr (S * R < P) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -498,17 +497,7 @@ __global__ void __launch_bounds__(Pow2Shape<P>::kThreads)
 #pragma unroll
     for (int i = 0; i < 16; ++i) v[i] = 0.0f;
   }
-#pragma unroll
-  for (int h = 1; h < 16; h *= 2) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      if ((i & h) == 0) {
-        const float a = v[i], b = v[i + h];
-        v[i] = __fadd_rn(a, b);
-        v[i + h] = __fsub_rn(a, b);
-      }
-    }
-  }
+  butterflies_in_registers<16>(v);
   float* s_mine = s_row + pidx(16 * t);  // 16 t is a multiple of 16: pidx(16 t + i) = that + i
 #pragma unroll
   for (int i = 0; i < 16; ++i) s_mine[i] = v[i];

@@ -474,6 +474,17 @@ HADAMARD_KINDS = [
 ]
 
 
+def _hadamard_float(x, scale, out_dtype):
+    """The kernel's float output, launched into a NaN-poisoned tensor that must be all written."""
+    from quamba_kernels.hadamard import hadamard
+
+    out = _poisoned_float(x.shape, out_dtype)
+    hadamard(x, scale, out_dtype=out_dtype, out=out)
+    torch.cuda.synchronize()
+    _assert_written(out, "hadamard")
+    return out
+
+
 @pytest.mark.parametrize("n", HADAMARD_SIZES)
 def test_hadamard(n):
     from quamba_kernels.hadamard import hadamard, hadamard_factors
@@ -499,10 +510,7 @@ def test_hadamard(n):
             _assert_codes(got, want, y_ref.double() / _f32(s_out), f"hadamard n={n} {rounding}")
     else:
         out_dtype = getattr(torch, out_kind)
-        out = _poisoned_float(x.shape, out_dtype)
-        hadamard(x, scale, out_dtype=out_dtype, out=out)
-        torch.cuda.synchronize()
-        _assert_written(out, "hadamard")
+        out = _hadamard_float(x, scale, out_dtype)
         y_ref = ref.hadamard(x, scale)
         _assert_equal(out, y_ref.to(out_dtype), f"hadamard n={n}")
         # float64 check against the explicit matrix.
@@ -538,12 +546,8 @@ def test_hadamard_power_of_two_kernel(n, dtype, out_kind, rows):
         want = ref.hadamard(x, scale, s_out)
         _assert_codes(got, want, ref.hadamard(x, scale).double() / _f32(s_out), f"pow2 n={n}")
     else:
-        out_dtype = getattr(torch, out_kind)
-        out = _poisoned_float(x.shape, out_dtype)
-        hadamard(x, scale, out_dtype=out_dtype, out=out)
-        torch.cuda.synchronize()
-        _assert_written(out, "hadamard")
-        _assert_equal(out, ref.hadamard(x, scale).to(out_dtype), f"pow2 n={n}")
+        out = _hadamard_float(x, scale, getattr(torch, out_kind))
+        _assert_equal(out, ref.hadamard(x, scale).to(out.dtype), f"pow2 n={n}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 // FP16 (benchmarks/README.md); Hopper's INT8 throughput (twice FP16's) needs the asynchronous
 // warpgroup MMA, which only sm_90a code can issue. This file is compiled for sm_90a alone
 // (kernels-cpp/CMakeLists.txt) and used only on devices of compute capability 9.0. Two kernels;
-// launch_int8_gemm_wgmma picks one by shape (use_wide_kernel):
+// launch_int8_gemm_wgmma picks one by shape (use_wide_codes_by_tma, use_wide_kernel):
 //
 // The 128 x 128 kernel. One block = one output tile of 128 rows (m) x 128 columns (n), 2
 // warpgroups and a warp:
@@ -23,10 +23,10 @@
 // (write_accumulator_tile).
 //
 // The persistent wide kernel (128 x 256 tiles, one block per SM; described above its code): less
-// shared-memory and L2 traffic per operation, but an epilogue that no MMA overlaps, so it is taken
-// for long K loops: row-major INT8 / FP16 outputs, and sequence-last INT8 outputs whose sequences
-// are whole 128-row tiles (in_proj), whose codes it converts in registers and stores with TMA
-// while the next tile's main loop runs.
+// shared-memory and L2 traffic per operation, but an epilogue that no MMA overlaps, so for
+// row-major INT8 / FP16 outputs it is taken for long K loops only. Sequence-last INT8 outputs
+// whose sequences are whole 128-row tiles (in_proj, dt_proj) take it at any K: its variant
+// converts their codes in registers and stores them with TMA while the next tile's main loop runs.
 //
 // Accumulation is exact int32, so the order of the sum does not matter: both kernels' results
 // equal reference_ops.w8a8_linear bit for bit.

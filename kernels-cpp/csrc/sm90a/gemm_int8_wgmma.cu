@@ -30,9 +30,8 @@
 //
 // Accumulation is exact int32, so the order of the sum does not matter: both kernels' results
 // equal reference_ops.w8a8_linear bit for bit.
-#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's entry point query)
-
 #include "../gemm_epilogue.cuh"
+#include "../tma.cuh"
 
 namespace quamba {
 namespace gemm {
@@ -56,43 +55,13 @@ constexpr int kSmemBytes = kRingBytes + 1024 /* alignment */ + 2 * kStages * 8;
 // The staged accumulator tile (either layout) reuses the ring.
 static_assert(kBlockM == kBlockN && kBlockM * kStagedPitch * 4 <= kRingBytes, "tile must fit");
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using async::barrier_arrive;
+using async::barrier_expect_bytes;
+using async::barrier_init;
+using async::barrier_wait;
+using async::smem_address;
 
-// ---- mbarriers ----
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
-}
-__device__ __forceinline__ void barrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
-}
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, int parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
-// A 2-D TMA load of the box at (k, row) into shared memory; completion is counted on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int k, int row,
-                                         uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_address(bar)), "r"(k), "r"(row)
-      : "memory");
-}
+using async::tma_load_2d;
 
 // ---- wgmma ----
 // Shared-memory matrix descriptor of a K-major operand in 128-byte swizzle: rows of 128 bytes,
@@ -234,8 +203,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         if (kt >= kStages) barrier_wait(&empty[s], ((kt / kStages) & 1) ^ 1);
         int8_t* stage = ring + s * kStageBytes;
         barrier_expect_bytes(&full[s], kStageBytes);
-        tma_load(stage, &x_map, kt * kTileK, static_cast<int>(m_block), &full[s]);
-        tma_load(stage + kBytesA, &w_map, kt * kTileK, static_cast<int>(n_block), &full[s]);
+        tma_load_2d(stage, &x_map, kt * kTileK, static_cast<int>(m_block), &full[s]);
+        tma_load_2d(stage + kBytesA, &w_map, kt * kTileK, static_cast<int>(n_block), &full[s]);
       }
     }
     return;  // the epilogue below synchronises the consumers only (named barrier 1)
@@ -410,8 +379,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (it >= kWideStages) barrier_wait(&empty[s], ((it / kWideStages) & 1) ^ 1);
           int8_t* stage = ring + s * kWideStageBytes;
           barrier_expect_bytes(&full[s], kWideStageBytes);
-          tma_load(stage, &x_map, kt * kTileK, static_cast<int>(row0), &full[s]);
-          tma_load(stage + kWideBytesA, &w_map, kt * kTileK, static_cast<int>(col0), &full[s]);
+          tma_load_2d(stage, &x_map, kt * kTileK, static_cast<int>(row0), &full[s]);
+          tma_load_2d(stage + kWideBytesA, &w_map, kt * kTileK, static_cast<int>(col0), &full[s]);
         }
       }
     }
@@ -517,40 +486,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled from the driver, found once through the runtime (nothing links libcuda).
-EncodeTiled encode_tiled() {
-  static const EncodeTiled encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<EncodeTiled>(nullptr);
-    }
-    return reinterpret_cast<EncodeTiled>(fn);
-  }();
-  return encode;
-}
+using async::encode_tiled;
+using async::EncodeTiled;
 
 // The TMA map of a row-major int8 matrix (rows, K), read in boxes of box_rows x 128 bytes.
 cudaError_t make_map(CUtensorMap* map, const int8_t* data, int64_t rows, int64_t K,
                      int box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};  // bytes between rows
-  const cuuint32_t box[2] = {kTileK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result =
-      encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(data), dims, strides, box,
-             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return async::make_byte_map_2d(map, data, static_cast<uint64_t>(rows), static_cast<uint64_t>(K),
+                                 static_cast<uint64_t>(K), static_cast<uint32_t>(box_rows), kTileK,
+                                 CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <GemmOut T, bool kCodesByTma = false>

@@ -24,6 +24,7 @@
 #include "rmsnorm.h"
 #include "scan.h"
 #include "transpose.h"
+#include "x_proj.h"
 
 namespace nb = nanobind;
 using quamba::ElemType;
@@ -777,6 +778,60 @@ void int32_epilogue(AnyArray acc, AnyArray out, float scale, float out_scale, in
              "int32_epilogue launch");
 }
 
+void x_proj_seq_last(AnyArray u, AnyArray w, AnyArray dt_low, AnyArray B, AnyArray C, float scale,
+                     float out_scale, int rounding, int split_k, std::uintptr_t stream) {
+  expect_type(u, "u", ElemType::Int8);
+  expect_type(w, "w", ElemType::Int8);
+  expect_type(dt_low, "dt_low", ElemType::Int8);
+  expect_type(B, "B", ElemType::Int8);
+  expect_type(C, "C", ElemType::Int8);
+  expect_ndim(u, "u", 3);
+  expect_ndim(w, "w", 2);
+  expect_ndim(dt_low, "dt_low", 3);
+  expect_ndim(B, "B", 3);
+  const int64_t batch = u.shape(0), E = u.shape(1), L = u.shape(2);
+  const int64_t N = B.shape(1), R = dt_low.shape(2);
+  expect_shape(w, "w", {R + 2 * N, E});
+  expect_shape(dt_low, "dt_low", {batch, L, R});
+  expect_shape(B, "B", {batch, N, L});
+  expect_shape(C, "C", {batch, N, L});
+  expect_scale(scale, "scale");
+  expect_scale(out_scale, "out_scale");
+  expect_rounding(rounding);
+  if ((split_k != 1 && split_k != 2 && split_k != 4 && split_k != 8) || split_k > E / 128) {
+    throw std::invalid_argument("split_k must be 1, 2, 4 or 8 and at most E / 128, got " +
+                                std::to_string(split_k) + " for E = " + std::to_string(E));
+  }
+  quamba::XProjArgs a;
+  a.u = static_cast<const int8_t*>(u.data());
+  a.w = static_cast<const int8_t*>(w.data());
+  a.dt_low = static_cast<int8_t*>(dt_low.data());
+  a.B = static_cast<int8_t*>(B.data());
+  a.C = static_cast<int8_t*>(C.data());
+  a.batch = batch;
+  a.dim = E;
+  a.seqlen = L;
+  a.dt_rank = R;
+  a.dstate = N;
+  a.ep.out_type = quamba::GemmOut::Int8;
+  a.ep.scale = scale;
+  a.ep.out_scale = out_scale;
+  a.ep.rounding = rounding;
+  a.ep.seq_len = 0;
+  a.split_k = split_k;
+  DeviceGuard guard(common_device({&u, &w, &dt_low, &B, &C}));
+  if (!quamba::x_proj_applies(a)) {
+    throw std::invalid_argument(
+        "x_proj_seq_last takes E % 128 == 0 (E < 131072), L % 16 == 0, B * ceil(L / 64) <= "
+        "65535, B * E < 2^31, 1 <= R + 2N <= " +
+        std::to_string(quamba::kXProjMaxOut) +
+        ", 16-byte aligned u and w and a device of compute capability 9.0 or newer; got E = " +
+        std::to_string(E) + ", L = " + std::to_string(L) + ", R + 2N = " +
+        std::to_string(R + 2 * N));
+  }
+  check_cuda(quamba::launch_x_proj(a, as_stream(stream)), "x_proj_seq_last launch");
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -857,6 +912,12 @@ NB_MODULE(_C, m) {
         nb::call_guard<nb::gil_scoped_release>(),
         "x (M, K) int8 @ w (N, K)^T int8 -> exact int32 -> epilogue into out (its dtype decides). "
         "constant_weight: the kernel launched just before on the stream does not write w.");
+  m.def("x_proj_seq_last", &x_proj_seq_last, nb::arg("u").noconvert(), nb::arg("w").noconvert(),
+        nb::arg("dt_low").noconvert(), nb::arg("B").noconvert(), nb::arg("C").noconvert(),
+        nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("split_k"),
+        nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "x_proj from sequence-last codes u (B, E, L) and w (R + 2N, E): INT8 codes of dt_low "
+        "(B, L, R), B and C (B, N, L), with the W8A8 epilogue.");
   m.def("int32_epilogue", &int32_epilogue, nb::arg("acc").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("seq_len"),
         nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),

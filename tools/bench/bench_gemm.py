@@ -10,6 +10,7 @@ This is the evidence behind ``quamba_kernels.gemm``'s "auto" choice.
 
 Usage: python3 tools/bench/bench_gemm.py [--quick] [--json PATH]   (writes $OUT/bench_gemm.json)
        python3 tools/bench/bench_gemm.py --dt-proj  (dt_proj's kernels at each model's shapes)
+       python3 tools/bench/bench_gemm.py --x-proj   (x_proj: generic path vs the x_proj kernel)
        python3 tools/bench/bench_gemm.py --sweep    (the compute-sanitizer workload)
 """
 
@@ -131,8 +132,71 @@ def sweep() -> None:
         qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl="short_k")
         qk.int8_linear(x, w, 0.02, 0.01, out_scale, out_dtype=out_dtype, impl="short_k",
                        layout="seq_last")  # fmt: skip
+    # x_proj from sequence-last codes (Hopper): every split, a partial 64-token tile, R + 2N = 256.
+    if qk.x_proj_applies(1, 256, 80, 48):
+        for b, e, length, rank, n in (
+            (2, 256, 80, 16, 16),
+            (1, 1024, 48, 224, 16),
+            (3, 640, 16, 1, 8),
+        ):
+            u, w = _int8(b, e, length), _int8(rank + 2 * n, e)
+            for split in [s for s in qk.gemm.X_PROJ_SPLITS if s <= e // qk.gemm.X_PROJ_STAGE_K]:
+                qk.x_proj_seq_last(u, w, 0.02, 0.01, 0.3, dt_rank=rank, split_k=split)
     torch.cuda.synchronize()
     print("sweep done")
+
+
+# x_proj of each model size (B, L, E = d_inner, R = dt_rank; N = 16) for --x-proj.
+X_PROJ_SHAPES = [
+    (1, 1024, 1536, 48),
+    (1, 2048, 1536, 48),
+    (16, 1024, 1536, 48),
+    (1, 1024, 4096, 128),
+    (1, 2048, 4096, 128),
+    (16, 1024, 4096, 128),
+    (1, 1024, 5120, 160),
+    (1, 2048, 5120, 160),
+    (16, 1024, 5120, 160),
+]
+
+
+def _x_proj_call(b, length, e, rank, use_kernel):
+    import quamba_kernels as qk
+    from quamba_layers.quant.backends import Backend
+    from quamba_layers.quant.kernel_backend import KernelBackend
+
+    def make(_):
+        u, w = _int8(b, e, length), _int8(rank + 32, e)
+        args = (u, w, 0.0173, 0.0031, 0.9, "half_even")
+        if use_kernel:
+            return lambda: qk.x_proj_seq_last(*args, dt_rank=rank)
+        # The generic path as the layers ran it (dt_proj then copied the strided dt_low).
+        backend = KernelBackend()
+        return lambda: Backend.x_proj(backend, *args, rank)[0].contiguous()
+
+    return make
+
+
+def x_proj_table(reps: int) -> list[dict]:
+    """A prefill's x_proj from the conv's sequence-last codes to dt_low, B and C as the layers
+    consume them: the generic path (transpose, int8_linear, slices and copies) against the x_proj
+    kernel at its default split, and what the layers pick (x_proj_preferred)."""
+    import quamba_kernels as qk
+
+    results = []
+    for b, length, e, rank in X_PROJ_SHAPES:
+        n_out = rank + 32
+        nbytes = b * length * (e + n_out) + n_out * e
+        row = {"B": b, "L": length, "E": e, "R": rank}
+        row["generic"] = 1e3 * time_kernel(_x_proj_call(b, length, e, rank, False), nbytes, reps)
+        if qk.x_proj_applies(b, e, length, n_out):
+            row["split"] = qk.gemm.x_proj_split(b, e, length)
+            row["kernel"] = 1e3 * time_kernel(_x_proj_call(b, length, e, rank, True), nbytes, reps)
+        row["layers_use_kernel"] = qk.x_proj_preferred(b, e, length, n_out)
+        print("  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key} {value}"
+                        for key, value in row.items()), flush=True)  # fmt: skip
+        results.append(row)
+    return results
 
 
 # dt_proj of each model size (B, L, N = d_inner, K = dt_rank) for --dt-proj; the last has odd L.
@@ -184,6 +248,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="sanitizer workload, no timing")
     parser.add_argument("--dt-proj", action="store_true", help="dt_proj kernels side by side")
+    parser.add_argument("--x-proj", action="store_true", help="x_proj: generic path vs kernel")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.sweep:
@@ -194,6 +259,10 @@ def main() -> int:
         device = torch.cuda.get_device_name()
         payload = {"device": device, "dt_proj": dt_proj_table(reps)}
         write_result(payload, "bench_gemm_dt_proj.json", args.json)
+        return 0
+    if args.x_proj:
+        payload = {"device": torch.cuda.get_device_name(), "x_proj": x_proj_table(reps)}
+        write_result(payload, "bench_gemm_x_proj.json", args.json)
         return 0
     bandwidth = copy_bandwidth(reps) * 1e9
     device = torch.cuda.get_device_name()

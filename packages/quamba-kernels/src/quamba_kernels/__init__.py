@@ -26,7 +26,13 @@ from quamba_kernels.conv1d import (
     conv1d_int8,
     conv1d_int8_update,
 )
-from quamba_kernels.gemm import gemm_implementation, int8_linear
+from quamba_kernels.gemm import (
+    gemm_implementation,
+    int8_linear,
+    x_proj_applies,
+    x_proj_preferred,
+    x_proj_seq_last,
+)
 from quamba_kernels.hadamard import hadamard
 from quamba_kernels.quantize import quantize_int8
 from quamba_kernels.rmsnorm import rmsnorm
@@ -59,4 +65,7 @@ __all__ = [
     "selective_state_update",
     "set_programmatic_launch",
     "transpose_int8",
+    "x_proj_applies",
+    "x_proj_preferred",
+    "x_proj_seq_last",
 ]

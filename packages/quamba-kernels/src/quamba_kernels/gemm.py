@@ -46,6 +46,12 @@ benchmarks/README.md; with fewer tiles than SMs, e.g. x_proj's N = 192 at M = 20
 split of K wins).
 ``gemm_implementation`` says which one a shape gets (recorded by the layers).
 
+x_proj of a prefill has its own kernel on Hopper, ``x_proj_seq_last`` (kernels-cpp/csrc/x_proj.cu):
+it reads the conv's sequence-last codes in place (no transpose), splits E over the blocks of a
+thread-block cluster, and writes dt_low, B and C in the layouts dt_proj and the scan read (no
+int32 round trip, no copies). The layers take it where ``x_proj_preferred`` says it measured
+faster (short K loops per block: one sequence of a few thousand tokens, or 130m-sized models).
+
 Every path is exact: accumulation in int32 (K < 2^17), ``v = float32(acc) * float32(s_x * s_w)``,
 then Q8 with the site's rounding (IEEE division at near-ties) or one rounding to the float dtype.
 """
@@ -284,3 +290,159 @@ def int8_linear(
         else:
             module.int32_epilogue(acc, out_view, scale, out_scale_32, code, seq_len, stream)
     return out
+
+
+X_PROJ_MAX_OUT = 256  # R + 2N: the x_proj kernel's accumulator tiles (kXProjMaxOut)
+X_PROJ_SPLITS = (1, 2, 4, 8)
+X_PROJ_TOKENS = 64  # tokens per block
+X_PROJ_STAGE_K = 128  # E per pipeline stage
+# Where the kernel beats the generic path (transpose, cuBLASLt's split-K GEMM, epilogue, copies):
+# at most this many K stages per block. A stage takes ~1.5 us of one block (H100: the TMA rows of
+# w and u and the transpose of u's bytes), so long K loops lose to cuBLASLt's: measured at
+# prompt 1024 / 2048 (us, generic -> kernel; benchmarks/README.md, session 16): 130m batch 1
+# 17.0 -> 9.7 / 17.7 -> 13.8 (6 / 6 stages), batch 16 44.8 -> 31.3 (12); 1.4B batch 1 23.9 ->
+# 19.3 (8) but 25.7 -> 30.3 (16), batch 16 97 -> 106 (32); 2.8B batch 1 26.0 -> 22.0 (10) but
+# 29.7 -> 36.6 (20), batch 16 115 -> 125 (40).
+X_PROJ_MAX_STAGES_PER_BLOCK = 12
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def x_proj_applies(batch: int, dim: int, seq_len: int, n_out: int, device=None) -> bool:
+    """Whether ``x_proj_seq_last`` takes u (B, E, L) and w (R + 2N, E) on `device` (default: the
+    current CUDA device): E a multiple of 128 (below 2^17), L a multiple of 16, at most 65535
+    64-token tiles (B * ceil(L / 64)) and B * E < 2^31, R + 2N <= 256 and a
+    device of compute capability 9.0 or newer (the kernel's bulk copies and thread-block
+    clusters; 16-byte aligned tensors are checked at the call)."""
+    index = _device_index(device)
+    if index is None or _import()[0] is None:
+        return False
+    return (
+        dim >= X_PROJ_STAGE_K
+        and dim % X_PROJ_STAGE_K == 0
+        and dim < MAX_K
+        and seq_len % 16 == 0
+        and batch * -(-seq_len // X_PROJ_TOKENS) <= 65535
+        and batch * dim < 2**31
+        and 1 <= n_out <= X_PROJ_MAX_OUT
+        and _compute_capability(index) >= (9, 0)
+    )
+
+
+def x_proj_split(batch: int, dim: int, seq_len: int, device=None) -> int:
+    """Blocks per 64 tokens (a thread-block cluster, each taking E / split of the sum) that
+    ``x_proj_seq_last`` uses by default: the largest of 1, 2, 4 keeping the blocks within half the
+    SMs (H100: about 64 blocks ran fastest at every shape; a full wave of 4-block clusters and any
+    8-block split measured slower) and two K stages per block."""
+    index = _device_index(device)
+    sms = _multiprocessors(index) if index is not None else 2
+    tiles = batch * -(-seq_len // X_PROJ_TOKENS)
+    stages = dim // X_PROJ_STAGE_K
+    split = 1
+    while split < 4 and tiles * split * 2 <= sms // 2 and stages >= 4 * split:
+        split *= 2
+    return split
+
+
+def x_proj_preferred(batch: int, dim: int, seq_len: int, n_out: int, device=None) -> bool:
+    """Whether the layers' x_proj runs ``x_proj_seq_last``: where it applies and its blocks' K loops
+    are short enough to beat the generic path (X_PROJ_MAX_STAGES_PER_BLOCK)."""
+    if not x_proj_applies(batch, dim, seq_len, n_out, device):
+        return False
+    split = x_proj_split(batch, dim, seq_len, device)
+    return dim // X_PROJ_STAGE_K <= X_PROJ_MAX_STAGES_PER_BLOCK * split
+
+
+def x_proj_seq_last(
+    u,
+    w,
+    s_u,
+    s_w,
+    out_scale,
+    rounding: str = "half_even",
+    *,
+    dt_rank: int,
+    split_k: int | None = None,
+    out=None,
+):
+    """x_proj of a prefill from the conv's sequence-last codes, on the GPU.
+
+    ``u`` (B, E, L) int8 (the conv output as it is stored) and ``w`` (R + 2N, E) int8 give
+    ``acc[b, l, :] = w @ u[b, :, l]`` (exact int32) and the INT8 codes
+    ``Q8(float32(acc) * float32(s_u * s_w), out_scale)`` with ``rounding``, returned as
+    ``(dt_low (B, L, R), B (B, N, L), C (B, N, L))``: dt_proj's input and the scan's B and C,
+    contiguous. The same codes as ``int8_linear(u.transpose(1, 2), w, ...)`` sliced, without the
+    transpose, the int32 round trip or the copies. ``split_k`` (1, 2, 4, 8, at most E / 128): the
+    blocks of a cluster per 64 tokens, each taking a slice of E (None: ``x_proj_split``'s choice;
+    the codes are the same for every split). ``out``: preallocated ``(dt_low, B, C)``, contiguous int8 on u's device.
+    Needs ``x_proj_applies`` and 16-byte aligned u and w.
+    """
+    import torch
+
+    from quamba_kernels._torch import rounding_code
+
+    check_tensor("u", u, torch.int8, ndim=3)
+    check_tensor("w", w, torch.int8, ndim=2)
+    batch, dim, seq_len = u.shape
+    n_out = w.shape[0]
+    if w.shape[1] != dim:
+        raise ValueError(
+            f"w must have shape (R + 2N, E) with E = {dim} (u's axis 1), got {tuple(w.shape)}"
+        )
+    if not 0 <= dt_rank <= n_out or (n_out - dt_rank) % 2:
+        raise ValueError(
+            f"dt_rank must be in [0, R + 2N] with R + 2N - dt_rank even (B and C have N rows "
+            f"each), got dt_rank={dt_rank} for R + 2N = {n_out}"
+        )
+    if split_k is not None and (split_k not in X_PROJ_SPLITS or split_k > dim // X_PROJ_STAGE_K):
+        raise ValueError(
+            f"split_k must be None or one of {X_PROJ_SPLITS} and at most E / {X_PROJ_STAGE_K} "
+            f"(E = {dim}), got {split_k!r}"
+        )
+    code = rounding_code(rounding)
+    scale, out_scale_32, _ = _epilogue_scales(s_u, s_w, out_scale, None)
+    module = require()
+    check_cuda(u=u, w=w)
+    if not x_proj_applies(batch, dim, seq_len, n_out, u.device):
+        raise ValueError(
+            f"x_proj_seq_last needs E % 128 == 0 (E < {MAX_K}), L % 16 == 0, at most 65535 "
+            "64-token tiles, B * E < 2^31, "
+            f"1 <= R + 2N <= {X_PROJ_MAX_OUT} and compute capability 9.0+, got E={dim}, "
+            f"L={seq_len}, R + 2N={n_out} (use int8_linear)"
+        )
+    if u.data_ptr() % 16 or w.data_ptr() % 16:
+        raise ValueError("x_proj_seq_last needs 16-byte aligned u and w (use int8_linear)")
+    n = (n_out - dt_rank) // 2
+    shapes = {
+        "dt_low": (batch, seq_len, dt_rank),
+        "B": (batch, n, seq_len),
+        "C": (batch, n, seq_len),
+    }
+    if out is None:
+        out = tuple(torch.empty(s, dtype=torch.int8, device=u.device) for s in shapes.values())
+    elif not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise ValueError("out must be None or a tuple (dt_low, B, C) of int8 tensors")
+    for (name, shape), t in zip(shapes.items(), out):
+        check_tensor(name, t, torch.int8)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    dt_low, b_out, c_out = out
+    check_cuda(u=u, dt_low=dt_low, B=b_out, C=c_out)
+    if batch and seq_len:
+        module.x_proj_seq_last(
+            u, w, dt_low, b_out, c_out, scale, out_scale_32, code,
+            split_k or x_proj_split(batch, dim, seq_len, u.device), current_stream(u.device),
+        )  # fmt: skip
+    return dt_low, b_out, c_out

@@ -40,6 +40,15 @@ class Backend:
         out = ops.w8a8_linear(x_q, w_q, s_x, s_w, s_out, rounding, out_dtype)
         return out.transpose(1, 2).contiguous() if layout == "seq_last" else out
 
+    def x_proj(self, u_q, w_q, s_u, s_w, s_out, rounding, dt_rank):
+        """x_proj of a prefill: u_q (B, E, L) INT8 codes, sequence-last as the conv writes them,
+        and w_q (R + 2N, E) -> INT8 codes dt_low (B, L, R), B and C (B, N, L)."""
+        xdbl = self.w8a8_linear(u_q.transpose(1, 2), w_q, s_u, s_w, s_out, rounding)
+        n = (w_q.shape[0] - dt_rank) // 2
+        b_q = xdbl[..., dt_rank : dt_rank + n].transpose(1, 2).contiguous()
+        c_q = xdbl[..., dt_rank + n :].transpose(1, 2).contiguous()
+        return xdbl[..., :dt_rank], b_q, c_q
+
     def lm_head_fp16(self, normed, weight):
         """FP16 lm_head: float16 operands, float32 accumulation, float32 logits."""
         return normed.to(torch.float16).float() @ weight.float().t()

@@ -53,7 +53,8 @@ class KernelBackend(Backend):
             "gemm": "kernel (quamba_kernels.int8_linear: dp4a GEMV for M <= 4, tensor-core "
             "kernel for M <= 16; more rows: on compute capability 9.0 the wgmma kernel where its "
             "128x128 tiles fill the GPU, else cuBLASLt INT8 + epilogue kernel for K >= 512, "
-            "tensor-core tiles otherwise; all bit-identical)",
+            "tensor-core tiles otherwise; prefill x_proj on compute capability 9.0: one kernel "
+            "from the sequence-last conv output where it measured faster; all bit-identical)",
             "conv1d": KERNEL,
             "ssm_int8": KERNEL,
             "ssm_sim": KERNEL,
@@ -74,6 +75,20 @@ class KernelBackend(Backend):
             out_dtype=None if s_out is not None else out_dtype, layout=layout,
             constant_weight=True,
         )  # fmt: skip
+
+    def x_proj(self, u_q, w_q, s_u, s_w, s_out, rounding, dt_rank):
+        # One kernel reading the conv's codes in place and writing dt_low, B and C where their
+        # consumers read them, where it applies and measured faster (quamba_kernels.gemm:
+        # x_proj_preferred); the generic path (transpose, GEMM, copies) elsewhere. Same codes.
+        batch, dim, seq_len = u_q.shape
+        if (
+            u_q.is_contiguous()
+            and u_q.data_ptr() % 16 == 0
+            and w_q.data_ptr() % 16 == 0
+            and self._k.x_proj_preferred(batch, dim, seq_len, w_q.shape[0], u_q.device)
+        ):
+            return self._k.x_proj_seq_last(u_q, w_q, s_u, s_w, s_out, rounding, dt_rank=dt_rank)
+        return super().x_proj(u_q, w_q, s_u, s_w, s_out, rounding, dt_rank)
 
     def _token_major(self, x_q):
         """x_q as a contiguous tensor. A transposed view of a contiguous int8 tensor (x_proj reads

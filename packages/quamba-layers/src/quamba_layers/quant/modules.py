@@ -201,13 +201,10 @@ class W8A8Mixer(nn.Module):
         self._probe("x_proj_in", xproj_in)
 
         # x_proj, dt_proj (INT8 GEMMs)
-        xdbl_q = self.backend.w8a8_linear(
-            xproj_in.transpose(1, 2), self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm
-        )
-        r, n = self.cfg.dt_rank, self.cfg.d_state
-        dtr_q = xdbl_q[..., :r]
-        b_q = xdbl_q[..., r : r + n].transpose(1, 2).contiguous()
-        c_q = xdbl_q[..., r + n :].transpose(1, 2).contiguous()
+        dtr_q, b_q, c_q = self.backend.x_proj(
+            xproj_in, self.x_proj_weight, s["s_u"], s["s_w_x"], s["s_xo"], rnd.gemm,
+            self.cfg.dt_rank,
+        )  # fmt: skip
         dt_q = self.backend.w8a8_linear(
             dtr_q, self.dt_proj_weight, s["s_xo"], s["s_w_dt"], s["s_dt"], rnd.gemm,
             layout="seq_last",

@@ -110,8 +110,12 @@ def test_hf_layout_130m_matches_transformers(hf_130m, ours_from_hf):
 
 def test_full_130m_depth_is_as_accurate_as_transformers(tmp_path):
     """All 24 layers of the 130m shape. Two float32 implementations drift apart with depth (about
-    4e-5 here), so the fair check is against float64: our float32 logits must be as close to
-    transformers' float64 logits as transformers' own float32 logits are (within 1.25x)."""
+    4e-5 here), so the fair check is against float64: our float32 logits must be about as close to
+    transformers' float64 logits as transformers' own float32 logits are. Which of the two float32
+    paths lands closer depends on the weights and on the CPU's BLAS kernels (ours / transformers':
+    1.85 for seed 1 and 0.97 for seed 2 on an Intel Xeon, below 1.25 on the CPU this test was
+    written on), so the bound is 3x: a float16 intermediate or a wrong accumulation order would
+    give errors ten times larger."""
     hf = make_hf_model(
         seed=1, vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16
     )
@@ -125,7 +129,7 @@ def test_full_130m_depth_is_as_accurate_as_transformers(tmp_path):
     def rel(x):
         return float((x - exact).norm() / exact.norm())
 
-    assert rel(ours) <= 1.25 * rel(hf32)
+    assert rel(ours) <= 3.0 * rel(hf32)
     assert rel(ours) < 1e-3
 
 

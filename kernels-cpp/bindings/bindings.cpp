@@ -302,14 +302,21 @@ quamba::Conv1dArgs conv_args(const AnyArray& x, int64_t batch, int64_t dim,
 
 void conv1d_fwd(AnyArray x, AnyArray weight, OptArray bias, AnyArray out, double s_x,
                 OptArray s_x_per_seq, double s_w, double s_b, float out_scale, int rounding,
-                bool silu, std::uintptr_t stream) {
+                bool silu, std::uintptr_t stream, OptArray state_out) {
   expect_ndim(x, "x", 3);
   quamba::Conv1dArgs a =
       conv_args(x, static_cast<int64_t>(x.shape(0)), static_cast<int64_t>(x.shape(1)), weight, bias,
                 out, s_x, s_x_per_seq, s_w, s_b, out_scale, rounding, silu);
   a.seqlen = static_cast<int64_t>(x.shape(2));
   expect_same_shape(out, "out", x, "x");
-  const int device = common_device({&x, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq)});
+  if (state_out) {
+    if (a.x_type != ElemType::Int8) throw nb::type_error("state_out needs int8 x (the INT8 path)");
+    expect_type(*state_out, "state_out", ElemType::Int8);
+    expect_shape(*state_out, "state_out", {a.batch, a.dim, a.width - 1});
+    a.state = state_out->data();
+  }
+  const int device = common_device(
+      {&x, &weight, opt_ptr(bias), &out, opt_ptr(s_x_per_seq), opt_ptr(state_out)});
   DeviceGuard guard(device);
   check_cuda(quamba::launch_conv1d_fwd(a, as_stream(stream)), "conv1d_fwd launch");
 }
@@ -861,8 +868,10 @@ NB_MODULE(_C, m) {
         nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("s_x"),
         nb::arg("s_x_per_seq").noconvert().none(), nb::arg("s_w"), nb::arg("s_b"),
         nb::arg("out_scale"), nb::arg("rounding"), nb::arg("silu"), nb::arg("stream"),
+        nb::arg("state_out").noconvert().none() = nb::none(),
         nb::call_guard<nb::gil_scoped_release>(),
-        "Causal depthwise conv1d + bias + SiLU, x (B, E, L) -> out (B, E, L).");
+        "Causal depthwise conv1d + bias + SiLU, x (B, E, L) -> out (B, E, L). state_out (B, E, "
+        "K-1) int8 (INT8 path): also the rows' last K-1 inputs, zeros before the row.");
   m.def("conv1d_update", &conv1d_update, nb::arg("x").noconvert(), nb::arg("state").noconvert(),
         nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
         nb::arg("out").noconvert(), nb::arg("s_x"), nb::arg("s_x_per_seq").noconvert().none(),

@@ -69,7 +69,23 @@ struct ConvScalars {
   float fast_limit;              // 0.5 - abs_margin - 2^-24: q8_bits_if_clear_fast's bound
   bool clamp_low;                // q <= -128.5 possible: clamp before rounding
   int chunks_per_thread;         // INT8-output prefill: chunks of kItems outputs per thread
+  int8_t* state_out;             // INT8 prefill: the rows' last K - 1 inputs (Conv1dArgs::state)
 };
+
+// INT8 prefill with a state output: the thread holding a row's last outputs also writes the row's
+// last K - 1 input codes (zeros before the row), the conv state a decode continues from, so that
+// the layers need no copy kernel for it. xr: the row of x.
+template <int K>
+__device__ __forceinline__ void write_final_state(const ConvScalars& c, const int8_t* xr,
+                                                  int64_t row, int64_t seqlen, int64_t t0) {
+  if (c.state_out == nullptr || t0 + c.items < seqlen) return;
+  int8_t* state = c.state_out + row * (K - 1);
+#pragma unroll
+  for (int k = 0; k < K - 1; ++k) {
+    const int64_t t = seqlen - (K - 1) + k;
+    state[k] = t >= 0 ? xr[t] : int8_t{0};
+  }
+}
 
 // float32(s_w * s_x) for sequence `batch`, formed in float64 like the reference.
 __device__ __forceinline__ float int8_input_scale(const ConvScalars& c, int64_t batch) {
@@ -328,6 +344,7 @@ __global__ void __launch_bounds__(kThreads)
   ChunkPosition pos;
   if (!chunk_position(c, rows, dim, pos)) return;
   const int64_t row = pos.row, t0 = pos.t0;
+  write_final_state<K>(c, x + row * seqlen, row, seqlen, t0);
   const bool full = t0 + kN <= seqlen;
   uint32_t words[kW];
   if (kAligned && full) {
@@ -410,6 +427,7 @@ __global__ void __launch_bounds__(kThreads)
   ChunkPosition pos;
   if (!chunk_position(c, rows, dim, pos)) return;
   const int64_t t0 = pos.t0;
+  write_final_state<K>(c, x + pos.row * seqlen, pos.row, seqlen, t0);
   const int8_t* xp = x + pos.row * seqlen + t0;  // this chunk's input and output
   int8_t* op = out + pos.row * seqlen + t0;
   // Outputs left in the row from this chunk on (this thread's share is at most 16 * chunks).
@@ -628,6 +646,7 @@ ConvScalars scalars_of(const Conv1dArgs& a) {
   // most 128.5 / 0.27847 / (1 + 1e-4) > 461.
   c.clamp_low = !a.silu || !(c.inv_out_scale <= 460.0f);
   c.chunks_per_thread = 1;
+  c.state_out = nullptr;
   return c;
 }
 
@@ -663,6 +682,7 @@ cudaError_t run_fwd(const Conv1dArgs& a, cudaStream_t stream) {
     c.by_dim = make_fast_div(static_cast<uint32_t>(a.dim));
   }
   c.chunks_per_thread = chunks_per_thread;
+  if (kInt8) c.state_out = static_cast<int8_t*>(a.state);  // the float path takes none (binding)
   const auto start = [&](auto kernel) {
     launch::launch_kernel(kernel, blocks, kThreads, 0, stream, x, w, bias, out, rows, a.dim,
                           a.seqlen, c);

@@ -11,7 +11,9 @@
 namespace quamba {
 
 struct Conv1dArgs {
-  // Prefill: x (B, E, L). Update: x (B, E) and state (B, E, width - 1), updated in place.
+  // Prefill: x (B, E, L); INT8 path: state (B, E, width - 1) int8 or null, written with each
+  // row's last width - 1 inputs (zeros before the row: the decode state after the prompt).
+  // Update: x (B, E) and state (B, E, width - 1), updated in place.
   const void* x = nullptr;
   void* state = nullptr;
   // INT8 path: int8 codes (E, width). Float path: weight_type (x's dtype or float32).

@@ -305,6 +305,11 @@ def sweep() -> None:
         conv1d_int8(x, 0.02, w, 0.01, bias, 0.02, 0.05)
         conv1d_int8(x, _randn(b).abs() + 0.01, w, 0.01, bias, 0.02, None)
         conv1d_int8(x[:, :, 1:].contiguous(), 0.02, w, 0.01, None, 1.0, 0.05)  # odd length
+        for length_state in (1, length):  # the prefill's state output, shorter than K - 1 too
+            xs = _int8(b, e, length_state)
+            state = _int8(b, e, width - 1)
+            conv1d_int8(xs, 0.02, w, 0.01, bias, 0.02, 0.05, state_out=state)
+            conv1d_int8(xs, 0.02, w, 0.01, bias, 0.02, None, state_out=state)
         conv1d_int8_update(
             x[:, :, 0].contiguous(), _int8(b, e, width - 1), 0.02, w, 0.01, bias, 0.02, 0.05
         )

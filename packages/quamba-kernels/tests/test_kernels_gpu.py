@@ -308,6 +308,31 @@ def test_conv1d_rounding_rule_at_exact_ties(rounding):
     _assert_equal(got, want, f"conv ties {rounding}")
 
 
+@pytest.mark.parametrize(
+    "length,batch,width,channels",
+    [(length, batch, width, 45) for length, batch, width in CONV_CASES]
+    + [(2048, 1, 4, 4096)],  # two 16-output chunks per thread (the large-input rule)
+)
+@pytest.mark.parametrize("s_out", [None, 0.06])
+def test_conv1d_int8_state_out(length, batch, width, channels, s_out):
+    """The prefill's state output: each row's last K-1 input codes, zeros before the row (the
+    state conv1d_int8_update continues from), beside unchanged outputs; poisoned twice."""
+    from quamba_kernels.conv1d import conv1d_int8
+
+    g = _gen("conv-state", length, batch, width, channels, s_out)
+    x_q, w_q, b_q, s_x, s_w, s_b = _conv_inputs(g, batch, channels, length, width)
+    want_out = conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out)
+    keep = width - 1
+    tail = x_q[..., max(length - keep, 0) :]
+    want_state = torch.nn.functional.pad(tail, (keep - tail.shape[-1], 0))
+    for sentinel in (127, -128):
+        state = torch.full((batch, channels, keep), sentinel, dtype=torch.int8, device=DEVICE)
+        out = conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, state_out=state)
+        torch.cuda.synchronize()
+        _assert_equal(out, want_out, f"conv with state_out L={length}")
+        _assert_equal(state, want_state, f"conv state_out L={length} K={width}")
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("s_out", [None, 0.06])
 def test_conv1d_int8_update_equals_prefill(width, s_out):

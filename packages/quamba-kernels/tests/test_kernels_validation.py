@@ -187,6 +187,10 @@ def test_conv1d_int8_validation():
         conv1d_int8(x.transpose(0, 1), 0.1, _i8(2, 4), 0.1, None, 0.1, 0.2)
     with pytest.raises(ValueError, match="w_q must have shape"):
         conv1d_int8(x, 0.1, _i8(5, 4), 0.1, b, 0.1, 0.2)
+    with pytest.raises(ValueError, match=r"state_out must have shape \(B, E, K-1\) = \(2, 6, 3\)"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, 0.2, state_out=_i8(2, 6, 4))
+    with pytest.raises(TypeError, match="state_out must have dtype int8"):
+        conv1d_int8(x, 0.1, w, 0.1, b, 0.1, 0.2, state_out=_i8(2, 6, 3).float())
     with pytest.raises(ValueError, match="conv width K = 5"):
         conv1d_int8(x, 0.1, _i8(6, 5), 0.1, b, 0.1, 0.2)
     with pytest.raises(ValueError, match="conv width K = 1"):

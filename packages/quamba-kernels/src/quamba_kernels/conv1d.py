@@ -99,6 +99,7 @@ def conv1d_int8(
     *,
     silu: bool = True,
     out=None,
+    state_out=None,
 ):
     """Causal depthwise conv1d + bias + SiLU on INT8 codes, on the GPU.
 
@@ -106,6 +107,8 @@ def conv1d_int8(
     None; scales are floats (``s_x`` may be a float32 CUDA tensor (B,) of per-sequence scales).
     ``v = float32(s_w*s_x) * acc + float32(s_b*b_q)``, SiLU, then ``Q8(v, s_out, rounding)`` int8
     or, with ``s_out=None``, the true float32 ``v``. Returns ``out`` (B, E, L).
+    ``state_out`` (B, E, K-1) int8: also written with each row's last K-1 codes of ``x_q`` (zeros
+    before the row), the conv state ``conv1d_int8_update`` continues from after this prompt.
     """
     import torch
 
@@ -113,13 +116,17 @@ def conv1d_int8(
     w_q, s_w, s_x_value, s_x_seq, s_b, code, out_dtype, out_scale = _int8_common(
         x_q, w_q, b_q, s_x, s_w, s_b, s_out, rounding, out, tuple(x_q.shape)
     )
+    if state_out is not None:
+        check_tensor("state_out", state_out, torch.int8, ndim=3)
+        batch, channels, _ = x_q.shape
+        check_shape("state_out", state_out, (batch, channels, w_q.shape[1] - 1), "(B, E, K-1)")
     module = require()
-    check_cuda(x_q=x_q, w_q=w_q, b_q=b_q, s_x=s_x_seq, out=out)
+    check_cuda(x_q=x_q, w_q=w_q, b_q=b_q, s_x=s_x_seq, out=out, state_out=state_out)
     if out is None:
         out = torch.empty(x_q.shape, dtype=out_dtype, device=x_q.device)
     module.conv1d_fwd(
         x_q, w_q, b_q, out, s_x_value, s_x_seq, s_w, s_b, out_scale, code, bool(silu),
-        current_stream(x_q.device),
+        current_stream(x_q.device), state_out,
     )  # fmt: skip
     return out
 

@@ -53,7 +53,13 @@ class Backend:
         """FP16 lm_head: float16 operands, float32 accumulation, float32 logits."""
         return normed.to(torch.float16).float() @ weight.float().t()
 
-    def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
+    def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding, state_out=None):
+        """The INT8 conv; ``state_out`` (B, E, K-1) int8, when given, also receives each row's
+        last K-1 input codes (zeros before the row): the decode state after this prompt."""
+        if state_out is not None:
+            keep = state_out.shape[-1]
+            tail = x_q[..., max(x_q.shape[-1] - keep, 0) :]
+            state_out.copy_(torch.nn.functional.pad(tail, (keep - tail.shape[-1], 0)))
         return ops.conv1d_int8(x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding)
 
     def quantize_int8(self, v, scale, rounding):

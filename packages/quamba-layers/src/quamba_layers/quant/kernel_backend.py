@@ -128,8 +128,12 @@ class KernelBackend(Backend):
         logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
         return logits.reshape(*normed.shape[:-1], weight.shape[0])
 
-    def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding):
-        return self._k.conv1d_int8(x_q.contiguous(), s_x, w_q, s_w, b_q, s_b, s_out, rounding)
+    def conv1d_int8(self, x_q, s_x, w_q, s_w, b_q, s_b, s_out, rounding, state_out=None):
+        # The conv kernel writes the state too: no copy kernel (and no break in the chain of
+        # programmatic launches) per layer.
+        return self._k.conv1d_int8(
+            x_q.contiguous(), s_x, w_q, s_w, b_q, s_b, s_out, rounding, state_out=state_out
+        )
 
     def selective_scan_int8(self, *args, state_rounding="half_away"):
         args = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)

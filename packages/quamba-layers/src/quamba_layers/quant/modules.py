@@ -184,12 +184,16 @@ class W8A8Mixer(nn.Module):
             self.conv_bias,
             s["s_b_conv"],
         )
+        # Prefill for decoding: the conv also writes its state (the last K-1 input codes).
+        conv_state = None
+        if self.capture_state and x_q_conv.dtype == torch.int8:
+            conv_state = x_q_conv.new_empty(*x_q_conv.shape[:2], self.cfg.d_conv - 1)
         if dp.conv_output == "fp32":
-            v = self.backend.conv1d_int8(x_q_conv, *conv_args, None, rnd.conv)
+            v = self.backend.conv1d_int8(x_q_conv, *conv_args, None, rnd.conv, conv_state)
             u_codes = None
             self._probe("conv_out", v)
         else:
-            u_codes = self.backend.conv1d_int8(x_q_conv, *conv_args, s["s_u"], rnd.conv)
+            u_codes = self.backend.conv1d_int8(x_q_conv, *conv_args, s["s_u"], rnd.conv, conv_state)
             v = ops.dequantize(u_codes, s["s_u"]) if dp.conv_output == "fp32_grid" else None
             self._probe("conv_out", v if v is not None else u_codes)
 
@@ -228,7 +232,7 @@ class W8A8Mixer(nn.Module):
         y, h_last = self._scan(u_in, dt_q, b_q, c_q, z_q, z)
         self._probe("ssm_out", y)
         if self.capture_state:
-            self.last_state = self._prefill_state(x_q_conv, h_last, seq_lens)
+            self.last_state = self._prefill_state(x_q_conv, conv_state, h_last, seq_lens)
 
         # online Hadamard -> INT8, out_proj -> FP16
         if self.cfg.online_hadamard:
@@ -242,19 +246,15 @@ class W8A8Mixer(nn.Module):
         self._probe("out_proj_out", out)
         return out
 
-    def _prefill_state(self, x_q_conv, h_last, seq_lens):
-        """INT8 decode state after a prefill: last K-1 conv input codes, Q8(h_last, s_h)."""
+    def _prefill_state(self, x_q_conv, conv_state, h_last, seq_lens):
+        """INT8 decode state after a prefill: the last K-1 conv input codes (``conv_state``, written
+        by the conv), Q8(h_last, s_h)."""
         if seq_lens is not None and bool((seq_lens != x_q_conv.shape[-1]).any()):
             raise ValueError(
                 "decoding after a padded prefill is not supported: prefill equal lengths"
             )
         if x_q_conv.dtype != torch.int8:
             raise ValueError("decoding needs INT8 conv inputs")
-        keep = self.cfg.d_conv - 1
-        # The last K-1 columns, zero-padded on the left when the prompt is shorter (padding the
-        # whole input first cost a (B, E, L) copy per layer: 1 of 20 ms of a 2.8B prefill).
-        tail = x_q_conv[..., max(x_q_conv.shape[-1] - keep, 0) :]
-        conv_state = torch.nn.functional.pad(tail, (keep - tail.shape[-1], 0)).contiguous()
         if h_last.dtype == torch.int8:
             ssm_state = h_last
         else:

@@ -96,6 +96,20 @@ def cublaslt_applies(m: int, n: int, k: int) -> bool:
 
 
 @functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
 def _wgmma_device(index: int) -> tuple[bool, int]:
     """(whether the wgmma GEMM runs on CUDA device `index`, its number of SMs)."""
     import torch
@@ -103,8 +117,7 @@ def _wgmma_device(index: int) -> tuple[bool, int]:
     module, _ = _import()
     if module is None or not module.wgmma_gemm_built() or not torch.cuda.is_available():
         return False, 0
-    properties = torch.cuda.get_device_properties(index)
-    return (properties.major, properties.minor) == (9, 0), properties.multi_processor_count
+    return _compute_capability(index) == (9, 0), _multiprocessors(index)
 
 
 def _device_index(device) -> int | None:
@@ -306,20 +319,6 @@ X_PROJ_STAGE_K = 128  # E per pipeline stage
 X_PROJ_MAX_STAGES_PER_BLOCK = 12
 
 
-@functools.cache
-def _compute_capability(index: int) -> tuple[int, int]:
-    import torch
-
-    return torch.cuda.get_device_capability(index)
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def x_proj_applies(batch: int, dim: int, seq_len: int, n_out: int, device=None) -> bool:
     """Whether ``x_proj_seq_last`` takes u (B, E, L) and w (R + 2N, E) on `device` (default: the
     current CUDA device): E a multiple of 128 (below 2^17), L a multiple of 16, at most 65535
@@ -413,8 +412,21 @@ def x_proj_seq_last(
         )
     code = rounding_code(rounding)
     scale, out_scale_32, _ = _epilogue_scales(s_u, s_w, out_scale, None)
+    n = (n_out - dt_rank) // 2
+    shapes = {
+        "dt_low": (batch, seq_len, dt_rank),
+        "B": (batch, n, seq_len),
+        "C": (batch, n, seq_len),
+    }
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 3:
+            raise ValueError("out must be None or a tuple (dt_low, B, C) of int8 tensors")
+        for (name, shape), t in zip(shapes.items(), out):
+            check_tensor(name, t, torch.int8)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     module = require()
-    check_cuda(u=u, w=w)
+    check_cuda(u=u, w=w, **dict(zip(shapes, out or (None, None, None))))
     if not x_proj_applies(batch, dim, seq_len, n_out, u.device):
         raise ValueError(
             f"x_proj_seq_last needs E % 128 == 0 (E < {MAX_K}), L % 16 == 0, at most 65535 "
@@ -424,22 +436,9 @@ def x_proj_seq_last(
         )
     if u.data_ptr() % 16 or w.data_ptr() % 16:
         raise ValueError("x_proj_seq_last needs 16-byte aligned u and w (use int8_linear)")
-    n = (n_out - dt_rank) // 2
-    shapes = {
-        "dt_low": (batch, seq_len, dt_rank),
-        "B": (batch, n, seq_len),
-        "C": (batch, n, seq_len),
-    }
     if out is None:
         out = tuple(torch.empty(s, dtype=torch.int8, device=u.device) for s in shapes.values())
-    elif not isinstance(out, (tuple, list)) or len(out) != 3:
-        raise ValueError("out must be None or a tuple (dt_low, B, C) of int8 tensors")
-    for (name, shape), t in zip(shapes.items(), out):
-        check_tensor(name, t, torch.int8)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     dt_low, b_out, c_out = out
-    check_cuda(u=u, dt_low=dt_low, B=b_out, C=c_out)
     if batch and seq_len:
         module.x_proj_seq_last(
             u, w, dt_low, b_out, c_out, scale, out_scale_32, code,

@@ -146,6 +146,12 @@ def sweep() -> None:
     print("sweep done")
 
 
+def _print_row(row: dict) -> None:
+    """One table row as "key value" pairs (floats to 0.1)."""
+    print("  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key} {value}"
+                    for key, value in row.items()), flush=True)  # fmt: skip
+
+
 # x_proj of each model size (B, L, E = d_inner, R = dt_rank; N = 16) for --x-proj.
 X_PROJ_SHAPES = [
     (1, 1024, 1536, 48),
@@ -193,8 +199,7 @@ def x_proj_table(reps: int) -> list[dict]:
             row["split"] = qk.gemm.x_proj_split(b, e, length)
             row["kernel"] = 1e3 * time_kernel(_x_proj_call(b, length, e, rank, True), nbytes, reps)
         row["layers_use_kernel"] = qk.x_proj_preferred(b, e, length, n_out)
-        print("  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in row.items()), flush=True)  # fmt: skip
+        _print_row(row)
         results.append(row)
     return results
 
@@ -237,8 +242,7 @@ def dt_proj_table(reps: int) -> list[dict]:
             if impl != "wgmma" or qk.gemm.wgmma_applies(m, n, k):
                 row[impl] = 1e3 * time_kernel(_dt_proj_call(b, length, n, k, impl), nbytes, reps)
         row["fp16 cuBLAS"] = 1e3 * time_kernel(_fp16_linear_call(m, n, k), 2 * nbytes, reps)
-        print("  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in row.items()), flush=True)  # fmt: skip
+        _print_row(row)
         results.append(row)
     return results
 

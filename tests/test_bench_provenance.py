@@ -107,3 +107,14 @@ def test_tables_name_the_sources(with_provenance):
         )
     else:
         assert line.startswith("Sources: not recorded")
+
+
+def test_probe_table_rows():
+    row = {"model": "2.8b", "mode": "full", "sync": "tagged", "chain": 0, "inflight": 4,
+           "us_per_layer": 16.5, "floor_us": 14.0, "wait_fraction": 0.16,
+           "boundary_fraction": 0.73}  # fmt: skip
+    data = {"kind": "persistent_decode_probe", "device": "GPU", "sms": 132, "read_gbs": 3076.0,
+            "copy_gbs": 2973.0, "rows": [row]}  # fmt: skip
+    lines = tables.probe_table(data).splitlines()
+    assert lines[0] == "Device: GPU (132 SMs), read bandwidth 3076 GB/s, copy 2973 GB/s."
+    assert lines[-1] == "| 2.8b | full | tagged | 0 | 4 | 16.50 | 14.00 | 1.18 | 16% | 73% |"

@@ -1,5 +1,5 @@
-"""Markdown tables from the JSON that tools/bench/bench_gemm.py and tools/bench/e2e.py write
-(the tables in benchmarks/README.md are made with it).
+"""Markdown tables from the JSON that tools/bench/bench_gemm.py, tools/bench/e2e.py and
+tools/bench/persistent_decode_probe.py write (the tables in benchmarks/README.md are made with it).
 
 Usage: python tools/bench/tables.py benchmarks/bench_gemm_h100.json benchmarks/e2e_h100.json
 """
@@ -87,18 +87,41 @@ def e2e_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_table(data: dict) -> str:
+    """persistent_decode_probe.py: µs per layer of each structure against the weight floor."""
+    lines = [
+        f"Device: {data['device']} ({data['sms']} SMs), read bandwidth {data['read_gbs']:.0f} GB/s, "
+        f"copy {data['copy_gbs']:.0f} GB/s.",
+        provenance_line(data),
+        "",
+        "| model | mode | sync | chain | in flight | µs per layer | floor µs | / floor | "
+        "consumers waiting for stages | in boundaries |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['sync']} | {r['chain']} | {r['inflight']} | "
+            f"{r['us_per_layer']:.2f} | {r['floor_us']:.2f} | "
+            f"{r['us_per_layer'] / r['floor_us']:.2f} | {100 * r['wait_fraction']:.0f}% | "
+            f"{100 * r['boundary_fraction']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     for path in args.files:
         data = json.loads(path.read_text())
-        if "results" in data:
+        if data.get("kind") == "persistent_decode_probe":
+            print(probe_table(data))
+        elif "results" in data:
             print(gemm_table(data))
         elif "rows" in data:
             print(e2e_table(data))
         else:
-            print(f"{path}: neither a bench_gemm.py nor an e2e.py result", file=sys.stderr)
+            print(f"{path}: not a bench_gemm.py, e2e.py or probe result", file=sys.stderr)
             return 2
         print()
     return 0

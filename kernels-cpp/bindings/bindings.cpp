@@ -480,7 +480,8 @@ void selective_scan(AnyArray u, AnyArray delta, AnyArray A, AnyArray B, AnyArray
                     OptArray last_state, OptArray state_q, float u_scale, float delta_scale,
                     float A_scale, float B_scale, float C_scale, float D_scale, float z_scale,
                     float delta_bias_scale, float state_scale, int state_rounding, bool softplus,
-                    bool exact, int lanes_per_channel, std::uintptr_t stream) {
+                    bool exact, int lanes_per_channel, int block_threads,
+                    std::uintptr_t stream) {
   quamba::ScanArgs a;
   expect_ndim(u, "u", 3);
   a.batch = static_cast<int64_t>(u.shape(0));
@@ -549,6 +550,17 @@ void selective_scan(AnyArray u, AnyArray delta, AnyArray A, AnyArray B, AnyArray
     }
   }
   a.lanes_per_channel = lanes_per_channel;
+  if (block_threads != 0) {
+    if (block_threads != 64 && block_threads != 128) {
+      throw std::invalid_argument("block_threads must be 64 or 128 (or 0: chosen by the kernel)");
+    }
+    if (!int8_inputs || lanes_per_channel != 8) {
+      throw std::invalid_argument(
+          "block_threads applies to the 8-lane layout of the INT8 scan only (int8 delta/B/C/z "
+          "and lanes_per_channel = 8)");
+    }
+  }
+  a.block_threads = block_threads;
   a.u = u.data();
   a.delta = delta.data();
   a.z = opt_data(z);
@@ -898,8 +910,8 @@ NB_MODULE(_C, m) {
         nb::arg("A_scale"), nb::arg("B_scale"), nb::arg("C_scale"), nb::arg("D_scale"),
         nb::arg("z_scale"), nb::arg("delta_bias_scale"), nb::arg("state_scale"),
         nb::arg("state_rounding"), nb::arg("softplus"), nb::arg("exact"),
-        nb::arg("lanes_per_channel"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
-        "Selective scan (prefill).");
+        nb::arg("lanes_per_channel"), nb::arg("block_threads"), nb::arg("stream"),
+        nb::call_guard<nb::gil_scoped_release>(), "Selective scan (prefill).");
   m.def("selective_scan_step", &selective_scan_step, nb::arg("state").noconvert(),
         nb::arg("u").noconvert(), nb::arg("delta").noconvert(), nb::arg("A").noconvert(),
         nb::arg("B").noconvert(), nb::arg("C").noconvert(), nb::arg("D").noconvert().none(),

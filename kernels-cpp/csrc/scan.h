@@ -72,6 +72,9 @@ struct ScanArgs {
   // Prefill: lanes per channel for 9 <= N <= 16: 16 (one state per lane) or 8 (two); 0: chosen
   // by the kernel from the grid size and the input type (scan_kernel.cuh, auto_lanes_per_channel).
   int lanes_per_channel = 0;
+  // Prefill, INT8 delta/B/C/z with 8 lanes per channel: threads per block, 64 or 128; 0: chosen
+  // by the kernel from the grid size (scan_kernel.cuh, int8_narrow_block_threads).
+  int block_threads = 0;
 
   // Step with an INT8 state only: dt_proj fused in. When dt_x is set, the kernel computes
   // delta = Q8(float32(dt_x[b, :R] . dt_w[e, :R]) * dt_gemm_scale, delta_scale, dt_rounding) --

@@ -34,10 +34,13 @@ constexpr int kChunk = 64;          // time steps staged per chunk
 constexpr int kRow = kChunk + 4;    // padded shared-memory row (16-byte aligned, fewer conflicts)
 constexpr int kThreads = 256;  // block size (128-thread blocks measured slower at batch 1)
 // Resident blocks per SM the register allocation must allow: 768 threads (at most 85 registers
-// per thread) for NP = 16 (Mamba's N); other NP keep more per thread and get no bound.
+// per thread) for NP = 16 (Mamba's N) in blocks of 128 or 256 threads; the 64-thread INT8 block
+// (a batch-1 grid, see int8_narrow_block_threads) stages B and C for twice the states per
+// thread and gets 128 registers (eight blocks per SM: the most a batch-1 grid uses); other NP keep
+// more per thread and get no bound.
 template <int NP, int kBlock = kThreads>
 constexpr int min_blocks() {
-  return NP == 16 ? 3 * kThreads / kBlock : 1;
+  return NP == 16 ? (kBlock >= 128 ? 3 * kThreads / kBlock : 8) : 1;
 }
 
 template <int NP, int kBlock = kThreads, int kG = (NP < 32 ? NP : 32)>
@@ -471,12 +474,44 @@ int auto_lanes_per_channel(const ScanArgs& a) {
   return blocks >= min_blocks_per_sm * sms ? 8 : 16;
 }
 
+// Block size of the 8-lane INT8 layout: 128 threads (16 channels), or 64 (8 channels) when the
+// whole grid is resident at once and 64-thread blocks leave fewer channels on the busiest SM.
+// That is a batch-1 question: Mamba-2.8B's 5120 channels make 320 blocks of 16 on 132 SMs, i.e.
+// 56 SMs scanning 48 channels while 76 scan 32; in blocks of 8 no SM scans more than 40 (H100,
+// L = 2048: 165 -> 155 us). With more than a wave of blocks the 128-thread block is the faster
+// one (B = 8: 925 -> 940 us), since each block stages B and C for all states whatever its
+// channel count. Both sizes give the same bits (every channel's operations are its own).
+inline int int8_narrow_block_threads(const ScanArgs& a) {
+  if (a.block_threads != 0) return a.block_threads;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    return 128;
+  }
+  // Blocks per SM the launch bounds provide registers for (6 x 36 KB and 8 x 23 KB of shared
+  // memory fit beside them): beyond that the grid takes more than one wave.
+  const int64_t blocks128 = (a.dim + 15) / 16 * a.batch, blocks64 = (a.dim + 7) / 8 * a.batch;
+  if (blocks128 > int64_t{min_blocks<16, 128>()} * sms ||
+      blocks64 > int64_t{min_blocks<16, 64>()} * sms) {
+    return 128;
+  }
+  const int64_t busiest128 = (blocks128 + sms - 1) / sms * 16;
+  const int64_t busiest64 = (blocks64 + sms - 1) / sms * 8;
+  return busiest64 < busiest128 ? 64 : 128;
+}
+
 template <int NP, typename TU, typename TX, typename TOut, bool kExact>
 cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
   if constexpr (NP == 16) {
     const int lanes =
         a.lanes_per_channel != 0 ? a.lanes_per_channel : auto_lanes_per_channel<TX, kExact>(a);
     if (lanes == 8) {
+      if constexpr (sizeof(TX) == 1) {
+        if (int8_narrow_block_threads(a) == 64) {
+          return launch_layout<16, 64, 8, TU, TX, TOut, kExact>(a, stream);
+        }
+      }
       return launch_layout<16, narrow_block<TX>(), 8, TU, TX, TOut, kExact>(a, stream);
     }
   }

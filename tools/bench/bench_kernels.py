@@ -343,6 +343,9 @@ def sweep() -> None:
             for lanes in (8, 16):
                 selective_scan_int8(*args, lanes_per_channel=lanes)
                 selective_scan_int8(*args, exact=True, lanes_per_channel=lanes)
+            for block in (64, 128):  # the 8-lane INT8 layout's two block sizes
+                selective_scan_int8(*args, lanes_per_channel=8, block_threads=block)
+                selective_scan_int8(*args, exact=True, lanes_per_channel=8, block_threads=block)
                 selective_scan(uf.half(), dtf.half(), A, bf.half(), cf.half(), _randn(e),
                                zf.half(), _randn(e), lanes_per_channel=lanes)  # fmt: skip
         step = (u[..., 0].contiguous(), 0.02, dt[..., 0].contiguous(), 0.02, a_log, 0.02,

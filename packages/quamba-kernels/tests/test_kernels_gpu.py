@@ -834,6 +834,36 @@ def test_selective_scan_lanes_per_channel_same_bits(length, batch, kind, exact, 
         _assert_equal(a, b, f"{kind} exact={exact} N={n} L={length}: 8 vs 16 lanes")
 
 
+@pytest.mark.parametrize("length,batch", [(7, 3), (2047, 2), (130, 5), (1, 1), (4100, 1)])
+@pytest.mark.parametrize("float_u", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("n", [16, 13])
+def test_selective_scan_int8_block_threads_same_bits(length, batch, float_u, exact, n):
+    """The 8-lane INT8 layout in blocks of 64 and of 128 threads (8 or 16 channels each; the
+    kernel takes 64 where a batch-1 grid spreads better): every channel's operations are its own,
+    so outputs and states are bit-identical, and the kernel's own choice gives them too."""
+    from quamba_kernels.scan import selective_scan_int8
+
+    channels = 83  # a partial block at both sizes
+    g = _gen("block_threads", length, batch, float_u, exact, n)
+    tensors, s = _int8_scan_inputs(g, batch, channels, length, n, float_u)
+    args = _int8_args(tensors, s, 0.1)
+
+    def run(**kw):
+        out = _poisoned_float((batch, length, channels), torch.float16)
+        result = selective_scan_int8(
+            *args, exact=exact, return_last_state=True, out=out, lanes_per_channel=8, **kw
+        )
+        torch.cuda.synchronize()
+        _assert_written(out, f"y, block_threads={kw.get('block_threads')}")
+        return result
+
+    small = run(block_threads=64)
+    for kw in ({"block_threads": 128}, {}):
+        for a, b in zip(small, run(**kw)):
+            _assert_equal(a, b, f"exact={exact} N={n} L={length} B={batch}: 64 vs {kw}")
+
+
 FP_SCAN_CASES = [
     (length, batch, n, dtype)
     for ((length, batch), n), dtype in zip(

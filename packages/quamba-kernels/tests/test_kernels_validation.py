@@ -338,6 +338,16 @@ def test_selective_scan_int8_validation():
         selective_scan_int8(*_int8_scan_args(n=5), lanes_per_channel=8)
     _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*args))
     _expect_unavailable_or_cuda_error(lambda: selective_scan_int8(*args, lanes_per_channel=8))
+    with pytest.raises(ValueError, match="block_threads must be None, 64 or 128"):
+        selective_scan_int8(*args, lanes_per_channel=8, block_threads=256)
+    with pytest.raises(ValueError, match="block_threads must be None, 64 or 128"):
+        selective_scan_int8(*args, lanes_per_channel=8, block_threads=True)
+    for lanes in (None, 16):
+        with pytest.raises(ValueError, match="pass lanes_per_channel=8 with it"):
+            selective_scan_int8(*args, lanes_per_channel=lanes, block_threads=64)
+    _expect_unavailable_or_cuda_error(
+        lambda: selective_scan_int8(*args, lanes_per_channel=8, block_threads=64)
+    )
     # Optional parts may be None, their scales are then not inspected.
     optional = list(args)
     optional[10], optional[11], optional[12], optional[13] = None, None, None, None

@@ -87,16 +87,30 @@ def _lanes_code(lanes_per_channel, n: int) -> int:
     return int(lanes_per_channel)
 
 
+def _block_threads_code(block_threads, lanes: int) -> int:
+    """The kernel's block_threads argument: 0 (its choice), or 64 / 128 with 8 lanes."""
+    if block_threads is None:
+        return 0
+    if block_threads not in (64, 128):
+        raise ValueError(f"block_threads must be None, 64 or 128, got {block_threads!r}")
+    if lanes != 8:
+        raise ValueError(
+            "block_threads applies to the 8-lane layout only: pass lanes_per_channel=8 with it"
+        )
+    return int(block_threads)
+
+
 def _launch(
     module, u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, state_q,
-    scales, state_scale, state_rounding, softplus, exact, lanes,
+    scales, state_scale, state_rounding, softplus, exact, lanes, block_threads=0,
 ):  # fmt: skip
     s = {"u": 1.0, "delta": 1.0, "A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0, "z": 1.0, "bias": 1.0}
     s.update(scales)
     module.selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, state_q,
         s["u"], s["delta"], s["A"], s["B"], s["C"], s["D"], s["z"], s["bias"],
-        state_scale, state_rounding, softplus, exact, lanes, current_stream(u.device),
+        state_scale, state_rounding, softplus, exact, lanes, block_threads,
+        current_stream(u.device),
     )  # fmt: skip
 
 
@@ -179,6 +193,7 @@ def selective_scan_int8(
     out=None,
     state_q=None,
     lanes_per_channel: int | None = None,
+    block_threads: int | None = None,
 ):
     """INT8 selective scan on the GPU; returns ``(y (B, L, E) float16, h_q (B, E, N) int8)``.
 
@@ -187,7 +202,10 @@ def selective_scan_int8(
     (E, N), ``D_q``, ``dtb_q`` (E,) int8 (``D_q``, ``z_q``, ``dtb_q`` may be None); scales are
     floats. ``h_q = Q8(h_last, s_h, state_rounding)``. ``exact=True``: bit-identical to the
     reference; default fast mode: see the module doc. With ``return_last_state`` the float32
-    ``h_last`` (B, E, N) is returned third.
+    ``h_last`` (B, E, N) is returned third. ``block_threads`` (64 or 128, with
+    ``lanes_per_channel=8``): the 8-lane layout's block size, which the kernel otherwise chooses
+    from the grid (64 where a batch-1 grid then spreads more evenly over the SMs); the results
+    do not depend on it.
     """
     import torch
 
@@ -200,6 +218,7 @@ def selective_scan_int8(
     )  # fmt: skip
     _check_params(("A_log_q", "D_q", "dtb_q"), A_log_q, D_q, dtb_q, i8, e)
     lanes = _lanes_code(lanes_per_channel, n)
+    block = _block_threads_code(block_threads, lanes)
     scales = {
         "u": scale32("s_u", s_u) if u_q.dtype == i8 else 1.0,
         "delta": scale32("s_dt", s_dt),
@@ -231,7 +250,7 @@ def selective_scan_int8(
         last_state = torch.empty(batch, e, n, dtype=torch.float32, device=u_q.device)
     _launch(
         module, u_q, dt_q, A_log_q, B_q, C_q, D_q, z_q, dtb_q, None, out, last_state, state_q,
-        scales, state_scale, code, True, bool(exact), lanes,
+        scales, state_scale, code, True, bool(exact), lanes, block,
     )  # fmt: skip
     if return_last_state:
         return out, state_q, last_state

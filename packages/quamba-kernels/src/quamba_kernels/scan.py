@@ -16,7 +16,9 @@ Any L (time is processed in chunks), any batch up to 65535, d_state N up to 64.
 channel 16 lanes (one state each) or 8 (two states each); ``None`` lets it choose from the grid
 size and the input type (the faster one at Mamba-2.8B shapes, benchmarks/README.md). The results
 do not depend on it: the exact scans give the same bits and the fast scans the same sums in the
-same order.
+same order. ``block_threads`` (``selective_scan_int8`` with ``lanes_per_channel=8``): that layout's
+block of 64 or 128 threads, likewise free (the kernel takes 64 where a grid of one wave then
+leaves fewer channels on the busiest SM: Mamba-2.8B at batch 1).
 """
 
 from __future__ import annotations

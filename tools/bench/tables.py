@@ -24,14 +24,23 @@ def provenance_line(data: dict) -> str:
     return f"Sources: {where}digest {p['source_digest'][:16]}; measured {p['created_utc']}."
 
 
-def gemm_table(data: dict) -> str:
-    lines = [
-        f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s.",
+def _head(device_line: str, data: dict, columns: list[str]) -> list[str]:
+    """A table's first lines: the device, the provenance, a blank line, the header row."""
+    return [
+        device_line,
         provenance_line(data),
         "",
-        "| layer | M | N | K | implementation | µs | TOPS | % of floor | vs cuBLAS FP16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
+
+
+def gemm_table(data: dict) -> str:
+    lines = _head(
+        f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s.",
+        data,
+        ["layer", "M", "N", "K", "implementation", "µs", "TOPS", "% of floor", "vs cuBLAS FP16"],
+    )
     for r in data["results"]:
         lines.append(
             f"| {r['layer']} | {r['M']} | {r['N']} | {r['K']} | {r['impl']} | {r['us']:.1f} | "
@@ -47,15 +56,13 @@ def _pdl(row: dict) -> str:
 
 
 def e2e_table(data: dict) -> str:
-    lines = [
+    lines = _head(
         f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
         f"{data.get('torch', '?')}, {data['new_tokens']} new tokens.",
-        provenance_line(data),
-        "",
-        "| model | batch | prompt | kind | PDL | TTFT ms | TTFT graphed ms | TPOT ms | floor ms | "
-        "TPOT / floor | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        data,
+        ["model", "batch", "prompt", "kind", "PDL", "TTFT ms", "TTFT graphed ms", "TPOT ms",
+         "floor ms", "TPOT / floor", "peak GiB"],
+    )  # fmt: skip
     # Rows of full measurements (e2e.py --l2-prefetch rows carry a TPOT only; older files have
     # no programmatic_launch field: their launches were ordinary).
     rows = [r for r in data["rows"] if "ttft_ms" in r]
@@ -89,15 +96,13 @@ def e2e_table(data: dict) -> str:
 
 def probe_table(data: dict) -> str:
     """persistent_decode_probe.py: µs per layer of each structure against the weight floor."""
-    lines = [
+    lines = _head(
         f"Device: {data['device']} ({data['sms']} SMs), read bandwidth {data['read_gbs']:.0f} GB/s, "
         f"copy {data['copy_gbs']:.0f} GB/s.",
-        provenance_line(data),
-        "",
-        "| model | mode | sync | chain | in flight | µs per layer | floor µs | / floor | "
-        "consumers waiting for stages | in boundaries |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        data,
+        ["model", "mode", "sync", "chain", "in flight", "µs per layer", "floor µs", "/ floor",
+         "consumers waiting for stages", "in boundaries"],
+    )  # fmt: skip
     for r in data["rows"]:
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['sync']} | {r['chain']} | {r['inflight']} | "

@@ -78,6 +78,15 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kStageK + 16 * (chunk ^ (row & 7));
 }
 
+// The same for the transposed u rows (ut), which the threads write themselves: the chunk is
+// XOR-ed with (token ^ token / 4) % 8 instead. Still a permutation of eight consecutive tokens
+// (conflict-free ldmatrix), and it also spreads the transpose's stores: a warp writes tokens
+// 4 apart, which token % 8 maps to two chunk positions (8-way bank conflicts: ncu counted 457 K
+// conflicting store wavefronts in a 2.8B call) and this to eight.
+__device__ __forceinline__ int swizzled_ut(int token, int chunk) {
+  return token * kStageK + 16 * (chunk ^ ((token ^ (token >> 2)) & 7));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -169,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int token = 4 * tb + j;
-      *reinterpret_cast<uint32_t*>(dst + swizzled(token, kb >> 2) + 4 * (kb & 3)) = by_token[j];
+      *reinterpret_cast<uint32_t*>(dst + swizzled_ut(token, kb >> 2) + 4 * (kb & 3)) = by_token[j];
     }
   };
   auto wait_stage = [&](int it) { async::barrier_wait(&full[it % kStages], (it / kStages) & 1); };
@@ -200,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int pair = 0; pair < kNT / 2; ++pair) {
         const int token = (kTokens / kWarpsN) * warp_n + 16 * pair + r8 + 8 * (q >> 1);
         uint32_t r[4];
-        ldmatrix_x4(r, uts + swizzled(token, 2 * ks + (q & 1)));
+        ldmatrix_x4(r, uts + swizzled_ut(token, 2 * ks + (q & 1)));
         bf[2 * pair][0] = r[0];
         bf[2 * pair][1] = r[1];
         bf[2 * pair + 1][0] = r[2];

@@ -23,6 +23,8 @@
 // the generic path (x_proj of one 1024-token sequence: 130m 17.0 -> 9.8 us, 2.8B 26.1 -> 22.9),
 // long ones lose to cuBLASLt's (2.8B at 16 x 1024 tokens: 115 -> 125 us), so the layers take
 // this kernel where a block has at most 12 stages (quamba_kernels.gemm.x_proj_preferred).
+// Session 17: the transpose's stores had 8-way bank conflicts (swizzled_ut): 2.8B 24.0 -> 21.7 us;
+// four warps of 2 x 2 larger tiles (half the fragment reads) measured 33 us: the 16 warps stay.
 #include <atomic>
 
 #include <cooperative_groups.h>

@@ -8,7 +8,8 @@
 # and prints a compact summary table last. Full logs go to $OUT (default /tmp/gpu_check).
 #
 # Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
-# SKIP_E2E=1, SKIP_EVAL_SPEED=1, PROBE=1 (also run tools/bench/persistent_decode_probe.py), PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
+# SKIP_E2E=1, SKIP_EVAL_SPEED=1, PROBE=1 (also run tools/bench/persistent_decode_probe.py),
+# PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
 # BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
 # The whole set takes longer than one 10-minute device call: split it with the SKIP_* options.
@@ -26,7 +27,7 @@ PYTHON="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status_build="skipped" status_tests="skipped" status_memcheck="skipped" status_racecheck="skipped"
 status_bench="skipped" status_eval_speed="skipped" tests_summary=""
-status_gemm_bench="skipped" status_e2e="skipped"
+status_gemm_bench="skipped" status_e2e="skipped" status_probe="skipped"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -106,7 +107,6 @@ if [[ "$status_build" != "FAILED" ]]; then
       status_e2e="FAILED"; tail -30 "$OUT/e2e.log"
     fi
   fi
-  status_probe="skipped"
   if [[ "${PROBE:-0}" == "1" && $(left) -gt 60 ]]; then
     start=$(date +%s)
     if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/persistent_decode_probe.py >"$OUT/probe.log" 2>&1; then
@@ -142,6 +142,6 @@ echo "================ quamba-kernels GPU check ================"
 [[ -f "$OUT/probe.log" ]] && cat "$OUT/probe.log"
 printf '%-10s %s\n' build "$status_build" tests "$status_tests" memcheck "$status_memcheck" \
   racecheck "$status_racecheck" bench "$status_bench" gemm_bench "$status_gemm_bench" \
-  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "${status_probe:-skipped}"
+  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "$status_probe"
 [[ "$status_build" == "FAILED" || "$status_tests" == FAILED* ]] && exit 1
 exit 0

@@ -460,14 +460,20 @@ constexpr int narrow_block() {
   return sizeof(TX) == 1 ? 128 : 256;
 }
 
-template <typename TX, bool kExact>
-int auto_lanes_per_channel(const ScanArgs& a) {
-  if (sizeof(TX) == 4) return 16;
+// SMs of the current device; 0 where the runtime cannot say (the layout rules then keep their
+// defaults).
+inline int current_device_sms() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 16;
+    return 0;
   }
+  return sms;
+}
+
+template <typename TX, bool kExact>
+int auto_lanes_per_channel(const ScanArgs& a, int sms) {
+  if (sizeof(TX) == 4 || sms <= 0) return 16;
   const int64_t channels_per_block = Layout<16, narrow_block<TX>(), 8>::kChannels;
   const int64_t blocks = (a.dim + channels_per_block - 1) / channels_per_block * a.batch;
   const int64_t min_blocks_per_sm = sizeof(TX) == 1 && !kExact ? 2 : 4;
@@ -481,14 +487,9 @@ int auto_lanes_per_channel(const ScanArgs& a) {
 // L = 2048: 165 -> 155 us). With more than a wave of blocks the 128-thread block is the faster
 // one (B = 8: 925 -> 940 us), since each block stages B and C for all states whatever its
 // channel count. Both sizes give the same bits (every channel's operations are its own).
-inline int int8_narrow_block_threads(const ScanArgs& a) {
+inline int int8_narrow_block_threads(const ScanArgs& a, int sms) {
   if (a.block_threads != 0) return a.block_threads;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    return 128;
-  }
+  if (sms <= 0) return 128;
   // Blocks per SM the launch bounds provide registers for (6 x 36 KB and 8 x 23 KB of shared
   // memory fit beside them): beyond that the grid takes more than one wave.
   const int64_t blocks128 = (a.dim + 15) / 16 * a.batch, blocks64 = (a.dim + 7) / 8 * a.batch;
@@ -504,11 +505,12 @@ inline int int8_narrow_block_threads(const ScanArgs& a) {
 template <int NP, typename TU, typename TX, typename TOut, bool kExact>
 cudaError_t launch_np(const ScanArgs& a, cudaStream_t stream) {
   if constexpr (NP == 16) {
-    const int lanes =
-        a.lanes_per_channel != 0 ? a.lanes_per_channel : auto_lanes_per_channel<TX, kExact>(a);
+    const int sms = current_device_sms();
+    const int lanes = a.lanes_per_channel != 0 ? a.lanes_per_channel
+                                               : auto_lanes_per_channel<TX, kExact>(a, sms);
     if (lanes == 8) {
       if constexpr (sizeof(TX) == 1) {
-        if (int8_narrow_block_threads(a) == 64) {
+        if (int8_narrow_block_threads(a, sms) == 64) {
           return launch_layout<16, 64, 8, TU, TX, TOut, kExact>(a, stream);
         }
       }

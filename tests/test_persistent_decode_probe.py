@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+
+from persistent_decode_probe import compile_command
 
 
 @pytest.mark.slow
@@ -22,9 +25,7 @@ def test_probe_compiles(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not installed")
     done = subprocess.run(
-        [nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{ROOT / 'kernels-cpp' / 'csrc'}",
-         str(ROOT / "tools" / "bench" / "persistent_decode_probe.cu"),
-         "-o", str(tmp_path / "probe")],
+        compile_command(nvcc, tmp_path / "probe"),
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -26,6 +26,12 @@ sys.path.insert(0, str(HERE))
 from bench_kernels import write_result  # noqa: E402
 
 
+def compile_command(nvcc: str, binary: Path) -> list[str]:
+    """nvcc's command line for the probe (sm_90a; tma.cuh comes from kernels-cpp/csrc)."""
+    return [nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{ROOT / 'kernels-cpp' / 'csrc'}",
+            str(HERE / "persistent_decode_probe.cu"), "-o", str(binary)]  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="result file (default: $OUT/...)")
@@ -37,12 +43,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "persistent_decode_probe"
         result = Path(tmp) / "result.json"
-        source = HERE / "persistent_decode_probe.cu"
-        subprocess.run(
-            [nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{ROOT / 'kernels-cpp' / 'csrc'}",
-             str(source), "-o", str(binary)],
-            check=True,
-        )  # fmt: skip
+        subprocess.run(compile_command(nvcc, binary), check=True)
         subprocess.run([str(binary), "--json", str(result)], check=True)
         payload = {"kind": "persistent_decode_probe", **json.loads(result.read_text())}
     write_result(payload, "persistent_decode_probe.json", args.json)

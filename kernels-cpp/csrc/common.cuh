@@ -113,6 +113,14 @@ __device__ __forceinline__ float dequant<int8_t>(int8_t v, float scale) {
   return __fmul_rn(static_cast<float>(v), scale);
 }
 
+// float(q) of byte k (0..3) of a word of packed int8 codes whose bytes were biased by 128
+// (`word ^ 0x80808080`), on the ALU and FMA pipes: I2F runs on the XU pipe, which MUFU (exp, rcp)
+// needs. Byte k placed under the exponent of 2^23 is the float 2^23 + q + 128, exactly; subtracting
+// 2^23 + 128 leaves q exactly, so __fmul_rn(int8_lane_to_float(w, k), s) is dequant(q, s) bit for bit.
+__device__ __forceinline__ float int8_lane_to_float(uint32_t biased_word, int k) {
+  return __fsub_rn(__uint_as_float(__byte_perm(biased_word, 0x4B000000u, 0x7650 + k)), 8388736.0f);
+}
+
 // SiLU as the references evaluate it: v / (1 + exp(-v)), every operation rounded on its own,
 // accurate expf (libdevice, the same function torch's CUDA exp calls).
 __device__ __forceinline__ float silu_exact(float v) {

@@ -107,6 +107,14 @@ struct Raw4 {
     memcpy(&v, reinterpret_cast<const char*>(&w) + k * sizeof(T), sizeof(T));
     return v;
   }
+  // dequant(get(k), scale); INT8 codes without I2F (int8_lane_to_float), the same bits.
+  __device__ __forceinline__ float dequant_at(int k, float scale) const {
+    if constexpr (std::is_same_v<T, int8_t>) {
+      return __fmul_rn(int8_lane_to_float(w ^ 0x80808080u, k), scale);
+    } else {
+      return dequant(get(k), scale);
+    }
+  }
 };
 
 template <typename T>
@@ -223,28 +231,63 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
   constexpr int kBCIters = (kBCSlots + kBlock - 1) / kBlock;
   Raw4<TU> raw_u[kActIters];
   Raw4<TX> raw_d[kActIters], raw_z[kActIters], raw_B[kBCIters], raw_C[kBCIters];
+  // Each slot's element offset at step 0 (a chunk adds its t0) and whether its row exists (a
+  // channel < E, a state < N): the same for every chunk, so computed once.
+  int64_t act_off[kActIters], bc_off[kBCIters];
+  bool act_row[kActIters], bc_row[kBCIters];
+#pragma unroll
+  for (int it = 0; it < kActIters; ++it) {
+    const int slot = tid + it * kBlock;
+    const int64_t ee = e0 + slot / (kChunk / 4);
+    act_row[it] = slot < kActSlots && ee < E;
+    act_off[it] = act_row[it] ? (b * E + ee) * Lq + slot % (kChunk / 4) * 4 : 0;
+  }
+#pragma unroll
+  for (int it = 0; it < kBCIters; ++it) {
+    const int slot = tid + it * kBlock;
+    const int nn = slot / (kChunk / 4);
+    bc_row[it] = slot < kBCSlots && nn < N;
+    bc_off[it] = bc_row[it] ? (b * N + nn) * Lq + slot % (kChunk / 4) * 4 : 0;
+  }
+  // A full chunk (all its steps, all the block's channels, aligned rows: every chunk but an
+  // unaligned or last partial one) loads whole words without the edge's bounds arithmetic.
+  const bool channels_full = e0 + CPB <= E;
   auto load_chunk = [&](int64_t t0) {
+    using UWord = typename Raw4<TU>::Word;
+    using XWord = typename Raw4<TX>::Word;
+    const bool full = vec && channels_full && t0 + kChunk <= Lq;
 #pragma unroll
     for (int it = 0; it < kActIters; ++it) {
-      const int slot = tid + it * kBlock;
-      const int cc = slot / (kChunk / 4);
-      const int tt = slot % (kChunk / 4) * 4;
-      const int64_t ee = e0 + cc;
-      const int64_t remaining = slot < kActSlots && ee < E ? Lq - t0 - tt : 0;
-      const int64_t off = remaining > 0 ? (b * E + ee) * Lq + t0 + tt : 0;
-      raw_u[it] = load_raw4(u_in + off, remaining, vec);
-      raw_d[it] = load_raw4(delta_in + off, remaining, vec);
-      raw_z[it] = load_raw4(z_in + off, has_z ? remaining : 0, vec);
+      const int tt = (tid + it * kBlock) % (kChunk / 4) * 4;
+      if (full && act_row[it]) {
+        const int64_t off = act_off[it] + t0;
+        raw_u[it].w = *reinterpret_cast<const UWord*>(u_in + off);
+        raw_d[it].w = *reinterpret_cast<const XWord*>(delta_in + off);
+        if (has_z) {
+          raw_z[it].w = *reinterpret_cast<const XWord*>(z_in + off);
+        } else {
+          memset(&raw_z[it], 0, sizeof(raw_z[it]));
+        }
+      } else {
+        const int64_t remaining = act_row[it] ? Lq - t0 - tt : 0;
+        const int64_t off = remaining > 0 ? act_off[it] + t0 : 0;
+        raw_u[it] = load_raw4(u_in + off, remaining, vec);
+        raw_d[it] = load_raw4(delta_in + off, remaining, vec);
+        raw_z[it] = load_raw4(z_in + off, has_z ? remaining : 0, vec);
+      }
     }
 #pragma unroll
     for (int it = 0; it < kBCIters; ++it) {
-      const int slot = tid + it * kBlock;
-      const int nn = slot / (kChunk / 4);
-      const int tt = slot % (kChunk / 4) * 4;
-      const int64_t remaining = slot < kBCSlots && nn < N ? Lq - t0 - tt : 0;
-      const int64_t off = remaining > 0 ? (b * N + nn) * Lq + t0 + tt : 0;
-      raw_B[it] = load_raw4(B_in + off, remaining, vec);
-      raw_C[it] = load_raw4(C_in + off, remaining, vec);
+      const int tt = (tid + it * kBlock) % (kChunk / 4) * 4;
+      if (full && bc_row[it]) {
+        raw_B[it].w = *reinterpret_cast<const XWord*>(B_in + bc_off[it] + t0);
+        raw_C[it].w = *reinterpret_cast<const XWord*>(C_in + bc_off[it] + t0);
+      } else {
+        const int64_t remaining = bc_row[it] ? Lq - t0 - tt : 0;
+        const int64_t off = remaining > 0 ? bc_off[it] + t0 : 0;
+        raw_B[it] = load_raw4(B_in + off, remaining, vec);
+        raw_C[it] = load_raw4(C_in + off, remaining, vec);
+      }
     }
   };
   load_chunk(0);
@@ -265,58 +308,67 @@ __global__ void __launch_bounds__(kBlock, min_blocks<NP, kBlock>())
   for (int64_t t0 = 0; t0 < Lq; t0 += kChunk) {
     const int64_t steps = Lq - t0 < kChunk ? Lq - t0 : kChunk;
 
-    // ---- 1. decode the chunk's raw inputs (padded steps and channels: zeros) ----
+    // ---- 1. decode the chunk's raw inputs (padded steps and channels: zeros). A full chunk
+    // (kFull) has no padded steps or channels, and padded states' raw words are zeros. ----
+    auto decode = [&](auto full_tag) {
+      constexpr bool kFull = decltype(full_tag)::value;
 #pragma unroll
-    for (int it = 0; it < kActIters; ++it) {
-      const int slot = tid + it * kBlock;
-      if (slot < kActSlots) {
-        const int cc = slot / (kChunk / 4);
-        const int tt = slot % (kChunk / 4) * 4;
-        const bool channel_in = e0 + cc < E;
-        float uv[4], dv[4], zv[4];
+      for (int it = 0; it < kActIters; ++it) {
+        const int slot = tid + it * kBlock;
+        if (slot < kActSlots) {
+          const int cc = slot / (kChunk / 4);
+          const int tt = slot % (kChunk / 4) * 4;
+          const bool channel_in = e0 + cc < E;
+          float uv[4], dv[4], zv[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          uv[k] = dv[k] = zv[k] = 0.0f;
-          if (channel_in && tt + k < steps) {
-            uv[k] = dequant(raw_u[it].get(k), a.u_scale);
-            if constexpr (kTables) {
-              const int8_t dq = static_cast<int8_t>(raw_d[it].get(k));
-              dv[k] = s_delta_table[cc][table_index(dq)];
-            } else {
-              dv[k] = dequant(raw_d[it].get(k), a.delta_scale);
-              if (a.delta_bias != nullptr) dv[k] = __fadd_rn(dv[k], s_bias[cc]);
-              if (a.softplus) dv[k] = softplus_exact(dv[k]);
-              if (has_z) zv[k] = silu_exact(dequant(raw_z[it].get(k), a.z_scale));
+          for (int k = 0; k < 4; ++k) {
+            uv[k] = dv[k] = zv[k] = 0.0f;
+            if (kFull || (channel_in && tt + k < steps)) {
+              uv[k] = raw_u[it].dequant_at(k, a.u_scale);
+              if constexpr (kTables) {
+                const int8_t dq = static_cast<int8_t>(raw_d[it].get(k));
+                dv[k] = s_delta_table[cc][table_index(dq)];
+              } else {
+                dv[k] = raw_d[it].dequant_at(k, a.delta_scale);
+                if (a.delta_bias != nullptr) dv[k] = __fadd_rn(dv[k], s_bias[cc]);
+                if (a.softplus) dv[k] = softplus_exact(dv[k]);
+                if (has_z) zv[k] = silu_exact(raw_z[it].dequant_at(k, a.z_scale));
+              }
             }
           }
-        }
-        *reinterpret_cast<float4*>(&s_u[cc][tt]) = make_float4(uv[0], uv[1], uv[2], uv[3]);
-        *reinterpret_cast<float4*>(&s_delta[cc][tt]) = make_float4(dv[0], dv[1], dv[2], dv[3]);
-        if constexpr (kTables) {
-          // z's four codes as loaded (zeros for padded steps and channels).
-          *reinterpret_cast<uint32_t*>(&s_z[cc][tt]) = has_z ? raw_z[it].w : 0u;
-        } else {
+          *reinterpret_cast<float4*>(&s_u[cc][tt]) = make_float4(uv[0], uv[1], uv[2], uv[3]);
+          *reinterpret_cast<float4*>(&s_delta[cc][tt]) = make_float4(dv[0], dv[1], dv[2], dv[3]);
+          if constexpr (kTables) {
+            // z's four codes as loaded (zeros for padded steps and channels).
+            *reinterpret_cast<uint32_t*>(&s_z[cc][tt]) = has_z ? raw_z[it].w : 0u;
+          } else {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) s_z[cc][tt + k] = zv[k];
+            for (int k = 0; k < 4; ++k) s_z[cc][tt + k] = zv[k];
+          }
         }
       }
-    }
 #pragma unroll
-    for (int it = 0; it < kBCIters; ++it) {
-      const int slot = tid + it * kBlock;
-      if (slot < kBCSlots) {
-        const int nn = slot / (kChunk / 4);
-        const int tt = slot % (kChunk / 4) * 4;
-        float bv[4], cv[4];
+      for (int it = 0; it < kBCIters; ++it) {
+        const int slot = tid + it * kBlock;
+        if (slot < kBCSlots) {
+          const int nn = slot / (kChunk / 4);
+          const int tt = slot % (kChunk / 4) * 4;
+          float bv[4], cv[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const bool ok = nn < N && tt + k < steps;
-          bv[k] = ok ? dequant(raw_B[it].get(k), a.B_scale) : 0.0f;
-          cv[k] = ok ? dequant(raw_C[it].get(k), a.C_scale) : 0.0f;
+          for (int k = 0; k < 4; ++k) {
+            const bool ok = kFull || (nn < N && tt + k < steps);
+            bv[k] = ok ? raw_B[it].dequant_at(k, a.B_scale) : 0.0f;
+            cv[k] = ok ? raw_C[it].dequant_at(k, a.C_scale) : 0.0f;
+          }
+          *reinterpret_cast<float4*>(&s_B[nn][tt]) = make_float4(bv[0], bv[1], bv[2], bv[3]);
+          *reinterpret_cast<float4*>(&s_C[nn][tt]) = make_float4(cv[0], cv[1], cv[2], cv[3]);
         }
-        *reinterpret_cast<float4*>(&s_B[nn][tt]) = make_float4(bv[0], bv[1], bv[2], bv[3]);
-        *reinterpret_cast<float4*>(&s_C[nn][tt]) = make_float4(cv[0], cv[1], cv[2], cv[3]);
       }
+    };
+    if (steps == kChunk && channels_full) {
+      decode(std::true_type{});
+    } else {
+      decode(std::false_type{});
     }
     __syncthreads();
     // The next chunk's loads are in flight during the recurrence.

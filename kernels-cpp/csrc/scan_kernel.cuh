@@ -542,12 +542,18 @@ int auto_lanes_per_channel(const ScanArgs& a, int sms) {
 // L = 2048: 165 -> 155 us). With more than a wave of blocks the 128-thread block is the faster
 // one (B = 8: 925 -> 940 us), since each block stages B and C for all states whatever its
 // channel count. Both sizes give the same bits (every channel's operations are its own).
+// Session 18 (the staging and the unrolled recurrence above): in fast mode the 64-thread block
+// became the faster one with many waves of blocks too (H100, 2.8B, L 2048: B = 8 903 -> 883 us,
+// B = 4 462 -> 458; B = 2, 640 blocks of 128, 248 -> 267: slower), so fast grids of at least 8
+// blocks of 128 per SM take it; exact mode keeps 128 (B = 8 1138 -> 1207 us with 64).
 inline int int8_narrow_block_threads(const ScanArgs& a, int sms) {
   if (a.block_threads != 0) return a.block_threads;
   if (sms <= 0) return 128;
+  const int64_t blocks128 = (a.dim + 15) / 16 * a.batch;
+  if (!a.exact && blocks128 >= int64_t{8} * sms) return 64;
   // Blocks per SM the launch bounds provide registers for (6 x 36 KB and 8 x 23 KB of shared
   // memory fit beside them): beyond that the grid takes more than one wave.
-  const int64_t blocks128 = (a.dim + 15) / 16 * a.batch, blocks64 = (a.dim + 7) / 8 * a.batch;
+  const int64_t blocks64 = (a.dim + 7) / 8 * a.batch;
   if (blocks128 > int64_t{min_blocks<16, 128>()} * sms ||
       blocks64 > int64_t{min_blocks<16, 64>()} * sms) {
     return 128;

@@ -18,7 +18,8 @@ size and the input type (the faster one at Mamba-2.8B shapes, benchmarks/README.
 do not depend on it: the exact scans give the same bits and the fast scans the same sums in the
 same order. ``block_threads`` (``selective_scan_int8`` with ``lanes_per_channel=8``): that layout's
 block of 64 or 128 threads, likewise free (the kernel takes 64 where a grid of one wave then
-leaves fewer channels on the busiest SM: Mamba-2.8B at batch 1).
+leaves fewer channels on the busiest SM: Mamba-2.8B at batch 1; and in fast mode for grids of
+at least 8 blocks of 128 per SM, where it measured faster).
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def selective_scan_int8(
     reference; default fast mode: see the module doc. With ``return_last_state`` the float32
     ``h_last`` (B, E, N) is returned third. ``block_threads`` (64 or 128, with
     ``lanes_per_channel=8``): the 8-lane layout's block size, which the kernel otherwise chooses
-    from the grid (64 where a batch-1 grid then spreads more evenly over the SMs); the results
-    do not depend on it.
+    from the grid (64 where a batch-1 grid then spreads more evenly over the SMs, and in fast mode
+    for grids of at least 8 blocks of 128 per SM); the results do not depend on it.
     """
     import torch
 

@@ -118,3 +118,12 @@ def test_probe_table_rows():
     lines = tables.probe_table(data).splitlines()
     assert lines[0] == "Device: GPU (132 SMs), read bandwidth 3076 GB/s, copy 2973 GB/s."
     assert lines[-1] == "| 2.8b | full | tagged | 0 | 4 | 16.50 | 14.00 | 1.18 | 16% | 73% |"
+
+
+def test_costs_table_rows():
+    row = {"model": "2.8b", "batch": 1, "prompt": 1024, "kind": "out_proj", "calls": 64,
+           "ms_in_model": 1.63, "us_per_call": 25.5, "prefill_ms": 14.33}  # fmt: skip
+    data = {"kind": "model_costs", "device": "GPU", "rows": [row]}
+    lines = tables.costs_table(data).splitlines()
+    assert lines[0] == "Device: GPU."
+    assert lines[-1] == "| 2.8b | 1 | 1024 | out_proj | 64 | 1.63 | 25.5 | 11% of 14.33 ms |"

@@ -9,6 +9,7 @@
 #
 # Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
 # SKIP_E2E=1, SKIP_EVAL_SPEED=1, PROBE=1 (also run tools/bench/persistent_decode_probe.py),
+# COSTS=1 (also run tools/bench/model_costs.py, COSTS_ARGS: each kernel's time in the prefill),
 # PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
 # BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
@@ -27,7 +28,7 @@ PYTHON="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status_build="skipped" status_tests="skipped" status_memcheck="skipped" status_racecheck="skipped"
 status_bench="skipped" status_eval_speed="skipped" tests_summary=""
-status_gemm_bench="skipped" status_e2e="skipped" status_probe="skipped"
+status_gemm_bench="skipped" status_e2e="skipped" status_probe="skipped" status_costs="skipped"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -115,6 +116,14 @@ if [[ "$status_build" != "FAILED" ]]; then
       status_probe="FAILED"; tail -20 "$OUT/probe.log"
     fi
   fi
+  if [[ "${COSTS:-0}" == "1" && $(left) -gt 60 ]]; then
+    start=$(date +%s)
+    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/model_costs.py ${COSTS_ARGS:-} >"$OUT/costs.log" 2>&1; then
+      status_costs="ok ($(( $(date +%s) - start )) s)"
+    else
+      status_costs="FAILED"; tail -20 "$OUT/costs.log"
+    fi
+  fi
   # ---- 4. compute-sanitizer on a small sweep ----
   if [[ "${SKIP_SANITIZER:-0}" != "1" ]] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
@@ -140,8 +149,9 @@ echo "================ quamba-kernels GPU check ================"
 [[ -f "$OUT/bench_gemm.log" ]] && sed -n '/device-to-device copy/,$p' "$OUT/bench_gemm.log"
 [[ -f "$OUT/e2e.log" ]] && sed -n '/^model /,$p' "$OUT/e2e.log"
 [[ -f "$OUT/probe.log" ]] && cat "$OUT/probe.log"
+[[ -f "$OUT/costs.log" ]] && cat "$OUT/costs.log"
 printf '%-10s %s\n' build "$status_build" tests "$status_tests" memcheck "$status_memcheck" \
   racecheck "$status_racecheck" bench "$status_bench" gemm_bench "$status_gemm_bench" \
-  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "$status_probe"
+  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "$status_probe" costs "$status_costs"
 [[ "$status_build" == "FAILED" || "$status_tests" == FAILED* ]] && exit 1
 exit 0

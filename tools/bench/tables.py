@@ -1,5 +1,5 @@
-"""Markdown tables from the JSON that tools/bench/bench_gemm.py, tools/bench/e2e.py and
-tools/bench/persistent_decode_probe.py write (the tables in benchmarks/README.md are made with it).
+"""Markdown tables from the JSON that tools/bench/bench_gemm.py, tools/bench/e2e.py,
+tools/bench/model_costs.py and tools/bench/persistent_decode_probe.py write (the tables in benchmarks/README.md are made with it).
 
 Usage: python tools/bench/tables.py benchmarks/bench_gemm_h100.json benchmarks/e2e_h100.json
 """
@@ -113,6 +113,23 @@ def probe_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def costs_table(data: dict) -> str:
+    """model_costs.py: each kind of kernel's time inside the graphed W8A8 prefill."""
+    lines = _head(
+        f"Device: {data['device']}.",
+        data,
+        ["model", "batch", "prompt", "kernel", "calls", "ms in the model", "µs per call",
+         "share of the prefill"],
+    )  # fmt: skip
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {r['calls']} | "
+            f"{r['ms_in_model']:.2f} | {r['us_per_call']:.1f} | "
+            f"{100 * r['ms_in_model'] / r['prefill_ms']:.0f}% of {r['prefill_ms']:.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
@@ -121,12 +138,15 @@ def main() -> int:
         data = json.loads(path.read_text())
         if data.get("kind") == "persistent_decode_probe":
             print(probe_table(data))
+        elif data.get("kind") == "model_costs":
+            print(costs_table(data))
         elif "results" in data:
             print(gemm_table(data))
         elif "rows" in data:
             print(e2e_table(data))
         else:
-            print(f"{path}: not a bench_gemm.py, e2e.py or probe result", file=sys.stderr)
+            print(f"{path}: not a bench_gemm.py, e2e.py, model_costs.py or probe result",
+                  file=sys.stderr)  # fmt: skip
             return 2
         print()
     return 0

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
 sys.path.insert(0, str(BENCH))
@@ -127,3 +128,14 @@ def test_costs_table_rows():
     lines = tables.costs_table(data).splitlines()
     assert lines[0] == "Device: GPU."
     assert lines[-1] == "| 2.8b | 1 | 1024 | out_proj | 64 | 1.63 | 25.5 | 11% of 14.33 ms |"
+
+
+def test_model_costs_names_the_projections():
+    model_costs = pytest.importorskip("model_costs")
+    from quamba_layers.config import MambaConfig
+
+    cfg = MambaConfig.from_preset("2.8b")  # d_model 2560, d_inner 5120, dt_rank 160, d_state 16
+    shapes = {(10240, 2560): "in_proj", (5120, 2560): "in_proj half", (5120, 160): "dt_proj",
+              (2560, 5120): "out_proj", (192, 5120): "x_proj's GEMM"}  # fmt: skip
+    for shape, kind in shapes.items():
+        assert model_costs.gemm_kind(cfg, torch.empty(shape)) == kind

@@ -38,14 +38,15 @@ OPS = ("selective_scan_int8", "hadamard", "rmsnorm", "conv1d_int8", "x_proj", "w
 
 
 def gemm_kind(cfg: MambaConfig, w_q) -> str:
-    """Which projection a W8A8 GEMM of `cfg` is, from its weight's shape (N, K)."""
+    """Which projection a W8A8 GEMM of `cfg` is, from its weight's shape (N, K). x_proj's GEMM
+    runs here only on the generic x_proj path (its time is also inside "x_proj")."""
     n, k = w_q.shape
     d_inner = cfg.expand * cfg.d_model
-    if n == cfg.d_model:
-        return "out_proj"
-    if n == 2 * d_inner:
-        return "in_proj"
-    return "in_proj half" if k == cfg.d_model else "dt_proj"
+    if k == d_inner:
+        return "out_proj" if n == cfg.d_model else "x_proj's GEMM"
+    if k == cfg.d_model:
+        return "in_proj" if n == 2 * d_inner else "in_proj half"
+    return "dt_proj"
 
 
 class Recorder:

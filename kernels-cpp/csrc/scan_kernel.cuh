@@ -12,7 +12,10 @@
 //              the current chunk is scanned. For INT8 delta and z, softplus(q * s + bias) (per
 //              channel) and silu(q * s_z) come from 256-entry tables built once per block with
 //              the same float32 operations, so they are bit-identical to evaluating them
-//              (z's codes are staged as they are and looked up in step 3);
+//              (z's codes are staged as they are and looked up in step 3). Full chunks (all
+//              steps and channels present, aligned rows) load whole words and decode without
+//              per-element predicates, and INT8 codes become floats without I2F
+//              (int8_lane_to_float: I2F shares the XU pipe with the recurrence's MUFU.EX2);
 //   2. scan:   every thread advances its states through the chunk; the products h * C of G
 //              consecutive steps are summed over the state, within the lane first (states n and
 //              n + G) and then with a reduce-scatter across the G lanes, a tree that is exactly

@@ -127,7 +127,17 @@ def test_costs_table_rows():
     data = {"kind": "model_costs", "device": "GPU", "rows": [row]}
     lines = tables.costs_table(data).splitlines()
     assert lines[0] == "Device: GPU."
-    assert lines[-1] == "| 2.8b | 1 | 1024 | out_proj | 64 | 1.63 | 25.5 | 11% of 14.33 ms |"
+    assert lines[-1] == (
+        "| 2.8b | 1 | 1024 | prefill | out_proj | 64 | 1.630 | 25.5 | 11% of 14.33 ms |"
+    )
+    step = {"model": "2.8b", "batch": 1, "prompt": 1024, "phase": "decode", "kind": "hadamard",
+            "calls": 64, "ms_in_model": 0.0256, "us_per_call": 0.4, "step_ms": 1.957,
+            "floor_ms": 0.98}  # fmt: skip
+    lines = tables.costs_table({**data, "rows": [step]}).splitlines()
+    assert lines[-1] == (
+        "| 2.8b | 1 | 1024 | decode | hadamard | 64 | 0.026 | 0.4 | "
+        "1% of 1.957 ms step (floor 0.980) |"
+    )
 
 
 def test_model_costs_names_the_projections():

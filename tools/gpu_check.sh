@@ -9,7 +9,8 @@
 #
 # Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
 # SKIP_E2E=1, SKIP_EVAL_SPEED=1, PROBE=1 (also run tools/bench/persistent_decode_probe.py),
-# COSTS=1 (also run tools/bench/model_costs.py, COSTS_ARGS: each kernel's time in the prefill),
+# COSTS=1 (also run tools/bench/model_costs.py, COSTS_ARGS: each kernel's time in the prefill or,
+# with --phase decode or both, in a decode step),
 # PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
 # BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.

@@ -114,18 +114,26 @@ def probe_table(data: dict) -> str:
 
 
 def costs_table(data: dict) -> str:
-    """model_costs.py: each kind of kernel's time inside the graphed W8A8 prefill."""
+    """model_costs.py: each kind of kernel's time inside the graphed W8A8 prefill or decode step
+    (rows without a phase: prefill, as the script wrote them before it had one)."""
     lines = _head(
         f"Device: {data['device']}.",
         data,
-        ["model", "batch", "prompt", "kernel", "calls", "ms in the model", "µs per call",
-         "share of the prefill"],
+        ["model", "batch", "prompt", "phase", "kernel", "calls", "ms in the model",
+         "µs per call", "share"],
     )  # fmt: skip
     for r in data["rows"]:
+        phase = r.get("phase", "prefill")
+        if phase == "decode":
+            whole = f"{r['step_ms']:.3f} ms step (floor {r['floor_ms']:.3f})"
+            share = 100 * r["ms_in_model"] / r["step_ms"]
+        else:
+            whole = f"{r['prefill_ms']:.2f} ms"
+            share = 100 * r["ms_in_model"] / r["prefill_ms"]
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {r['calls']} | "
-            f"{r['ms_in_model']:.2f} | {r['us_per_call']:.1f} | "
-            f"{100 * r['ms_in_model'] / r['prefill_ms']:.0f}% of {r['prefill_ms']:.2f} ms |"
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {phase} | {r['kind']} | "
+            f"{r['calls']} | {r['ms_in_model']:.3f} | {r['us_per_call']:.1f} | "
+            f"{share:.0f}% of {whole} |"
         )
     return "\n".join(lines)
 

@@ -129,6 +129,12 @@ def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for layer in state for t in layer)
 
 
+def decode_floor_ms(weights: int, state: int, bandwidth: float) -> float:
+    """The floor of one decode step: its weight bytes once and its state read and written, at
+    ``bandwidth`` (bytes/s)."""
+    return (weights + 2 * state) / bandwidth * 1e3
+
+
 class Runner:
     """prefill(ids) -> (last logits (B, V), state); step(tokens, state) -> (logits, state)."""
 
@@ -298,7 +304,7 @@ def main() -> int:
                             runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
                         )
                         peak -= baseline
-                        floor = (weights + 2 * sbytes) / bandwidth * 1e3
+                        floor = decode_floor_ms(weights, sbytes, bandwidth)
                         got[kind, batch, prompt, pdl] = (ttft, tpot, peak, ttft_graph)
                         rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
                                      "programmatic_launch": pdl, "ttft_ms": ttft,

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import copy_bandwidth, write_result
-from e2e import state_bytes, w8a8_model, weight_bytes  # first: it puts the sources on sys.path
+from e2e import decode_floor_ms, state_bytes, w8a8_model, weight_bytes  # first: sets sys.path
 
 import quamba_kernels
 from quamba_layers.config import MambaConfig
@@ -161,7 +161,7 @@ def measure(
         whole = graphed_ms(None)
         extra = {"prefill_ms": whole}
         if phase == "decode":
-            floor = (weight_bytes(model) + 2 * state_bytes(state)) / bandwidth * 1e3
+            floor = decode_floor_ms(weight_bytes(model), state_bytes(state), bandwidth)
             extra = {"step_ms": whole, "floor_ms": floor}
         rows = []
         for kind in sorted(recorder.outputs):

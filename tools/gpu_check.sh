@@ -22,6 +22,19 @@ set -uo pipefail
 T0=$(date +%s)
 BUDGET_S="${BUDGET_S:-440}"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+# A benchmark stage: runs "$@" (within the time left) into $OUT/LOG.log and sets status_NAME;
+# on failure prints the log's last TAIL lines. Usage: run_stage NAME LOG TAIL COMMAND...
+run_stage() {
+  local name=$1 log="$OUT/$2.log" tail_lines=$3 start
+  shift 3
+  start=$(date +%s)
+  if timeout $(( $(left) - 20 )) "$@" >"$log" 2>&1; then
+    printf -v "status_$name" 'ok (%s s)' "$(( $(date +%s) - start ))"
+  else
+    printf -v "status_$name" 'FAILED'
+    tail -"$tail_lines" "$log"
+  fi
+}
 
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
@@ -94,36 +107,16 @@ if [[ "$status_build" != "FAILED" ]]; then
     fi
   fi
   if [[ "${SKIP_GEMM_BENCH:-0}" != "1" && $(left) -gt 60 ]]; then
-    start=$(date +%s)
-    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/bench_gemm.py ${GEMM_BENCH_ARGS:-} >"$OUT/bench_gemm.log" 2>&1; then
-      status_gemm_bench="ok ($(( $(date +%s) - start )) s)"
-    else
-      status_gemm_bench="FAILED"; tail -30 "$OUT/bench_gemm.log"
-    fi
+    run_stage gemm_bench bench_gemm 30 "$PYTHON" tools/bench/bench_gemm.py ${GEMM_BENCH_ARGS:-}
   fi
   if [[ "${SKIP_E2E:-0}" != "1" && $(left) -gt 90 ]]; then
-    start=$(date +%s)
-    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/e2e.py ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1; then
-      status_e2e="ok ($(( $(date +%s) - start )) s)"
-    else
-      status_e2e="FAILED"; tail -30 "$OUT/e2e.log"
-    fi
+    run_stage e2e e2e 30 "$PYTHON" tools/bench/e2e.py ${E2E_ARGS:-}
   fi
   if [[ "${PROBE:-0}" == "1" && $(left) -gt 60 ]]; then
-    start=$(date +%s)
-    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/persistent_decode_probe.py >"$OUT/probe.log" 2>&1; then
-      status_probe="ok ($(( $(date +%s) - start )) s)"
-    else
-      status_probe="FAILED"; tail -20 "$OUT/probe.log"
-    fi
+    run_stage probe probe 20 "$PYTHON" tools/bench/persistent_decode_probe.py
   fi
   if [[ "${COSTS:-0}" == "1" && $(left) -gt 60 ]]; then
-    start=$(date +%s)
-    if timeout $(( $(left) - 20 )) "$PYTHON" tools/bench/model_costs.py ${COSTS_ARGS:-} >"$OUT/costs.log" 2>&1; then
-      status_costs="ok ($(( $(date +%s) - start )) s)"
-    else
-      status_costs="FAILED"; tail -20 "$OUT/costs.log"
-    fi
+    run_stage costs costs 20 "$PYTHON" tools/bench/model_costs.py ${COSTS_ARGS:-}
   fi
   # ---- 4. compute-sanitizer on a small sweep ----
   if [[ "${SKIP_SANITIZER:-0}" != "1" ]] && command -v compute-sanitizer >/dev/null; then

@@ -140,6 +140,32 @@ def test_costs_table_rows():
     )
 
 
+def test_eval_speed_table_rows():
+    rows = [{"mode": "0", "seconds": 2.0, "ssm": "INT8 scan"},
+            {"mode": "3", "seconds": 2.9, "ssm": "simulation scan"}]  # fmt: skip
+    data = {"kind": "eval_speed", "device": "GPU", "documents": 5153, "batch_size": 64,
+            "n_layer": 24, "torch": "2.11", "rows": rows}  # fmt: skip
+    lines = tables.table_for(data).splitlines()
+    assert lines[0] == "Device: GPU; documents 5153, batch 64, layers 24, torch 2.11."
+    assert lines[-2:] == [
+        "| 0 | 2.00 | 1.00x | INT8 scan |",
+        "| 3 | 2.90 | 1.45x | simulation scan |",
+    ]
+    # eval_speed.py's files from before it recorded its settings: a bare list of rows.
+    old = tables.table_for(rows).splitlines()
+    assert old[0] == "Device: not recorded." and old[-1] == lines[-1]
+
+
+@pytest.mark.parametrize("data", [{"a": 1}, [], [{"mode": "0"}], [1, 2], "text", 3])
+def test_tables_reject_unknown_results(data, tmp_path, capsys, monkeypatch):
+    assert tables.table_for(data) is None
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(sys, "argv", ["tables.py", str(path)])
+    assert tables.main() == 2
+    assert "not a result of bench_gemm.py" in capsys.readouterr().err
+
+
 def test_model_costs_names_the_projections():
     model_costs = pytest.importorskip("model_costs")
     from quamba_layers.config import MambaConfig

@@ -102,7 +102,9 @@ def main() -> int:
     print(f"{'mode':6} {'seconds':>8} {'vs mode 0':>9}  ssm implementation")
     for r in rows:
         print(f"{r['mode']:6} {r['seconds']:8.2f} {r['seconds'] / base:9.2f}x  {r['ssm']}")
-    payload = {"device": torch.cuda.get_device_name(), "documents": len(reqs), "rows": rows}
+    payload = {"kind": "eval_speed", "device": torch.cuda.get_device_name(),
+               "documents": len(reqs), "batch_size": args.batch_size, "n_layer": args.n_layer,
+               "torch": torch.__version__, "rows": rows}  # fmt: skip
     write_result(payload, "eval_speed.json", None)  # to $OUT when set
     return 0
 

@@ -1,5 +1,6 @@
 """Markdown tables from the JSON that tools/bench/bench_gemm.py, tools/bench/e2e.py,
-tools/bench/model_costs.py and tools/bench/persistent_decode_probe.py write (the tables in benchmarks/README.md are made with it).
+tools/bench/model_costs.py, tools/bench/eval_speed.py and tools/bench/persistent_decode_probe.py
+write (the tables in benchmarks/README.md are made with it).
 
 Usage: python tools/bench/tables.py benchmarks/bench_gemm_h100.json benchmarks/e2e_h100.json
 """
@@ -138,24 +139,65 @@ def costs_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_speed_table(data: dict | list) -> str:
+    """eval_speed.py: seconds of a full lambada_openai run per mode, and each mode against Mode 0
+    (a bare list of rows: a file from before the script recorded its settings)."""
+    if isinstance(data, list):
+        data = {"device": "not recorded", "rows": data}
+    settings = ", ".join(
+        f"{name} {data[key]}"
+        for name, key in (("documents", "documents"), ("batch", "batch_size"),
+                          ("layers", "n_layer"), ("torch", "torch"))
+        if key in data
+    )  # fmt: skip
+    lines = _head(
+        f"Device: {data['device']}{'; ' + settings if settings else ''}.",
+        data,
+        ["mode", "seconds", "vs mode 0", "SSM implementation"],
+    )
+    base = next((r["seconds"] for r in data["rows"] if r["mode"] == "0"), None)
+    for r in data["rows"]:
+        ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['ssm']} |")
+    return "\n".join(lines)
+
+
+def table_for(data) -> str | None:
+    """The table for one result file's JSON, or None when it is none of the known results."""
+    if isinstance(data, list):  # eval_speed.py's rows, as it wrote them before session 20
+        if data and all(isinstance(r, dict) and {"mode", "seconds"} <= r.keys() for r in data):
+            return eval_speed_table(data)
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("kind")
+    if kind == "persistent_decode_probe":
+        return probe_table(data)
+    if kind == "model_costs":
+        return costs_table(data)
+    if kind == "eval_speed":
+        return eval_speed_table(data)
+    if "results" in data:
+        return gemm_table(data)
+    if "rows" in data:
+        return e2e_table(data)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     for path in args.files:
-        data = json.loads(path.read_text())
-        if data.get("kind") == "persistent_decode_probe":
-            print(probe_table(data))
-        elif data.get("kind") == "model_costs":
-            print(costs_table(data))
-        elif "results" in data:
-            print(gemm_table(data))
-        elif "rows" in data:
-            print(e2e_table(data))
-        else:
-            print(f"{path}: not a bench_gemm.py, e2e.py, model_costs.py or probe result",
-                  file=sys.stderr)  # fmt: skip
+        table = table_for(json.loads(path.read_text()))
+        if table is None:
+            print(
+                f"{path}: not a result of bench_gemm.py, e2e.py, model_costs.py, eval_speed.py "
+                "or persistent_decode_probe.py",
+                file=sys.stderr,
+            )
             return 2
+        print(table)
         print()
     return 0
 

@@ -156,6 +156,17 @@ def test_eval_speed_table_rows():
     assert old[0] == "Device: not recorded." and old[-1] == lines[-1]
 
 
+def test_persistent_decode_table_rows():
+    row = {"model": "2.8b", "batch": 1, "prompt": 1024, "inflight": 3, "floor_ms": 1.0,
+           "per_op_step_ms": 1.9, "persistent_step_ms": 3.8, "same_logits": True,
+           "phases_us_per_layer": {"norm": 3.0, "in_proj": 12.25}}  # fmt: skip
+    data = {"kind": "persistent_decode", "device": "GPU", "copy_GBps": 2950.0, "torch": "2.11",
+            "rows": [row]}  # fmt: skip
+    lines = tables.table_for(data).splitlines()
+    assert lines[5] == "| 2.8b | 1 | 1024 | 1.900 | 3.800 | 2.00 | 1.000 | 3.80 | yes |"
+    assert lines[-3:] == ["| model | norm | in_proj |", "|---|---|---|", "| 2.8b | 3.00 | 12.25 |"]
+
+
 @pytest.mark.parametrize("data", [{"a": 1}, [], [{"mode": "0"}], [1, 2], "text", 3])
 def test_tables_reject_unknown_results(data, tmp_path, capsys, monkeypatch):
     assert tables.table_for(data) is None

@@ -10,7 +10,9 @@
 # Options (environment): SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_GEMM_BENCH=1,
 # SKIP_E2E=1, SKIP_EVAL_SPEED=1, PROBE=1 (also run tools/bench/persistent_decode_probe.py),
 # COSTS=1 (also run tools/bench/model_costs.py, COSTS_ARGS: each kernel's time in the prefill or,
-# with --phase decode or both, in a decode step),
+# with --phase decode or both, in a decode step), PERSISTENT=1 (also run
+# tools/bench/persistent_decode.py, PERSISTENT_ARGS: the persistent decode kernel against the
+# per-op decode step, and its phases),
 # PYTEST_ARGS="-x", PYTEST_K="conv or scan" (a -k expression),
 # BENCH_ARGS=--quick, GEMM_BENCH_ARGS,
 # E2E_ARGS ("--sizes 2.8b"), BUDGET_S (default 440): stages that would start after it are skipped.
@@ -43,6 +45,7 @@ export PYTHONUNBUFFERED=1
 status_build="skipped" status_tests="skipped" status_memcheck="skipped" status_racecheck="skipped"
 status_bench="skipped" status_eval_speed="skipped" tests_summary=""
 status_gemm_bench="skipped" status_e2e="skipped" status_probe="skipped" status_costs="skipped"
+status_persistent="skipped"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -118,6 +121,10 @@ if [[ "$status_build" != "FAILED" ]]; then
   if [[ "${COSTS:-0}" == "1" && $(left) -gt 60 ]]; then
     run_stage costs costs 20 "$PYTHON" tools/bench/model_costs.py ${COSTS_ARGS:-}
   fi
+  if [[ "${PERSISTENT:-0}" == "1" && $(left) -gt 60 ]]; then
+    run_stage persistent persistent_decode 20 "$PYTHON" tools/bench/persistent_decode.py \
+      ${PERSISTENT_ARGS:-}
+  fi
   # ---- 4. compute-sanitizer on a small sweep ----
   if [[ "${SKIP_SANITIZER:-0}" != "1" ]] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
@@ -144,8 +151,10 @@ echo "================ quamba-kernels GPU check ================"
 [[ -f "$OUT/e2e.log" ]] && sed -n '/^model /,$p' "$OUT/e2e.log"
 [[ -f "$OUT/probe.log" ]] && cat "$OUT/probe.log"
 [[ -f "$OUT/costs.log" ]] && cat "$OUT/costs.log"
+[[ -f "$OUT/persistent_decode.log" ]] && cat "$OUT/persistent_decode.log"
 printf '%-10s %s\n' build "$status_build" tests "$status_tests" memcheck "$status_memcheck" \
   racecheck "$status_racecheck" bench "$status_bench" gemm_bench "$status_gemm_bench" \
-  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "$status_probe" costs "$status_costs"
+  e2e "$status_e2e" eval_speed "$status_eval_speed" probe "$status_probe" costs "$status_costs" \
+  persistent "$status_persistent"
 [[ "$status_build" == "FAILED" || "$status_tests" == FAILED* ]] && exit 1
 exit 0

@@ -14,8 +14,10 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "conv1d.h"
+#include "decode_w8a8.h"
 #include "elem_type.h"
 #include "gemm_int8.h"
 #include "hadamard.h"
@@ -851,6 +853,142 @@ void x_proj_seq_last(AnyArray u, AnyArray w, AnyArray dt_low, AnyArray B, AnyArr
   check_cuda(quamba::launch_x_proj(a, as_stream(stream)), "x_proj_seq_last launch");
 }
 
+// ---- persistent W8A8 decode step ----
+
+constexpr size_t kDecodePointers = 12, kDecodeScalars = 18, kDecodeRoundings = 5;
+
+// The layers' DecodeLayer records (bytes to copy to the device) from flat per-layer lists:
+// pointers (norm_w, w_in, conv_w, conv_b, w_x, w_dt, A_log, D, dt_bias, w_out, conv_state,
+// ssm_state; 0 for an absent conv_b, D or dt_bias), scalars (conv_s_b, eps, s_in, in_scale, s_xz,
+// conv_scale, s_u, x_scale, s_xo, dt_scale, s_dt, s_A, s_D, s_dtb, s_h, had_scale, s_had,
+// out_scale) and rounding codes (norm, gemm, conv, state, hadamard). The Python wrapper checks the
+// tensors the pointers come from.
+nb::bytes decode_w8a8_pack(const std::vector<uint64_t>& pointers,
+                           const std::vector<double>& scalars, const std::vector<int>& roundings) {
+  const size_t n = roundings.size() / kDecodeRoundings;
+  if (n == 0 || roundings.size() != n * kDecodeRoundings || pointers.size() != n * kDecodePointers ||
+      scalars.size() != n * kDecodeScalars) {
+    throw std::invalid_argument("decode_w8a8_pack: per layer 12 pointers, 18 scalars and 5 "
+                                "rounding codes, for at least one layer");
+  }
+  std::vector<quamba::DecodeLayer> layers(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t* p = pointers.data() + i * kDecodePointers;
+    const double* v = scalars.data() + i * kDecodeScalars;
+    const int* r = roundings.data() + i * kDecodeRoundings;
+    for (size_t k = 0; k < kDecodePointers; ++k) {
+      const bool optional = k == 3 || k == 7 || k == 8;
+      if (p[k] == 0 && !optional) {
+        throw std::invalid_argument("decode_w8a8_pack: layer " + std::to_string(i) +
+                                    ": pointer " + std::to_string(k) + " is null");
+      }
+    }
+    for (size_t k = 0; k < kDecodeScalars; ++k) {
+      if (!(v[k] > 0.0) || std::isinf(v[k])) {
+        throw std::invalid_argument("decode_w8a8_pack: layer " + std::to_string(i) + ": scalar " +
+                                    std::to_string(k) + " must be finite and > 0");
+      }
+    }
+    for (size_t k = 0; k < kDecodeRoundings; ++k) expect_rounding(r[k]);
+    quamba::DecodeLayer& L = layers[i];
+    L.norm_w = reinterpret_cast<const float*>(p[0]);
+    L.w_in = reinterpret_cast<const int8_t*>(p[1]);
+    L.conv_w = reinterpret_cast<const int8_t*>(p[2]);
+    L.conv_b = reinterpret_cast<const int8_t*>(p[3]);
+    L.w_x = reinterpret_cast<const int8_t*>(p[4]);
+    L.w_dt = reinterpret_cast<const int8_t*>(p[5]);
+    L.A_log = reinterpret_cast<const int8_t*>(p[6]);
+    L.D = reinterpret_cast<const int8_t*>(p[7]);
+    L.dt_bias = reinterpret_cast<const int8_t*>(p[8]);
+    L.w_out = reinterpret_cast<const int8_t*>(p[9]);
+    L.conv_state = reinterpret_cast<int8_t*>(p[10]);
+    L.ssm_state = reinterpret_cast<int8_t*>(p[11]);
+    L.conv_s_b = v[0];
+    float* f[] = {&L.eps, &L.s_in, &L.in_scale, &L.s_xz, &L.conv_scale, &L.s_u, &L.x_scale,
+                  &L.s_xo, &L.dt_scale, &L.s_dt, &L.s_A, &L.s_D, &L.s_dtb, &L.s_h,
+                  &L.had_scale, &L.s_had, &L.out_scale};
+    for (size_t k = 1; k < kDecodeScalars; ++k) *f[k - 1] = static_cast<float>(v[k]);
+    L.round_norm = r[0];
+    L.round_gemm = r[1];
+    L.round_conv = r[2];
+    L.round_state = r[3];
+    L.round_had = r[4];
+  }
+  return nb::bytes(reinterpret_cast<const char*>(layers.data()), n * sizeof(quamba::DecodeLayer));
+}
+
+bool decode_w8a8_supported(int device) { return quamba::decode_w8a8_device_ok(device); }
+
+void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner, int64_t dt_rank,
+                 int64_t d_state, int had_m, OptArray had_matrix, AnyArray hidden_in,
+                 AnyArray hidden_out, AnyArray residual_out, AnyArray exchange, AnyArray counters,
+                 int inflight, std::uintptr_t stream, OptArray timing) {
+  const char* why = nullptr;
+  if (!quamba::decode_w8a8_shapes_ok(d_model, d_inner, dt_rank, d_state, had_m, &why)) {
+    throw std::invalid_argument(std::string("decode_w8a8: ") + why);
+  }
+  if (n_layers < 1) throw std::invalid_argument("decode_w8a8: n_layers must be >= 1");
+  expect_type(layers, "layers", ElemType::Int8);
+  expect_shape(layers, "layers",
+               {static_cast<int64_t>(n_layers * sizeof(quamba::DecodeLayer))});
+  if (had_m > 1) {
+    if (!had_matrix) throw std::invalid_argument("had_matrix is required for had_m > 1");
+    expect_type(*had_matrix, "had_matrix", ElemType::Float32);
+    expect_shape(*had_matrix, "had_matrix", {had_m, had_m});
+  }
+  expect_type(hidden_in, "hidden_in", ElemType::Float16);
+  expect_shape(hidden_in, "hidden_in", {d_model});
+  expect_type(hidden_out, "hidden_out", ElemType::Float16);
+  expect_shape(hidden_out, "hidden_out", {d_model});
+  expect_type(residual_out, "residual_out", ElemType::Float32);
+  expect_shape(residual_out, "residual_out", {d_model});
+  const int64_t words = quamba::decode_exchange_words(d_model, d_inner, dt_rank, d_state);
+  expect_type(exchange, "exchange", ElemType::Int8);
+  expect_shape(exchange, "exchange", {8 * words});
+  expect_type(counters, "counters", ElemType::Int8);
+  expect_shape(counters, "counters", {8});
+  const auto aligned = [](const void* ptr, int bytes) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+  };
+  if (!aligned(layers.data(), 16) || !aligned(exchange.data(), 8) || !aligned(counters.data(), 8)) {
+    throw std::invalid_argument("layers, exchange and counters must be 16, 8 and 8-byte aligned");
+  }
+  if (inflight < 1 || inflight > 16) throw std::invalid_argument("inflight must be 1..16");
+  const int device = common_device({&layers, opt_ptr(had_matrix), &hidden_in, &hidden_out,
+                                    &residual_out, &exchange, &counters, opt_ptr(timing)});
+  DeviceGuard guard(device);
+  if (timing) {
+    int sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    expect_type(*timing, "timing", ElemType::Int8);
+    expect_shape(*timing, "timing",
+                 {static_cast<int64_t>(8) * sms * quamba::decode_phase_count()});
+    if (!aligned(timing->data(), 8)) throw std::invalid_argument("timing must be 8-byte aligned");
+  }
+  if (!quamba::decode_w8a8_device_ok(device)) {
+    throw std::invalid_argument(
+        "decode_w8a8 needs a device of compute capability 9.0 or newer and a build for sm_90");
+  }
+  quamba::DecodeArgs a;
+  a.layers = static_cast<const quamba::DecodeLayer*>(layers.data());
+  a.n_layers = n_layers;
+  a.d_model = d_model;
+  a.d_inner = d_inner;
+  a.dt_rank = dt_rank;
+  a.d_state = d_state;
+  a.had_m = had_m;
+  a.had_matrix = had_matrix ? static_cast<const float*>(had_matrix->data()) : nullptr;
+  a.hidden_in = hidden_in.data();
+  a.hidden_out = hidden_out.data();
+  a.residual_out = static_cast<float*>(residual_out.data());
+  a.exchange = static_cast<uint64_t*>(exchange.data());
+  a.counters = static_cast<unsigned*>(counters.data());
+  a.inflight = inflight;
+  a.timing = timing ? static_cast<long long*>(timing->data()) : nullptr;
+  check_cuda(quamba::launch_decode_w8a8(a, as_stream(stream)), "decode_w8a8 launch");
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -939,6 +1077,23 @@ NB_MODULE(_C, m) {
         nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
         "x_proj from sequence-last codes u (B, E, L) and w (R + 2N, E): INT8 codes of dt_low "
         "(B, L, R), B and C (B, N, L), with the W8A8 epilogue.");
+  m.attr("decode_w8a8_layer_bytes") = sizeof(quamba::DecodeLayer);
+  m.attr("decode_w8a8_phases") = quamba::decode_phase_count();
+  m.def("decode_w8a8_exchange_words", &quamba::decode_exchange_words, nb::arg("d_model"),
+        nb::arg("d_inner"), nb::arg("dt_rank"), nb::arg("d_state"),
+        "Words of decode_w8a8's exchange workspace.");
+  m.def("decode_w8a8_supported", &decode_w8a8_supported, nb::arg("device"),
+        "Whether decode_w8a8 can run on this device (compute capability 9.0+, sm_90 code built).");
+  m.def("decode_w8a8_pack", &decode_w8a8_pack, nb::arg("pointers"), nb::arg("scalars"),
+        nb::arg("roundings"), "Per-layer records of decode_w8a8 (bytes).");
+  m.def("decode_w8a8", &decode_w8a8, nb::arg("layers").noconvert(), nb::arg("n_layers"),
+        nb::arg("d_model"), nb::arg("d_inner"), nb::arg("dt_rank"), nb::arg("d_state"),
+        nb::arg("had_m"), nb::arg("had_matrix").noconvert().none(),
+        nb::arg("hidden_in").noconvert(), nb::arg("hidden_out").noconvert(),
+        nb::arg("residual_out").noconvert(), nb::arg("exchange").noconvert(),
+        nb::arg("counters").noconvert(), nb::arg("inflight"), nb::arg("stream"),
+        nb::arg("timing").noconvert().none() = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+        "A whole W8A8 decode step (batch 1) of every layer in one persistent kernel.");
   m.def("int32_epilogue", &int32_epilogue, nb::arg("acc").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("seq_len"),
         nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),

@@ -370,14 +370,44 @@ def sweep() -> None:
             0.01, z, 0.03, _int8(e_big), 0.04, 0.1)  # fmt: skip
     selective_scan_int8(*args)
     selective_scan_int8(*args, exact=True)
+    sweep_decode()
     torch.cuda.synchronize()
     print("sweep done")
+
+
+def sweep_decode() -> None:
+    """The persistent W8A8 decode kernel, two launches of two layers at two small shapes (a
+    power-of-two Hadamard with a shared-memory stage, and 12 * 128), where the device runs it."""
+    from quamba_kernels.decode import W8A8DecodeKernel, decode_w8a8_supported
+
+    if not decode_w8a8_supported("cuda")[0]:
+        return
+    scales = dict(eps=1e-5, s_in=0.05, s_w_in=0.002, s_xz=0.04, s_w_conv=0.01, s_b_conv=0.01,
+                  s_u=0.03, s_w_x=0.002, s_xo=0.05, s_w_dt=0.002, s_dt=0.01, s_A=0.02,
+                  s_D=0.01, s_dtb=0.04, s_h=0.05, s_had=0.06, s_w_out=0.002)  # fmt: skip
+    roundings = {"norm": "half_even", "gemm": "half_even", "conv": "half_away",
+                 "ssm_state": "half_away", "hadamard": "half_away"}  # fmt: skip
+    for d, r in ((256, 16), (768, 48)):
+        e, n = 2 * d, 16
+        layers = [{"norm_w": _randn(d), "w_in": _int8(2 * e, d), "conv_w": _int8(e, 4),
+                   "conv_b": _int8(e), "w_x": _int8(r + 2 * n, e), "w_dt": _int8(e, r),
+                   "A_log": _int8(e, n).abs(), "D": _int8(e), "dt_bias": _int8(e),
+                   "w_out": _int8(d, e), "roundings": roundings, **scales}
+                  for _ in range(2)]  # fmt: skip
+        states = [(_int8(1, e, 3), _int8(1, e, n)) for _ in range(2)]
+        kernel = W8A8DecodeKernel(layers, states, timing=True)
+        hidden = _randn(1, d, dtype=torch.float16)
+        for _ in range(2):
+            kernel(hidden)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="sanitizer workload, no timing")
+    parser.add_argument(
+        "--sweep-decode", action="store_true", help="the persistent decode kernel's part only"
+    )
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument(
         "--only", default=None, help="comma-separated substrings of the kernel names to run"
@@ -386,8 +416,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
-    if args.sweep:
-        sweep()
+    if args.sweep or args.sweep_decode:
+        if args.sweep:
+            sweep()
+        else:
+            sweep_decode()
+        torch.cuda.synchronize()
         return 0
     reps = 10 if args.quick else 30
     copy_gbs = copy_bandwidth(reps)

@@ -1,6 +1,6 @@
 """Markdown tables from the JSON that tools/bench/bench_gemm.py, tools/bench/e2e.py,
-tools/bench/model_costs.py, tools/bench/eval_speed.py and tools/bench/persistent_decode_probe.py
-write (the tables in benchmarks/README.md are made with it).
+tools/bench/model_costs.py, tools/bench/eval_speed.py, tools/bench/persistent_decode.py and
+tools/bench/persistent_decode_probe.py write (the tables in benchmarks/README.md are made with it).
 
 Usage: python tools/bench/tables.py benchmarks/bench_gemm_h100.json benchmarks/e2e_h100.json
 """
@@ -162,6 +162,31 @@ def eval_speed_table(data: dict | list) -> str:
     return "\n".join(lines)
 
 
+def persistent_decode_table(data: dict) -> str:
+    """persistent_decode.py: the graphed decode step per-op and persistent, and the persistent
+    kernel's phases (µs per layer)."""
+    lines = _head(
+        f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
+        f"{data.get('torch', '?')}.",
+        data,
+        ["model", "batch", "prompt", "per-op ms", "persistent ms", "persistent / per-op",
+         "floor ms", "persistent / floor", "same logits"],
+    )  # fmt: skip
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['per_op_step_ms']:.3f} | "
+            f"{r['persistent_step_ms']:.3f} | {r['persistent_step_ms'] / r['per_op_step_ms']:.2f} | "
+            f"{r['floor_ms']:.3f} | {r['persistent_step_ms'] / r['floor_ms']:.2f} | "
+            f"{'yes' if r['same_logits'] else 'NO'} |"
+        )
+    phases = list(data["rows"][0]["phases_us_per_layer"]) if data["rows"] else []
+    lines += ["", "| model | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    for r in data["rows"]:
+        values = " | ".join(f"{r['phases_us_per_layer'][p]:.2f}" for p in phases)
+        lines.append(f"| {r['model']} | {values} |")
+    return "\n".join(lines)
+
+
 def table_for(data) -> str | None:
     """The table for one result file's JSON, or None when it is none of the known results."""
     if isinstance(data, list):  # eval_speed.py's rows, as it wrote them before session 20
@@ -177,6 +202,8 @@ def table_for(data) -> str | None:
         return costs_table(data)
     if kind == "eval_speed":
         return eval_speed_table(data)
+    if kind == "persistent_decode":
+        return persistent_decode_table(data)
     if "results" in data:
         return gemm_table(data)
     if "rows" in data:
@@ -192,8 +219,8 @@ def main() -> int:
         table = table_for(json.loads(path.read_text()))
         if table is None:
             print(
-                f"{path}: not a result of bench_gemm.py, e2e.py, model_costs.py, eval_speed.py "
-                "or persistent_decode_probe.py",
+                f"{path}: not a result of bench_gemm.py, e2e.py, model_costs.py, eval_speed.py, "
+                "persistent_decode.py or persistent_decode_probe.py",
                 file=sys.stderr,
             )
             return 2

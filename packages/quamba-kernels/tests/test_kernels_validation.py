@@ -479,3 +479,71 @@ def test_transpose_int8_validation():
     with pytest.raises(ValueError, match="last two axes swapped"):
         transpose_int8(_i8(2, 3, 4), out=_i8(2, 3, 4))
     _expect_unavailable_or_cuda_error(lambda: transpose_int8(_i8(2, 3, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the persistent W8A8 decode kernel (decode.py)
+# ------------------------------------------------------------------------------------------------
+
+DECODE_SCALES = dict(eps=1e-5, s_in=0.05, s_w_in=0.002, s_xz=0.04, s_w_conv=0.01, s_b_conv=0.01,
+                     s_u=0.03, s_w_x=0.002, s_xo=0.05, s_w_dt=0.002, s_dt=0.01, s_A=0.02,
+                     s_D=0.01, s_dtb=0.04, s_h=0.05, s_had=0.06, s_w_out=0.002)  # fmt: skip
+DECODE_ROUNDINGS = {"norm": "half_even", "gemm": "half_even", "conv": "half_away",
+                    "ssm_state": "half_away", "hadamard": "half_away"}  # fmt: skip
+
+
+def _decode_layer(d=256, e=512, r=16, n=16):
+    return {"norm_w": _f(d), "w_in": _i8(2 * e, d), "conv_w": _i8(e, 4), "conv_b": _i8(e),
+            "w_x": _i8(r + 2 * n, e), "w_dt": _i8(e, r), "A_log": _i8(e, n), "D": _i8(e),
+            "dt_bias": _i8(e), "w_out": _i8(d, e), **DECODE_SCALES,
+            "roundings": dict(DECODE_ROUNDINGS)}  # fmt: skip
+
+
+def _decode_state(e=512, n=16):
+    return (_i8(1, e, 3), _i8(1, e, n))
+
+
+def test_decode_kernel_well_formed_cpu_call():
+    from quamba_kernels.decode import W8A8DecodeKernel
+
+    layers = [_decode_layer(), _decode_layer()]
+    _expect_unavailable_or_cuda_error(
+        lambda: W8A8DecodeKernel(layers, [_decode_state(), _decode_state()])
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda L, s: L.update(w_x=_i8(40, 512)), ValueError, r"layer 0: w_x must have shape"),
+        (lambda L, s: L.update(norm_w=_f(256, dtype=F16)), TypeError, r"norm_w must have dtype"),
+        (lambda L, s: L.update(conv_w=_i8(512, 3)), ValueError, r"conv_w must be \(E, 4\)"),
+        (lambda L, s: L.update(A_log=_i8(512, 8), w_x=_i8(32, 512)), ValueError,
+         r"d_state must be 16"),
+        (lambda L, s: L.update(s_h=-1.0), ValueError, r"s_h must be a finite float > 0"),
+        (lambda L, s: L.update(eps=0.0), ValueError, r"eps must be a finite float > 0"),
+        (lambda L, s: L["roundings"].update(conv="up"), ValueError, r"rounding must be one of"),
+        (lambda L, s: s.__setitem__(0, (_i8(1, 512, 3),)), ValueError, r"conv_state, ssm_state"),
+        (lambda L, s: s.__setitem__(0, (_i8(1, 512, 2), _i8(1, 512, 16))), ValueError,
+         r"conv_state must have shape \(1, E, 3\)"),
+    ],
+)  # fmt: skip
+def test_decode_kernel_names_what_is_wrong(change, error, match):
+    from quamba_kernels.decode import W8A8DecodeKernel
+
+    layer, states = _decode_layer(), [_decode_state()]
+    change(layer, states)
+    with pytest.raises(error, match=match):
+        W8A8DecodeKernel([layer], states)
+
+
+def test_decode_kernel_counts_and_options():
+    from quamba_kernels.decode import W8A8DecodeKernel
+
+    with pytest.raises(ValueError, match="one state per layer"):
+        W8A8DecodeKernel([_decode_layer()], [])
+    with pytest.raises(ValueError, match=r"inflight must be an int in 1\.\.16"):
+        W8A8DecodeKernel([_decode_layer()], [_decode_state()], inflight=0)
+    # d_inner = 1000 is no m * 2^k: the Hadamard size is refused by name.
+    with pytest.raises(ValueError, match="unsupported Hadamard size 1000"):
+        W8A8DecodeKernel([_decode_layer(e=1000)], [_decode_state(e=1000)])

@@ -26,6 +26,7 @@ from quamba_kernels.conv1d import (
     conv1d_int8,
     conv1d_int8_update,
 )
+from quamba_kernels.decode import W8A8DecodeKernel, decode_w8a8_supported
 from quamba_kernels.gemm import (
     gemm_implementation,
     int8_linear,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KernelsUnavailable",
+    "W8A8DecodeKernel",
     "__version__",
     "available",
     "build_info",
@@ -51,6 +53,7 @@ __all__ = [
     "causal_conv1d_update",
     "conv1d_int8",
     "conv1d_int8_update",
+    "decode_w8a8_supported",
     "gemm_implementation",
     "hadamard",
     "int8_linear",

@@ -566,7 +566,18 @@ class QuantizedMambaLM(nn.Module):
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, state: list):
-        """One token per sequence (B,) -> logits (B, V) and the new state (INT8 conv/SSM)."""
+        """One token per sequence (B,) -> logits (B, V) and the new state (INT8 conv/SSM).
+
+        With ``decode_kernel = "auto"`` and ``persistent_decode_supported``, the layers run as one
+        persistent kernel (quamba_kernels.W8A8DecodeKernel: batch 1, Mode 0's datapath, compute
+        capability 9.0+), otherwise (and by default) as the per-op kernels; both give the same
+        bits."""
+        kernel = self._persistent_decode(token_ids, state)
+        if kernel is not None:
+            # The embedding rows are float16 values (see QuantizedBackbone.embed): exact in half.
+            hidden, residual = kernel(self.backbone.embed(token_ids).half())
+            logits = self._head(hidden.float() + residual)
+            return logits, [tuple(layer) for layer in state]
         hidden = self.backbone.embed(token_ids)
         residual = None
         new_state = []
@@ -581,6 +592,92 @@ class QuantizedMambaLM(nn.Module):
         logits = self._head(hidden.float() + residual)
         self.mixers[0].backend.check_deferred()  # no-op (no host read) when nothing was flagged
         return logits, new_state
+
+    #: How a CUDA decode step runs: "per_op" (the default: a kernel per op, ~7 per layer) or
+    #: "auto" (opt-in: the persistent decode kernel wherever ``persistent_decode_supported``
+    #: allows it, else the per-op kernels). Both give the same bits; the persistent kernel is
+    #: still slower (benchmarks/README.md, "Persistent decode kernel"), hence opt-in.
+    decode_kernel: str = "per_op"
+    #: Keyword arguments for quamba_kernels.W8A8DecodeKernel (``inflight``, ``timing``).
+    decode_kernel_options: dict = {}  # noqa: RUF012 (replaced, never mutated)
+
+    def decode_implementation(self, batch: int = 1) -> str:
+        """Which decode step ``step`` runs for this batch size: "persistent" or "per_op"."""
+        if self.decode_kernel not in ("auto", "per_op"):
+            raise ValueError(
+                f'decode_kernel must be "auto" or "per_op", got {self.decode_kernel!r}'
+            )
+        if self.decode_kernel == "auto" and self.persistent_decode_supported(batch)[0]:
+            return "persistent"
+        return "per_op"
+
+    def persistent_decode_supported(self, batch: int = 1) -> tuple[bool, str]:
+        """(whether this model can decode ``batch`` sequences with the persistent kernel, why
+        not); ``decode_kernel = "auto"`` then uses it."""
+        graphable, reason = self.graph_decoding_supported()
+        if not graphable:
+            return False, reason
+        if batch != 1:
+            return False, f"the persistent decode kernel takes batch 1, got {batch}"
+        dp, cfg = self.datapath, self.cfg
+        if any(mixer.datapath is not dp for mixer in self.mixers):
+            return False, "the layers do not share one datapath"
+        if dp.conv_input != "int8_static" or dp.gate != "int8" or not cfg.online_hadamard:
+            return False, "the persistent decode kernel runs Mode 0's datapath (online Hadamard)"
+        if cfg.d_conv != 4 or cfg.d_state != 16:
+            return False, "the persistent decode kernel takes d_conv 4 and d_state 16"
+        from quamba_kernels.decode import _shape_reason, decode_w8a8_supported
+        from quamba_kernels.hadamard import hadamard_factors
+
+        reason = _shape_reason(cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state,
+                               hadamard_factors(cfg.d_inner)[0])  # fmt: skip
+        if reason:
+            return False, f"the persistent decode kernel does not take these shapes: {reason}"
+        return decode_w8a8_supported(self.device)
+
+    def _persistent_decode(self, token_ids: torch.Tensor, state: list):
+        """The persistent decode kernel for this state, or None where the per-op kernels run.
+        Built once per state (kept on its first tensor, so a CUDA graph captured with it keeps
+        its buffers alive) and rebuilt when the weights, scales or datapath change."""
+        if token_ids.device.type != "cuda":
+            return None
+        if self.decode_implementation(token_ids.shape[0]) != "persistent":
+            return None
+        from quamba_kernels.decode import W8A8DecodeKernel
+
+        mixers = self.mixers
+        scales = [mixer.scales() for mixer in mixers]
+        names = ("in_proj_weight", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
+                 "A_log", "D", "dt_bias", "out_proj_weight")  # fmt: skip
+        weights = [block.norm.weight for block in self.backbone.layers]
+        weights += [getattr(mixer, name) for mixer in mixers for name in names]
+        key = (
+            [t.data_ptr() for layer in state for t in layer],
+            [t.data_ptr() for t in weights],
+        )
+        holder = state[0][0]
+        kernel = getattr(holder, "_quamba_decode_kernel", None)
+        if kernel is not None:
+            same = kernel.owner is self and kernel.key == key and kernel.datapath is self.datapath
+            if same and all(a is b for a, b in zip(kernel.scales, scales)):
+                return kernel
+        rnd = self.datapath.rounding
+        roundings = {"norm": rnd.norm, "gemm": rnd.gemm, "conv": rnd.conv,
+                     "ssm_state": rnd.ssm_state, "hadamard": rnd.hadamard}  # fmt: skip
+        layers = []
+        for block, s in zip(self.backbone.layers, scales):
+            mixer = block.mixer
+            layers.append({
+                "norm_w": block.norm.weight, "w_in": mixer.in_proj_weight,
+                "conv_w": mixer.conv_weight, "conv_b": mixer.conv_bias,
+                "w_x": mixer.x_proj_weight, "w_dt": mixer.dt_proj_weight, "A_log": mixer.A_log,
+                "D": mixer.D, "dt_bias": mixer.dt_bias, "w_out": mixer.out_proj_weight,
+                "eps": block.norm.eps, "roundings": roundings, **s,
+            })  # fmt: skip
+        kernel = W8A8DecodeKernel(layers, state, **self.decode_kernel_options)
+        kernel.owner, kernel.key, kernel.datapath, kernel.scales = self, key, self.datapath, scales
+        holder._quamba_decode_kernel = kernel
+        return kernel
 
     def graph_decoding_supported(self) -> tuple[bool, str]:
         """(whether ``generate`` can capture the decode step in a CUDA graph, why not)."""

@@ -1,0 +1,844 @@
+// A whole W8A8 decode step (Mode 0's datapath, batch 1) as one persistent kernel.
+//
+// Why: a decode step of the per-op kernels is a chain of ~7 small dependent kernels per layer; the
+// two large GEMVs stream their weights near the HBM rate, but between them the norm, conv update,
+// x_proj, scan step and Hadamard leave HBM idle (docs/design.md "Decode"). Here one block per SM
+// runs every layer: a producer warp streams the block's share of each layer's weights (in_proj,
+// x_proj, dt_proj, out_proj rows) through a ring of shared-memory slots with 1-D bulk copies,
+// without stopping at the phase boundaries, while eight consumer warps run the phases and the
+// blocks meet between them by tagged words (the rules measured by
+// tools/bench/persistent_decode_probe.cu: a 64-bit word whose upper half is the exchange's tag, so
+// that polling the word is the barrier; a few bulk copies in flight at most).
+//
+// Ownership (block b of G): channels in groups of 4 (in_proj's x and z rows, the conv, dt_proj's
+// rows and the scan step of those channels), x_proj's rows in groups of 4, out_proj's rows in
+// pairs. Per layer:
+//   A  norm: the residual add and RMSNorm of the whole row, in every block (the same operations in
+//      the same order as rmsnorm_vec8_kernel: the same bits), the residual kept in shared memory;
+//   B  in_proj rows of the block's channels -> x and z codes;
+//   C  conv update of those channels -> u codes, published (exchange 1);
+//   D  every block reads all u codes; E  x_proj rows -> codes, published (exchange 2);
+//   F  every block reads dt_low, B, C; G  dt_proj rows of its channels -> dt codes;
+//   H  scan step of its channels (16 lanes per channel, INT8 state requantized) -> y, published
+//      (exchange 3);
+//   I  every block reads y; J  Hadamard of the whole row (butterflies, then the m x m matrix) ->
+//      codes, in every block;
+//   K  out_proj rows -> float16, published (exchange 4), which the next layer's norm reads.
+// Every element is computed with the arithmetic of the per-op kernel it replaces (rmsnorm, the
+// GEMV epilogues, conv1d_update_kernel's exact formula, selective_scan_step_kernel,
+// hadamard_transform_ref's order); INT8 codes with quantize_int8 or its reciprocal fast path
+// (the same codes). quamba-modes' GPU tests compare the two decode paths bit for bit.
+// Each layer's small per-channel data (conv weights and state, A_log, the SSM state, D, dt_bias)
+// and the next norm weight are copied into shared memory with cp.async ahead of their phase.
+// Status (session 20, H100): correct, but slower than the per-op kernels (2.8B batch 1: 3.2
+// against 1.9 ms per token): every small phase still takes 2-8 us of dependent work and block
+// barriers, not the ~0.5 us the probe says 1.3x of the floor needs. DecodeArgs::timing measures
+// each phase (tools/bench/persistent_decode.py).
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "decode_w8a8.h"
+#include "mma_s8.cuh"
+#include "tma.cuh"
+
+namespace quamba {
+namespace {
+
+constexpr int kConsumerWarps = 8;
+constexpr int kConsumers = kConsumerWarps * 32;
+constexpr int kThreads = kConsumers + 32;  // + the producer warp
+constexpr int kSlot = 10240;               // bytes per ring slot: whole weight rows
+constexpr int kRing = 16;                  // slots (160 KB)
+
+__host__ __device__ inline int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
+
+// Dynamic shared memory: byte offsets after the ring.
+struct SmemPlan {
+  int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, xpown, out16, hm,
+      conv_w, conv_state, conv_b, A_log, ssm_state, D, dt_bias, xpart, total;
+};
+
+__host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, int m, int G) {
+  const int64_t maxc = 4 * ((E / 4 + G - 1) / G);
+  const int64_t maxx = 4 * ((XR / 4 + G - 1) / G);
+  const int64_t maxo = 2 * ((D / 2 + G - 1) / G);
+  SmemPlan p;
+  int64_t off = static_cast<int64_t>(kRing) * kSlot;
+  p.resid = off;  off = align16(off + 4 * D);   // float32 residual row
+  p.hidden = off; off = align16(off + 2 * D);   // float16 norm input
+  p.xn = off;     off = align16(off + D);       // norm codes (in_proj input)
+  p.act = off;    off = align16(off + E);       // u codes (x_proj input), then Hadamard codes
+  p.hbuf = off;   off = align16(off + 4 * E);   // Hadamard work row
+  p.xp = off;     off = align16(off + XR);      // x_proj codes: dt_low, B, C
+  p.xcode = off;  off = align16(off + maxc);
+  p.zcode = off;  off = align16(off + maxc);
+  p.ucode = off;  off = align16(off + maxc);
+  p.dtcode = off; off = align16(off + maxc);
+  p.y16 = off;    off = align16(off + 2 * maxc);
+  p.xpown = off;  off = align16(off + maxx);
+  p.out16 = off;  off = align16(off + 2 * maxo);
+  p.hm = off;     off = align16(off + 4 * static_cast<int64_t>(m) * m);
+  // The block's channels' small data of the current layer (copied in at the layer's start).
+  p.conv_w = off;     off = align16(off + 4 * maxc);
+  p.conv_state = off; off = align16(off + 3 * maxc);
+  p.conv_b = off;     off = align16(off + maxc);
+  p.A_log = off;      off = align16(off + 16 * maxc);
+  p.ssm_state = off;  off = align16(off + 16 * maxc);
+  p.D = off;          off = align16(off + maxc);
+  p.dt_bias = off;    off = align16(off + maxc);
+  p.xpart = off;      off = align16(off + 4 * kConsumerWarps * maxx);  // x_proj partial sums
+  p.total = off;
+  return p;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+constexpr int kSegments = 5;   // in_proj x rows, z rows, x_proj, dt_proj, out_proj
+constexpr int kExchanges = 4;  // per layer
+constexpr int kPhases = decode_phase_count();  // timed phases (DecodeArgs::timing)
+
+struct Segment {
+  int first_stage, stages, rows_per_stage, row_bytes;
+  int64_t row0, rows;  // rows [row0, row0 + rows) of the segment's matrix
+};
+
+// [begin, end) of `groups` groups of `size` items split evenly over G blocks, for block b.
+__device__ __forceinline__ void share_of(int64_t groups, int64_t size, int G, int b,
+                                         int64_t& begin, int64_t& end) {
+  begin = size * (groups * b / G);
+  end = size * (groups * (b + 1) / G);
+}
+
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+}
+
+__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Out-of-line arithmetic: every phase of every layer runs once per layer, so the kernel's code is
+// fetched again each layer; inlined at every call site these made a 180 KB kernel, more than the
+// SM's instruction cache holds. The operations are the per-op kernels' (same results).
+__device__ __noinline__ int8_t q8(float v, float scale, int rule) {
+  return quantize_int8(v, scale, static_cast<Rounding>(rule));
+}
+// Words [0, n) of an exchange for this consumer thread (ct, ct + 256, ...), each written with one
+// 64-bit store (tag and data arrive together). The loads of up to 8 words are issued before any is
+// checked, so a thread waits for one round trip per 8 words instead of one per word; a word not
+// yet tagged is polled again. kHalves: the data is two float16 values, stored as two floats;
+// else the 32 bits are stored as they are. Out of line, like q8 below (code size).
+template <bool kHalves>
+__device__ __noinline__ void await_words(const uint64_t* words, int64_t n, uint32_t tag, int ct,
+                                        void* dst) {
+  constexpr int kBatch = 8;
+  for (int64_t first = ct; first < n; first += kBatch * static_cast<int64_t>(kConsumers)) {
+    uint64_t v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int64_t w = first + k * static_cast<int64_t>(kConsumers);
+      v[k] = w < n ? load_relaxed(words + w) : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int64_t w = first + k * static_cast<int64_t>(kConsumers);
+      if (w < n) {
+        while (static_cast<uint32_t>(v[k] >> 32) != tag) v[k] = load_relaxed(words + w);
+        const uint32_t data = static_cast<uint32_t>(v[k]);
+        if constexpr (kHalves) {
+          float* out = static_cast<float*>(dst);
+          out[2 * w] = __half2float(__ushort_as_half(static_cast<unsigned short>(data & 0xFFFFu)));
+          out[2 * w + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(data >> 16)));
+        } else {
+          static_cast<uint32_t*>(dst)[w] = data;
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void publish(uint64_t* p, uint32_t tag, uint32_t data) {
+  store_relaxed(p, (static_cast<uint64_t>(tag) << 32) | data);
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(async::smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(async::smem_address(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(async::smem_address(smem)),
+               "l"(gmem));
+}
+
+// bytes (a multiple of 4; 16 where both addresses are 16-byte aligned and bytes % 16 == 0) from
+// global src to shared dst with cp.async, spread over the consumer threads (out of line: see q8).
+__device__ __noinline__ void copy_async(void* dst, const void* src, int64_t bytes, int ct) {
+  if (src == nullptr || bytes <= 0) return;
+  char* d = static_cast<char*>(dst);
+  const char* g = static_cast<const char*>(src);
+  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    for (int64_t i = 16 * static_cast<int64_t>(ct); i < bytes; i += 16 * kConsumers) {
+      cp_async16(d + i, g + i, true);
+    }
+  } else {
+    for (int64_t i = 4 * static_cast<int64_t>(ct); i < bytes; i += 4 * kConsumers) {
+      cp_async4(d + i, g + i);
+    }
+  }
+}
+
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
+// Exact int32 dot product of a weight row and an activation row (both in shared memory, 16-byte
+// aligned, `bytes` a multiple of 16) over the warp; every lane gets the sum.
+__device__ __forceinline__ int warp_dot(const int8_t* row, const int8_t* act, int bytes,
+                                        int lane) {
+  const int4* w = reinterpret_cast<const int4*>(row);
+  const int4* x = reinterpret_cast<const int4*>(act);
+  int acc = 0;
+  for (int c = lane; c < bytes / 16; c += 32) acc = dot16(w[c], x[c], acc);
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, d);
+  return acc;
+}
+
+// The stages of segment `sg` (the first of them is stage `first` of the block's stream), taken by
+// all consumer warps together: every warp waits for each stage, takes its rows of it (row j of
+// the segment goes to warp j % 8), and then arrives on the stage's empty barrier (which counts
+// the 8 warps; since every warp waits for every stage in order, no wait can see a slot two phases
+// ahead). Each row's exact dot product with x, then the epilogue into out[row]: INT8 codes
+// Q8(float(acc) * scale, out_scale, rule), or (out_scale == 0) float16 float(acc) * scale.
+// With `partial` (few long rows: x_proj), every warp takes its eighth of every row instead and
+// writes partial[row * 8 + warp]; the caller sums them. Out of line (code size, see q8).
+__device__ __noinline__ void consume_rows(Segment sg, int64_t first, const int8_t* x,
+                                          unsigned char* ring, uint64_t* full, uint64_t* empty,
+                                          int cw, int lane, void* out, float scale, float out_scale,
+                                          int rule, int* partial) {
+  const int chunks = sg.row_bytes / 16;
+  const int part_begin = chunks * cw / kConsumerWarps, part_end = chunks * (cw + 1) / kConsumerWarps;
+  const int4* xv = reinterpret_cast<const int4*>(x);
+  for (int k = 0; k < sg.stages; ++k) {
+    const int64_t i = first + k;
+    const int slot = static_cast<int>(i % kRing);
+    async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
+    const int8_t* stage = reinterpret_cast<const int8_t*>(ring + static_cast<int64_t>(slot) * kSlot);
+    const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
+    const int64_t left = sg.rows - r0;
+    const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+    if (partial != nullptr) {
+      for (int r = 0; r < nrows; ++r) {
+        const int4* w = reinterpret_cast<const int4*>(stage + r * sg.row_bytes);
+        int acc = 0;
+        for (int c = part_begin + lane; c < part_end; c += 32) acc = dot16(w[c], xv[c], acc);
+#pragma unroll
+        for (int d = 16; d > 0; d /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, d);
+        if (lane == 0) partial[(r0 + r) * kConsumerWarps + cw] = acc;
+      }
+    } else {
+      // This warp's first row of the stage: the next row j >= r0 with j % 8 == cw.
+      for (int r = static_cast<int>((cw - r0 % kConsumerWarps + kConsumerWarps) % kConsumerWarps);
+           r < nrows; r += kConsumerWarps) {
+        const int acc = warp_dot(stage + r * sg.row_bytes, x, sg.row_bytes, lane);
+        if (lane == 0) {
+          const float v = __fmul_rn(__int2float_rn(acc), scale);
+          if (out_scale > 0.0f) {
+            static_cast<int8_t*>(out)[r0 + r] = q8(v, out_scale, rule);
+          } else {
+            static_cast<__half*>(out)[r0 + r] = __float2half_rn(v);
+          }
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) async::barrier_arrive(&empty[slot]);
+  }
+}
+
+// Butterfly stages h = 1, 2, ..., 16 * EPT (reference order) of every chunk of 32 * EPT
+// elements of v: a warp per chunk, lane l holding elements [EPT l, EPT l + EPT). Strides below
+// EPT pair registers of one lane; stride EPT * s pairs lane l with lane l ^ s, the lower lane
+// keeping a + b and the upper a - b (a the lower element): the reference's operations.
+template <int EPT>
+__device__ __forceinline__ void butterflies_in_warps(float* v, int E, int cw, int lane) {
+  constexpr int kChunk = 32 * EPT;
+  for (int base = cw * kChunk; base < E; base += kConsumerWarps * kChunk) {
+    float x[EPT];
+    float* p = v + base + lane * EPT;
+#pragma unroll
+    for (int i = 0; i < EPT; ++i) x[i] = p[i];
+#pragma unroll
+    for (int h = 1; h < EPT; h *= 2) {
+#pragma unroll
+      for (int i = 0; i < EPT; ++i) {
+        if ((i & h) == 0) {
+          const float a = x[i], b = x[i + h];
+          x[i] = __fadd_rn(a, b);
+          x[i + h] = __fsub_rn(a, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 1; s < 32; s *= 2) {
+      const bool upper = (lane & s) != 0;
+#pragma unroll
+      for (int i = 0; i < EPT; ++i) {
+        const float other = __shfl_xor_sync(0xffffffffu, x[i], s);
+        x[i] = upper ? __fsub_rn(other, x[i]) : __fadd_rn(x[i], other);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < EPT; ++i) p[i] = x[i];
+  }
+}
+
+__device__ __forceinline__ double add_square(double sum, float r) {
+  const double v = static_cast<double>(r);
+  return __dadd_rn(sum, __dmul_rn(v, v));
+}
+
+__device__ __forceinline__ uint32_t half_bits(__half h) {
+  return static_cast<uint32_t>(__half_as_ushort(h));
+}
+
+__device__ __forceinline__ int8_t q8_r(float v, float scale, Rounding rule) {
+  return q8(v, scale, static_cast<int>(rule));
+}
+
+// Q8 with the reciprocal fast path (common.cuh: the codes of quantize_int8; the IEEE division
+// decides near a rounding boundary), inv = RN(1 / scale), inv_ok = reciprocal_ok(inv).
+__device__ __forceinline__ int8_t q8_fast(float v, float scale, float inv, bool inv_ok,
+                                          Rounding rule) {
+  uint32_t code;
+  if (inv_ok && q8_if_clear(__fmul_rn(v, inv), kQuotientMargin, code)) {
+    return static_cast<int8_t>(code);
+  }
+  return q8_r(v, scale, rule);
+}
+// The m x m matrix over the butterflies' output v (m sub-vectors of P): out[i P + p] =
+// ((H[i,0] v[p] + H[i,1] v[P + p]) + ...) in column order, times scale, Q8. A thread takes one
+// position p of all m sub-vectors: m loads, then the m sums (a loop: code size, see q8).
+template <int M>
+__device__ __forceinline__ void hadamard_mix(const float* v, const float* hm, int8_t* out, int P,
+                                             float scale, float out_scale, Rounding rule, int ct) {
+  const float inv = __frcp_rn(out_scale);
+  const bool inv_ok = reciprocal_ok(inv);
+  for (int p = ct; p < P; p += kConsumers) {
+    float col[M];
+#pragma unroll
+    for (int j = 0; j < M; ++j) col[j] = v[j * P + p];
+    // Four outputs at a time: four independent chains of adds in flight.
+    static_assert(M % 4 == 0, "M: 12 or 20");
+#pragma unroll 1
+    for (int i0 = 0; i0 < M; i0 += 4) {
+      float acc[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = __fmul_rn(hm[(i0 + i) * M], col[0]);
+#pragma unroll
+      for (int j = 1; j < M; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[i] = __fadd_rn(acc[i], __fmul_rn(hm[(i0 + i) * M + j], col[j]));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        out[(i0 + i) * P + p] = q8_fast(__fmul_rn(acc[i], scale), out_scale, inv, inv_ok, rule);
+      }
+    }
+  }
+}
+
+__device__ __noinline__ float silu_call(float v) { return silu_exact(v); }
+__device__ __noinline__ float softplus_call(float v) { return softplus_exact(v); }
+__device__ __noinline__ float exp_call(float v) { return expf(v); }
+
+
+#endif  // __CUDA_ARCH__ >= 900
+
+__global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ uint64_t full[kRing], empty[kRing];
+  __shared__ Segment seg[kSegments];
+  __shared__ double warp_sums[kConsumerWarps];
+  __shared__ uint32_t epoch_shared;
+
+  const int G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const int64_t D = a.d_model, E = a.d_inner, R = a.dt_rank, N = a.d_state, XR = R + 2 * N;
+  const int m = a.had_m;
+  const int64_t P = E / m;
+  const int log2_p = 31 - __clz(static_cast<int>(P));
+  int64_t c0, c1, x0, x1, o0, o1;
+  share_of(E / 4, 4, G, b, c0, c1);
+  share_of(XR / 4, 4, G, b, x0, x1);
+  share_of(D / 2, 2, G, b, o0, o1);
+  const int64_t nc = c1 - c0, nx = x1 - x0, no = o1 - o0;
+
+  launch::start_after_prior_grids();  // first: see launch.cuh
+  if (threadIdx.x == 0) {
+    const int64_t rows[kSegments] = {nc, nc, nx, nc, no};
+    const int64_t row0[kSegments] = {c0, E + c0, x0, c0, o0};
+    const int64_t bytes[kSegments] = {D, D, E, R, E};
+    int first = 0;
+    for (int s = 0; s < kSegments; ++s) {
+      const int rps = static_cast<int>(kSlot / bytes[s]);
+      const int stages = static_cast<int>((rows[s] + rps - 1) / rps);
+      seg[s] = Segment{first, stages, rps, static_cast<int>(bytes[s]), row0[s], rows[s]};
+      first += stages;
+    }
+    for (int s = 0; s < kRing; ++s) {
+      async::barrier_init(&full[s], 1);
+      async::barrier_init(&empty[s], kConsumerWarps);  // every consumer warp's lane 0
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    epoch_shared = *reinterpret_cast<volatile unsigned*>(&a.counters[0]);
+  }
+  __syncthreads();
+  const int stages_per_layer = seg[kSegments - 1].first_stage + seg[kSegments - 1].stages;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (warp == 0) {
+    // Producer: the block's stages of every layer, in the order the consumers take them. At most
+    // a.inflight copies issued and not landed (a deeper queue delays the exchanges' polls).
+    if (lane == 0) {
+      const int64_t total = static_cast<int64_t>(a.n_layers) * stages_per_layer;
+      int layer = 0, j = 0;  // stage i is stage j of `layer` (counted, not divided: int64 division
+                             // costs ~70 instructions)
+      for (int64_t i = 0; i < total; ++i, j = j + 1 == stages_per_layer ? (++layer, 0) : j + 1) {
+        const int slot = static_cast<int>(i % kRing);
+        if (i >= kRing) async::barrier_wait(&empty[slot], static_cast<int>((i / kRing - 1) & 1));
+        if (i >= a.inflight) {
+          const int64_t landed = i - a.inflight;
+          async::barrier_wait(&full[landed % kRing], static_cast<int>((landed / kRing) & 1));
+        }
+        int s = 0;
+        while (j >= seg[s].first_stage + seg[s].stages) ++s;
+        const Segment sg = seg[s];
+        const int k = j - sg.first_stage;
+        const int64_t row = sg.row0 + static_cast<int64_t>(k) * sg.rows_per_stage;
+        const int64_t left = sg.rows - static_cast<int64_t>(k) * sg.rows_per_stage;
+        const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+        const DecodeLayer& L = a.layers[layer];
+        const int8_t* base = s <= 1 ? L.w_in : s == 2 ? L.w_x : s == 3 ? L.w_dt : L.w_out;
+        const uint32_t bytes = static_cast<uint32_t>(nrows * sg.row_bytes);
+        async::barrier_expect_bytes(&full[slot], bytes);
+        bulk_load(smem + static_cast<int64_t>(slot) * kSlot, base + row * sg.row_bytes, bytes,
+                  &full[slot]);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  const int ct = threadIdx.x - 32, cw = warp - 1;
+  const SmemPlan sp = smem_plan(D, E, XR, m, G);
+  float* resid = reinterpret_cast<float*>(smem + sp.resid);
+  __half* hidden = reinterpret_cast<__half*>(smem + sp.hidden);
+  int8_t* xn = reinterpret_cast<int8_t*>(smem + sp.xn);
+  int8_t* act = reinterpret_cast<int8_t*>(smem + sp.act);
+  float* hbuf = reinterpret_cast<float*>(smem + sp.hbuf);
+  int8_t* xp = reinterpret_cast<int8_t*>(smem + sp.xp);
+  int8_t* xcode = reinterpret_cast<int8_t*>(smem + sp.xcode);
+  int8_t* zcode = reinterpret_cast<int8_t*>(smem + sp.zcode);
+  int8_t* ucode = reinterpret_cast<int8_t*>(smem + sp.ucode);
+  int8_t* dtcode = reinterpret_cast<int8_t*>(smem + sp.dtcode);
+  __half* y16 = reinterpret_cast<__half*>(smem + sp.y16);
+  int8_t* xpown = reinterpret_cast<int8_t*>(smem + sp.xpown);
+  __half* out16 = reinterpret_cast<__half*>(smem + sp.out16);
+  float* hm = reinterpret_cast<float*>(smem + sp.hm);
+  int8_t* s_conv_w = reinterpret_cast<int8_t*>(smem + sp.conv_w);
+  int8_t* s_conv_state = reinterpret_cast<int8_t*>(smem + sp.conv_state);
+  int8_t* s_conv_b = reinterpret_cast<int8_t*>(smem + sp.conv_b);
+  int8_t* s_A_log = reinterpret_cast<int8_t*>(smem + sp.A_log);
+  int8_t* s_ssm_state = reinterpret_cast<int8_t*>(smem + sp.ssm_state);
+  int8_t* s_D = reinterpret_cast<int8_t*>(smem + sp.D);
+  int8_t* s_dt_bias = reinterpret_cast<int8_t*>(smem + sp.dt_bias);
+  int* xpart = reinterpret_cast<int*>(smem + sp.xpart);
+  // The norm weight of the next layer lands in hbuf (free between the Hadamard and the next
+  // norm; D <= E): copied in at the start and after each layer's Hadamard.
+  const float* norm_w = hbuf;
+  for (int i = ct; i < m * m && m > 1; i += kConsumers) hm[i] = a.had_matrix[i];
+
+  uint64_t* x_u = a.exchange;           // exchange 1: u codes, 4 per word
+  uint64_t* x_xp = x_u + E / 4;         // exchange 2: x_proj codes, 4 per word
+  uint64_t* x_y = x_xp + XR / 4;        // exchange 3: y, 2 float16 per word
+  uint64_t* x_out = x_y + E / 2;        // exchange 4: out_proj outputs, 2 float16 per word
+  const uint32_t tag_base = epoch_shared * static_cast<uint32_t>(kExchanges * a.n_layers) + 1u;
+
+  // Layer l's small per-channel data (read in phases C and H) into shared memory: one cp.async
+  // group, issued at the layer's start (it lands during the norm and in_proj).
+  auto stage_channels = [&](const DecodeLayer& L) {
+    copy_async(s_conv_w, L.conv_w + c0 * 4, nc * 4, ct);
+    copy_async(s_conv_state, L.conv_state + c0 * 3, nc * 3, ct);
+    copy_async(s_conv_b, L.conv_b != nullptr ? L.conv_b + c0 : nullptr, nc, ct);
+    copy_async(s_A_log, L.A_log + c0 * N, nc * N, ct);
+    copy_async(s_ssm_state, L.ssm_state + c0 * N, nc * N, ct);
+    copy_async(s_D, L.D != nullptr ? L.D + c0 : nullptr, nc, ct);
+    copy_async(s_dt_bias, L.dt_bias != nullptr ? L.dt_bias + c0 : nullptr, nc, ct);
+    cp_async_commit();
+  };
+  copy_async(hbuf, a.layers[0].norm_w, 4 * D, ct);  // the first norm weight
+  cp_async_commit();
+
+  // Optional phase timing (DecodeArgs::timing): cycles of consumer thread 0 in each phase.
+  long long phase_cycles[kPhases] = {};
+  long long last_mark = clock64();
+  const auto mark = [&](int phase) {
+    if (a.timing != nullptr && ct == 0) {
+      const long long now = clock64();
+      phase_cycles[phase] += now - last_mark;
+      last_mark = now;
+    }
+  };
+
+  for (int layer = 0; layer < a.n_layers; ++layer) {
+    // A copy in registers / local memory: read from global memory through a reference, every field
+    // would be reloaded after each global store (which might alias it).
+    const DecodeLayer L = a.layers[layer];
+    const uint32_t tag = tag_base + static_cast<uint32_t>(kExchanges * layer);
+    stage_channels(L);
+
+    // A: the norm's input row, then rmsnorm_vec8_kernel's arithmetic and order.
+    if (layer == 0) {
+      const __half* h = static_cast<const __half*>(a.hidden_in);
+      for (int64_t d = ct; d < D; d += kConsumers) hidden[d] = h[d];
+    } else {
+      await_words<false>(x_out, D / 2, tag - kExchanges + 3, ct, hidden);
+    }
+    cp_async_wait<1>();  // this layer's norm weight (the channel data may still be on its way)
+    consumers_sync();
+    mark(0);
+    double sum = 0.0;
+    for (int64_t g = ct; g < D / 8; g += kConsumers) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int64_t d = 8 * g + i;
+        const float x = __half2float(hidden[d]);
+        const float r = layer == 0 ? x : __fadd_rn(x, resid[d]);
+        resid[d] = r;
+        sum = add_square(sum, r);
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) {
+      sum = __dadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, offset));
+    }
+    if (lane == 0) warp_sums[cw] = sum;
+    consumers_sync();
+    double total = warp_sums[0];
+#pragma unroll
+    for (int w = 1; w < kConsumerWarps; ++w) total = __dadd_rn(total, warp_sums[w]);
+    const float mean_square = __double2float_rn(__ddiv_rn(total, static_cast<double>(D)));
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean_square, L.eps)));
+    const float inv_in = __frcp_rn(L.s_in);
+    const bool inv_in_ok = reciprocal_ok(inv_in);
+    for (int64_t d = ct; d < D; d += kConsumers) {
+      const float y = __fmul_rn(__fmul_rn(resid[d], inv), norm_w[d]);
+      xn[d] = q8_fast(y, L.s_in, inv_in, inv_in_ok, static_cast<Rounding>(L.round_norm));
+    }
+    if (layer == a.n_layers - 1 && b == 0) {
+      for (int64_t d = ct; d < D; d += kConsumers) a.residual_out[d] = resid[d];
+    }
+    consumers_sync();
+    mark(1);
+
+    // B: in_proj rows of the block's channels (x, then z).
+    const int64_t stage0 = static_cast<int64_t>(layer) * stages_per_layer;
+    consume_rows(seg[0], stage0 + seg[0].first_stage, xn, smem, full, empty, cw, lane, xcode,
+                 L.in_scale, L.s_xz, L.round_gemm, nullptr);
+    consume_rows(seg[1], stage0 + seg[1].first_stage, xn, smem, full, empty, cw, lane, zcode,
+                 L.in_scale, L.s_xz, L.round_gemm, nullptr);
+    cp_async_wait<0>();  // the channel data
+    consumers_sync();
+    mark(2);
+
+    // C: conv update (conv1d_update_kernel's exact formula), 4 channels per thread and word.
+    for (int64_t q = ct; q < nc / 4; q += kConsumers) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t lc = 4 * q + j, c = c0 + lc;
+        const int8_t* st = s_conv_state + lc * 3;
+        const int8_t* w = s_conv_w + lc * 4;
+        const int8_t s0 = st[0], s1 = st[1], s2 = st[2], x = xcode[lc];
+        const int acc = int(w[0]) * s0 + int(w[1]) * s1 + int(w[2]) * s2 + int(w[3]) * x;
+        const float bias = L.conv_b != nullptr
+                               ? __double2float_rn(__dmul_rn(static_cast<double>(s_conv_b[lc]),
+                                                             L.conv_s_b))
+                               : -0.0f;
+        const float v = __fadd_rn(__fmul_rn(L.conv_scale, static_cast<float>(acc)), bias);
+        const int8_t code = q8_r(silu_call(v), L.s_u, static_cast<Rounding>(L.round_conv));
+        int8_t* state = L.conv_state + c * 3;
+        state[0] = s1;
+        state[1] = s2;
+        state[2] = x;
+        ucode[lc] = code;
+        word |= static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * j);
+      }
+      publish(x_u + c0 / 4 + q, tag + 0, word);
+    }
+    mark(3);
+
+    // D: every u code.
+    await_words<false>(x_u, E / 4, tag + 0, ct, act);
+    consumers_sync();
+    mark(4);
+
+    // E: x_proj rows -> codes (dt_low, B, C), published.
+    consume_rows(seg[2], stage0 + seg[2].first_stage, act, smem, full, empty, cw, lane, nullptr,
+                 0.0f, 0.0f, 0, xpart);
+    consumers_sync();
+    for (int64_t r = ct; r < nx; r += kConsumers) {
+      int acc = 0;  // exact: the order of the parts does not matter
+#pragma unroll
+      for (int w = 0; w < kConsumerWarps; ++w) acc += xpart[r * kConsumerWarps + w];
+      xpown[r] = q8(__fmul_rn(__int2float_rn(acc), L.x_scale), L.s_xo, L.round_gemm);
+    }
+    consumers_sync();
+    for (int64_t q = ct; q < nx / 4; q += kConsumers) {
+      publish(x_xp + x0 / 4 + q, tag + 1, reinterpret_cast<const uint32_t*>(xpown)[q]);
+    }
+    mark(5);
+
+    // F: every x_proj code.
+    await_words<false>(x_xp, XR / 4, tag + 1, ct, xp);
+    consumers_sync();
+    mark(6);
+
+    // G: dt_proj rows of the block's channels -> dt codes.
+    consume_rows(seg[3], stage0 + seg[3].first_stage, xp, smem, full, empty, cw, lane, dtcode,
+                 L.dt_scale, L.s_dt, L.round_gemm, nullptr);
+    consumers_sync();
+    mark(7);
+
+    // H: scan step (selective_scan_step_kernel's arithmetic; 16 lanes per channel, one state
+    // each: the same pairwise tree), the INT8 state requantized in place.
+    {
+      const int n = ct % 16;
+      for (int64_t base = 0; base < nc; base += kConsumers / 16) {
+        const int64_t lc = base + ct / 16, c = c0 + lc;
+        const bool ok = lc < nc && n < N;
+        float p = 0.0f, skip = 0.0f, gate = 0.0f;
+        if (ok) {
+          const float u = __fmul_rn(static_cast<float>(ucode[lc]), L.s_u);
+          float d = __fmul_rn(static_cast<float>(dtcode[lc]), L.s_dt);
+          if (L.dt_bias != nullptr) {
+            d = __fadd_rn(d, __fmul_rn(static_cast<float>(s_dt_bias[lc]), L.s_dtb));
+          }
+          d = softplus_call(d);
+          gate = silu_call(__fmul_rn(static_cast<float>(zcode[lc]), L.s_xz));
+          if (L.D != nullptr) skip = __fmul_rn(u, __fmul_rn(static_cast<float>(s_D[lc]), L.s_D));
+          const float A = -exp_call(__fmul_rn(static_cast<float>(s_A_log[lc * N + n]), L.s_A));
+          const float h_old = __fmul_rn(static_cast<float>(s_ssm_state[lc * N + n]), L.s_h);
+          const float Bn = __fmul_rn(static_cast<float>(xp[R + n]), L.s_xo);
+          const float Cn = __fmul_rn(static_cast<float>(xp[R + N + n]), L.s_xo);
+          const float dA = exp_call(__fmul_rn(d, A));
+          const float dBu = __fmul_rn(__fmul_rn(d, Bn), u);
+          const float h = __fadd_rn(__fmul_rn(dA, h_old), dBu);
+          p = __fmul_rn(h, Cn);
+          const float inv_h = __frcp_rn(L.s_h);
+          L.ssm_state[c * N + n] =
+              q8_fast(h, L.s_h, inv_h, reciprocal_ok(inv_h), static_cast<Rounding>(L.round_state));
+        }
+        float y = p;
+#pragma unroll
+        for (int dist = 8; dist >= 1; dist /= 2) {
+          y = __fadd_rn(y, __shfl_xor_sync(0xffffffffu, y, dist));
+        }
+        if (ok && n == 0) {
+          if (L.D != nullptr) y = __fadd_rn(y, skip);
+          y = __fmul_rn(y, gate);
+          y16[lc] = __float2half_rn(y);
+        }
+      }
+    }
+    consumers_sync();
+    for (int64_t q = ct; q < nc / 2; q += kConsumers) {
+      publish(x_y + c0 / 2 + q, tag + 2, half_bits(y16[2 * q]) | (half_bits(y16[2 * q + 1]) << 16));
+    }
+    mark(8);
+
+    // I: every y, as float32.
+    await_words<true>(x_y, E / 2, tag + 2, ct, hbuf);
+    consumers_sync();
+    mark(9);
+
+    // J: Hadamard (hadamard_transform_ref's order): butterflies over each sub-vector of P with
+    // increasing stride, then the m x m matrix summed over its columns in order, times the scale,
+    // Q8 -> the out_proj input codes.
+    // The strides below 32 * EPT (EPT = min(P, 256) / 32 elements per lane, P >= 128) in registers
+    // and warp shuffles, a warp per chunk of 32 * EPT; the others through shared memory.
+    // 32-bit indices and shifts (P is a power of two): 64-bit divisions cost ~70 instructions.
+    int log_h = 0;
+    if (P >= 256) {
+      butterflies_in_warps<8>(hbuf, static_cast<int>(E), cw, lane);
+      log_h = 8;
+    } else if (P == 128) {
+      butterflies_in_warps<4>(hbuf, static_cast<int>(E), cw, lane);
+      log_h = 7;
+    }
+    consumers_sync();
+    const int half_log = log2_p - 1, pairs = static_cast<int>(E / 2);
+    for (; log_h < log2_p; ++log_h) {
+      const int h = 1 << log_h;
+      for (int k = ct; k < pairs; k += kConsumers) {
+        const int sub = k >> half_log, within = k & ((1 << half_log) - 1);
+        const int i0 = (sub << log2_p) + ((within >> log_h) << (log_h + 1)) + (within & (h - 1));
+        const int i1 = i0 + h;
+        const float x0v = hbuf[i0], x1v = hbuf[i1];
+        hbuf[i0] = __fadd_rn(x0v, x1v);
+        hbuf[i1] = __fsub_rn(x0v, x1v);
+      }
+      consumers_sync();
+    }
+    mark(10);
+    const Rounding had_rule = static_cast<Rounding>(L.round_had);
+    if (m == 20) {
+      hadamard_mix<20>(hbuf, hm, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
+    } else if (m == 12) {
+      hadamard_mix<12>(hbuf, hm, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
+    } else {
+      const float inv = __frcp_rn(L.s_had);
+      const bool inv_ok = reciprocal_ok(inv);
+      for (int pos = ct; pos < E; pos += kConsumers) {
+        act[pos] = q8_fast(__fmul_rn(hbuf[pos], L.had_scale), L.s_had, inv, inv_ok, had_rule);
+      }
+    }
+    consumers_sync();
+    if (layer + 1 < a.n_layers) {  // the next norm weight into hbuf, now free
+      copy_async(hbuf, a.layers[layer + 1].norm_w, 4 * D, ct);
+      cp_async_commit();
+    }
+    mark(11);
+
+    // K: out_proj rows -> float16, published for the next layer's norm (the last layer writes
+    // them out instead).
+    consume_rows(seg[4], stage0 + seg[4].first_stage, act, smem, full, empty, cw, lane, out16,
+                 L.out_scale, 0.0f, 0, nullptr);
+    consumers_sync();
+    if (layer == a.n_layers - 1) {
+      __half* h = static_cast<__half*>(a.hidden_out);
+      for (int64_t r = ct; r < no; r += kConsumers) h[o0 + r] = out16[r];
+    } else {
+      for (int64_t q = ct; q < no / 2; q += kConsumers) {
+        publish(x_out + o0 / 2 + q, tag + 3,
+                half_bits(out16[2 * q]) | (half_bits(out16[2 * q + 1]) << 16));
+      }
+    }
+    mark(12);
+  }
+  if (a.timing != nullptr && ct == 0) {
+    for (int p = 0; p < kPhases; ++p) a.timing[b * kPhases + p] = phase_cycles[p];
+  }
+
+  // The next launch's tags: the last block to finish advances the epoch (every block read it at
+  // its start, before any block could arrive here).
+  consumers_sync();
+  if (ct == 0) {
+    __threadfence();
+    const unsigned arrived = atomicAdd(&a.counters[1], 1u);
+    if (arrived == static_cast<unsigned>(G - 1)) {
+      a.counters[1] = 0u;
+      atomicAdd(&a.counters[0], 1u);
+    }
+  }
+#endif  // __CUDA_ARCH__ >= 900
+}
+
+}  // namespace
+
+bool decode_w8a8_shapes_ok(int64_t d_model, int64_t d_inner, int64_t dt_rank, int64_t d_state,
+                           int had_m, const char** why) {
+  const auto fail = [&](const char* reason) {
+    if (why != nullptr) *why = reason;
+    return false;
+  };
+  if (d_model <= 0 || d_model % 16 != 0) return fail("d_model must be a positive multiple of 16");
+  if (d_inner <= 0 || d_inner % 16 != 0) return fail("d_inner must be a positive multiple of 16");
+  if (dt_rank <= 0 || dt_rank % 16 != 0) return fail("dt_rank must be a positive multiple of 16");
+  if (d_state != 16) return fail("d_state must be 16");
+  if (d_model > kSlot || d_inner > kSlot) return fail("a weight row must fit one 10 KB ring slot");
+  if (had_m != 1 && had_m != 12 && had_m != 20) return fail("the Hadamard base must be 1, 12 or 20");
+  const int64_t p = d_inner / had_m;
+  if (d_inner % had_m != 0 || p < 2 || (p & (p - 1)) != 0) {
+    return fail("d_inner must be had_m * 2^k");
+  }
+  return true;
+}
+
+int64_t decode_exchange_words(int64_t d_model, int64_t d_inner, int64_t dt_rank,
+                              int64_t d_state) {
+  return d_inner / 4 + (dt_rank + 2 * d_state) / 4 + d_inner / 2 + d_model / 2;
+}
+
+bool decode_w8a8_device_ok(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  cudaFuncAttributes attributes{};
+  return major >= 9 && cudaFuncGetAttributes(&attributes, decode_w8a8_kernel) == cudaSuccess &&
+         attributes.binaryVersion >= 90;
+}
+
+cudaError_t launch_decode_w8a8(const DecodeArgs& a, cudaStream_t stream) {
+  if (!decode_w8a8_shapes_ok(a.d_model, a.d_inner, a.dt_rank, a.d_state, a.had_m, nullptr) ||
+      a.n_layers < 1 || a.inflight < 1 || a.inflight > kRing) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0, sms = 0, optin = 0, cooperative = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (!decode_w8a8_device_ok(device)) return cudaErrorNotSupported;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) !=
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device)) !=
+          cudaSuccess) {
+    return err;
+  }
+  if (!cooperative) return cudaErrorNotSupported;
+  const SmemPlan plan = smem_plan(a.d_model, a.d_inner, a.dt_rank + 2 * a.d_state, a.had_m, sms);
+  cudaFuncAttributes attributes{};
+  if ((err = cudaFuncGetAttributes(&attributes, decode_w8a8_kernel)) != cudaSuccess) return err;
+  if (plan.total + static_cast<int64_t>(attributes.sharedSizeBytes) > optin) {
+    return cudaErrorInvalidValue;
+  }
+  err = cudaFuncSetAttribute(decode_w8a8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(plan.total));
+  if (err != cudaSuccess) return err;
+  // Every block polls words the others write: all of them must be resident at once (one per SM,
+  // cooperative launch).
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(sms));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.total);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, decode_w8a8_kernel, a);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace quamba

@@ -1,0 +1,102 @@
+"""The persistent W8A8 decode kernel against the per-op decode step (marked gpu; run by
+tools/gpu_check.sh): the same logits and states, bit for bit, token after token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quamba_layers.config import MambaConfig
+from quamba_layers.model import MambaLM
+from quamba_layers.quant import CalibrationSet, kernels_status, quantize, select_backend
+from quamba_modes import resolve_mode
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 1000
+
+
+def mode0_model(d_model: int, n_layer: int, seed: int):
+    usable, reason = kernels_status()
+    if not usable:
+        pytest.skip(reason)
+    model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    calib = CalibrationSet(torch.randint(0, VOCAB, (4, 64), generator=g))
+    qmodel = quantize(model.eval(), calib, progress=False, device="cuda").to("cuda")
+    backend = select_backend("cuda", "kernel")
+    resolved = resolve_mode("0", device="cuda", kernels_available=True,
+                            backend_implementations=backend.implementations())  # fmt: skip
+    qmodel.set_datapath(resolved.datapath, backend)
+    supported, reason = qmodel.persistent_decode_supported(1)
+    if not supported:
+        pytest.skip(reason)
+    return qmodel
+
+
+def clone(state):
+    return [tuple(t.clone() for t in layer) for layer in state]
+
+
+# d_model 256: E = 512 (a power of two), dt_rank 16; 768: E = 1536 = 12 * 128 (130m's shapes);
+# 1280: E = 2560 = 20 * 128 (2.8B's Hadamard base), dt_rank 80.
+@pytest.mark.parametrize(("d_model", "n_layer"), [(256, 3), (768, 2), (1280, 2)])
+def test_persistent_decode_equals_per_op_decode_bit_for_bit(d_model, n_layer):
+    qmodel = mode0_model(d_model, n_layer, seed=d_model)
+    prompt = torch.randint(0, VOCAB, (1, 29), generator=torch.Generator().manual_seed(3)).cuda()
+    _, state = qmodel.prefill(prompt)
+    per_op_state, kernel_state = clone(state), clone(state)
+    nxt = prompt[:, -1]
+    for step in range(40):  # many launches: the exchange tags advance with every one
+        qmodel.decode_kernel = "per_op"
+        per_op_logits, per_op_state = qmodel.step(nxt, per_op_state)
+        qmodel.decode_kernel = "auto"
+        kernel_logits, kernel_state = qmodel.step(nxt, kernel_state)
+        assert hasattr(kernel_state[0][0], "_quamba_decode_kernel")  # the kernel ran
+        assert torch.equal(kernel_logits, per_op_logits), f"logits differ at step {step}"
+        for layer, (a, b) in enumerate(zip(kernel_state, per_op_state)):
+            assert torch.equal(a[0], b[0]), f"conv state of layer {layer} differs at step {step}"
+            assert torch.equal(a[1], b[1]), f"SSM state of layer {layer} differs at step {step}"
+        nxt = per_op_logits[:, :VOCAB].argmax(-1)
+
+
+def test_persistent_decode_in_a_cuda_graph_generates_the_per_op_tokens():
+    qmodel = mode0_model(768, 2, seed=5)
+    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    qmodel.decode_kernel = "per_op"
+    per_op = qmodel.generate(prompt, 24, cuda_graph=True)
+    qmodel.decode_kernel = "auto"
+    graphed = qmodel.generate(prompt, 24, cuda_graph=True)
+    eager = qmodel.generate(prompt, 24, cuda_graph=False)
+    assert torch.equal(graphed, per_op) and torch.equal(eager, per_op)
+
+
+def test_persistent_decode_is_opt_in_follows_changed_scales_and_refuses_batches():
+    qmodel = mode0_model(256, 2, seed=7)
+    prompt = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5)).cuda()
+    assert qmodel.decode_implementation(1) == "per_op"  # the default
+    qmodel.decode_kernel = "auto"
+    assert qmodel.decode_implementation(1) == "persistent"
+    assert qmodel.decode_implementation(2) == "per_op"
+    assert qmodel.persistent_decode_supported(2) == (
+        False, "the persistent decode kernel takes batch 1, got 2"
+    )  # fmt: skip
+    _, state = qmodel.prefill(prompt[:1])
+    nxt = prompt[:1, -1]
+    qmodel.step(nxt, clone(state))
+    kernel = (
+        state[0][0]._quamba_decode_kernel if hasattr(state[0][0], "_quamba_decode_kernel") else None
+    )
+    assert kernel is None  # built on the clone's tensors, not on these
+    kernel_state = clone(state)
+    qmodel.step(nxt, kernel_state)
+    first = kernel_state[0][0]._quamba_decode_kernel
+    mixer = qmodel.mixers[1]
+    mixer.s_u.mul_(1.25)
+    mixer.invalidate_scales()
+    per_op_state = clone(kernel_state)
+    logits, _ = qmodel.step(nxt, kernel_state)
+    assert kernel_state[0][0]._quamba_decode_kernel is not first  # rebuilt for the new scale
+    qmodel.decode_kernel = "per_op"
+    expected, _ = qmodel.step(nxt, per_op_state)
+    assert torch.equal(logits, expected)

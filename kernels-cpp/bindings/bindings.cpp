@@ -217,6 +217,38 @@ void quantize_int8(CudaArray<const float> x, CudaArray<int8_t> out, float scale,
              "quantize_int8 launch");
 }
 
+void quantize_int8_per_sequence(CudaArray<const float> x, CudaArray<int8_t> out,
+                                CudaArray<float> scales, CudaArray<int32_t> peak_bits,
+                                std::optional<CudaArray<const int64_t>> seq_lens, int rounding,
+                                std::uintptr_t stream) {
+  if (x.ndim() != 3) throw std::invalid_argument("x must be (B, E, L)");
+  const int64_t batch = static_cast<int64_t>(x.shape(0));
+  if (out.ndim() != 3 || out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1) ||
+      out.shape(2) != x.shape(2)) {
+    throw std::invalid_argument("out must have x's shape (B, E, L)");
+  }
+  if (scales.ndim() != 1 || static_cast<int64_t>(scales.shape(0)) != batch ||
+      peak_bits.ndim() != 1 || static_cast<int64_t>(peak_bits.shape(0)) != batch) {
+    throw std::invalid_argument("scales and peak_bits must have shape (B,)");
+  }
+  if (seq_lens && (seq_lens->ndim() != 1 || static_cast<int64_t>(seq_lens->shape(0)) != batch)) {
+    throw std::invalid_argument("seq_lens must have shape (B,)");
+  }
+  if (batch > 65535) throw std::invalid_argument("B must be at most 65535");
+  expect_rounding(rounding);
+  const int device = x.device_id();
+  if (out.device_id() != device || scales.device_id() != device ||
+      peak_bits.device_id() != device || (seq_lens && seq_lens->device_id() != device)) {
+    throw std::invalid_argument("all tensors must be on the same CUDA device");
+  }
+  DeviceGuard guard(device);
+  check_cuda(quamba::launch_quantize_int8_per_sequence(
+                 x.data(), out.data(), scales.data(), reinterpret_cast<unsigned*>(peak_bits.data()),
+                 seq_lens ? seq_lens->data() : nullptr, batch, static_cast<int64_t>(x.shape(1)),
+                 static_cast<int64_t>(x.shape(2)), rounding, as_stream(stream)),
+             "quantize_int8_per_sequence launch");
+}
+
 // ---- transpose ----
 
 void transpose_int8(CudaArray<const int8_t> x, CudaArray<int8_t> out, std::uintptr_t stream) {
@@ -1011,6 +1043,12 @@ NB_MODULE(_C, m) {
         nb::arg("scale"), nb::arg("rounding"), nb::arg("stream"),
         nb::call_guard<nb::gil_scoped_release>(),
         "out = clamp(round(x / scale), -128, 127) for float32 x and int8 out.");
+  m.def("quantize_int8_per_sequence", &quantize_int8_per_sequence, nb::arg("x").noconvert(),
+        nb::arg("out").noconvert(), nb::arg("scales").noconvert(),
+        nb::arg("peak_bits").noconvert(), nb::arg("seq_lens").noconvert().none(),
+        nb::arg("rounding"), nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+        "Per-sequence dynamic INT8 of x (B, E, L): scales[b] = max |x| over the real positions "
+        "/ 127 (1 where 0), out = Q8(x / scales[b]).");
   m.def("transpose_int8", &transpose_int8, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
         nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
         "out (B, C, R) = x (B, R, C) transposed, int8.");

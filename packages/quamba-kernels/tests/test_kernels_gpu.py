@@ -150,6 +150,35 @@ def test_quantize_int8_at_and_near_ties(rounding, scale):
     _assert_equal(got, ref.quantize_int8(v, scale, rounding), f"quantize {rounding} s={scale}")
 
 
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+@pytest.mark.parametrize(("batch", "dim", "length"), [(1, 1, 1), (3, 37, 7), (5, 130, 300),
+                                                      (2, 1536, 2047)])  # fmt: skip
+def test_quantize_int8_per_sequence_matches_the_reference(rounding, batch, dim, length):
+    """Mode 3's per-sequence dynamic INT8: scales and codes bit for bit, with right padding
+    (lengths 0, shorter, equal, longer than L), an all-zero sequence (scale 1) and exact ties
+    (a peak of 127 / 16: scale 1/16, values at k/16 + 1/32)."""
+    from quamba_kernels.quantize import quantize_int8_per_sequence
+    from quamba_layers.quant.modules import dynamic_scale_per_sequence, quantize_per_sequence
+
+    g = _gen("per-seq", rounding, batch, dim, length)
+    x = _normal(g, (batch, dim, length), std=3.0)
+    x[0].clamp_(-7.9, 7.9)
+    x[0, 0, 0] = 127.0 / 16  # sequence 0: peak 127/16, scale 1/16, and its ties below
+    if dim * length > 8:
+        ties = (torch.arange(-60, 60, device=DEVICE, dtype=torch.float32) + 0.5) / 16
+        flat = x[0].reshape(-1)
+        count = min(ties.numel(), flat.numel() - 1)
+        flat[1 : 1 + count] = ties[:count].clamp(-7.9, 7.9)
+    if batch > 2:
+        x[2] = 0.0  # no peak: scale 1
+    for seq_lens in (None, torch.tensor([length + 3, max(length - 2, 0), 0, length, 1][:batch])):
+        lens = None if seq_lens is None else seq_lens.to(DEVICE)
+        codes, scales = quantize_int8_per_sequence(x, lens, rounding)
+        want_scales = dynamic_scale_per_sequence(x, lens)
+        assert torch.equal(scales, want_scales), f"scales {seq_lens}"
+        _assert_equal(codes, quantize_per_sequence(x, want_scales, rounding), f"codes {seq_lens}")
+
+
 # ------------------------------------------------------------------------------------------------
 # conv1d
 # ------------------------------------------------------------------------------------------------

@@ -547,3 +547,19 @@ def test_decode_kernel_counts_and_options():
     # d_inner = 1000 is no m * 2^k: the Hadamard size is refused by name.
     with pytest.raises(ValueError, match="unsupported Hadamard size 1000"):
         W8A8DecodeKernel([_decode_layer(e=1000)], [_decode_state(e=1000)])
+
+
+def test_quantize_int8_per_sequence_checks():
+    from quamba_kernels.quantize import quantize_int8_per_sequence
+
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        quantize_int8_per_sequence(_f(2, 3, 4, dtype=F16))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        quantize_int8_per_sequence(_f(3, 4))
+    with pytest.raises(TypeError, match="seq_lens must have dtype int64"):
+        quantize_int8_per_sequence(_f(2, 3, 4), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens must have shape \(B,\)"):
+        quantize_int8_per_sequence(_f(2, 3, 4), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        quantize_int8_per_sequence(_f(2, 3, 4), None, "up")
+    _expect_unavailable_or_cuda_error(lambda: quantize_int8_per_sequence(_f(2, 3, 4)))

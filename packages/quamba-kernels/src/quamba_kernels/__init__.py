@@ -35,7 +35,7 @@ from quamba_kernels.gemm import (
     x_proj_seq_last,
 )
 from quamba_kernels.hadamard import hadamard
-from quamba_kernels.quantize import quantize_int8
+from quamba_kernels.quantize import quantize_int8, quantize_int8_per_sequence
 from quamba_kernels.rmsnorm import rmsnorm
 from quamba_kernels.scan import selective_scan, selective_scan_int8, selective_scan_sim
 from quamba_kernels.scan_step import selective_scan_step_int8, selective_state_update
@@ -59,6 +59,7 @@ __all__ = [
     "int8_linear",
     "programmatic_launch_enabled",
     "quantize_int8",
+    "quantize_int8_per_sequence",
     "require",
     "rmsnorm",
     "selective_scan",

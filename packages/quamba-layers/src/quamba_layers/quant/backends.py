@@ -66,6 +66,22 @@ class Backend:
         """Q8(v, s) of a float tensor (NaN raises here, at once)."""
         return ops.quantize_int8(v, scale, rounding)
 
+    def quantize_per_sequence_dynamic(self, x, seq_lens, rounding):
+        """Mode 3's conv input: (codes, scales) of x (B, E, L) with one dynamic scale per
+        sequence (max |x| over its real positions / 127). NaN raises here, at once."""
+        from quamba_layers.quant.modules import (
+            dynamic_scale_per_sequence,
+            quantize_per_sequence,
+        )
+
+        if bool(torch.isnan(x).any()):
+            raise ValueError(
+                "cannot quantize NaN values to int8 (Q8 is defined for non-NaN values): a NaN "
+                "reached mode 3's per-sequence conv input"
+            )
+        scales = dynamic_scale_per_sequence(x, seq_lens)
+        return quantize_per_sequence(x, scales, rounding), scales
+
     def check_deferred(self) -> None:
         """Raise what the backend detected without synchronising (nothing for the reference)."""
 

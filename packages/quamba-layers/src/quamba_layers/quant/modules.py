@@ -172,8 +172,9 @@ class W8A8Mixer(nn.Module):
         else:  # int8_dynamic (mode 3): FP in_proj output, per-sequence dynamic scale
             x_fp, z = self._in_proj_halves(x_q, None, rnd.gemm)
             z_q = None
-            s_conv_in = dynamic_scale_per_sequence(x_fp, seq_lens)
-            x_q_conv = quantize_per_sequence(x_fp, s_conv_in, rnd.requant)
+            x_q_conv, s_conv_in = self.backend.quantize_per_sequence_dynamic(
+                x_fp, seq_lens, rnd.requant
+            )
         self._probe("conv_in", x_q_conv)
 
         # causal conv1d + SiLU

@@ -319,6 +319,13 @@ def sweep() -> None:
         causal_conv1d_update(
             xf[:, :, 0].contiguous(), _randn(b, e, width - 1, dtype=torch.float16), wf
         )
+    from quamba_kernels.quantize import quantize_int8_per_sequence
+
+    for shape in ((3, 37, 133), (1, 5, 1)):
+        xs = _randn(*shape)
+        quantize_int8_per_sequence(xs)
+        lens = torch.tensor([shape[2] + 1, 0, 5][: shape[0]], device="cuda")
+        quantize_int8_per_sequence(xs, lens, "half_even")
     for dim in (64, 1001, 2560, 16384):
         x = _randn(5, dim, dtype=torch.float16)
         rmsnorm(x, _randn(5, dim), _randn(dim), 1e-5, 0.05)

@@ -165,6 +165,10 @@ def test_persistent_decode_table_rows():
     lines = tables.table_for(data).splitlines()
     assert lines[5] == "| 2.8b | 1 | 1024 | 1.900 | 3.800 | 2.00 | 1.000 | 3.80 | yes |"
     assert lines[-3:] == ["| model | norm | in_proj |", "|---|---|---|", "| 2.8b | 3.00 | 12.25 |"]
+    # Files without phase_order (sorted keys) come out in the kernel's order.
+    row["phases_us_per_layer"] = {"out_proj": 5.0, "in_proj": 12.25, "norm": 3.0}
+    lines = tables.table_for(data).splitlines()
+    assert lines[-3] == "| model | norm | in_proj | out_proj |"
 
 
 @pytest.mark.parametrize("data", [{"a": 1}, [], [{"mode": "0"}], [1, 2], "text", 3])

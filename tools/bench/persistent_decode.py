@@ -107,7 +107,8 @@ def main() -> int:
         print("  µs per layer: " + ", ".join(
             f"{p} {v:.2f}" for p, v in row["phases_us_per_layer"].items()), flush=True)  # fmt: skip
     payload = {"kind": "persistent_decode", "device": torch.cuda.get_device_name(),
-               "copy_GBps": bandwidth / 1e9, "torch": torch.__version__, "rows": rows}  # fmt: skip
+               "copy_GBps": bandwidth / 1e9, "torch": torch.__version__,
+               "phase_order": list(PHASES), "rows": rows}  # fmt: skip
     write_result(payload, "persistent_decode.json", args.json)
     return 0 if all(r["same_logits"] for r in rows) else 1
 

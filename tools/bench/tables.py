@@ -179,7 +179,12 @@ def persistent_decode_table(data: dict) -> str:
             f"{r['floor_ms']:.3f} | {r['persistent_step_ms'] / r['floor_ms']:.2f} | "
             f"{'yes' if r['same_logits'] else 'NO'} |"
         )
-    phases = list(data["rows"][0]["phases_us_per_layer"]) if data["rows"] else []
+    # In the kernel's order (the JSON's keys are sorted): as recorded, else the kernel's list.
+    phases = data.get("phase_order")
+    if phases is None:
+        from quamba_kernels.decode import PHASES as phases
+    if data["rows"]:
+        phases = [p for p in phases if p in data["rows"][0]["phases_us_per_layer"]]
     lines += ["", "| model | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
     for r in data["rows"]:
         values = " | ".join(f"{r['phases_us_per_layer'][p]:.2f}" for p in phases)

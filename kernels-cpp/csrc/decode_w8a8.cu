@@ -759,6 +759,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       atomicAdd(&a.counters[0], 1u);
     }
   }
+#else
+  __trap();  // never launched there (decode_w8a8_device_ok); loud if it were
 #endif  // __CUDA_ARCH__ >= 900
 }
 
@@ -793,9 +795,11 @@ bool decode_w8a8_device_ok(int device) {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
     return false;
   }
+  // Both versions, as launch.cuh checks them: a kernel JIT-compiled from older PTX (a
+  // compute_80 build on a Hopper GPU) was compiled without its sm_90 body.
   cudaFuncAttributes attributes{};
   return major >= 9 && cudaFuncGetAttributes(&attributes, decode_w8a8_kernel) == cudaSuccess &&
-         attributes.binaryVersion >= 90;
+         attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
 }
 
 cudaError_t launch_decode_w8a8(const DecodeArgs& a, cudaStream_t stream) {

@@ -952,7 +952,7 @@ nb::bytes decode_w8a8_pack(const std::vector<uint64_t>& pointers,
 bool decode_w8a8_supported(int device) { return quamba::decode_w8a8_device_ok(device); }
 
 void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner, int64_t dt_rank,
-                 int64_t d_state, int had_m, OptArray had_matrix, AnyArray hidden_in,
+                 int64_t d_state, int had_m, AnyArray hidden_in,
                  AnyArray hidden_out, AnyArray residual_out, AnyArray exchange, AnyArray counters,
                  int inflight, std::uintptr_t stream, OptArray timing) {
   const char* why = nullptr;
@@ -963,11 +963,6 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
   expect_type(layers, "layers", ElemType::Int8);
   expect_shape(layers, "layers",
                {static_cast<int64_t>(n_layers * sizeof(quamba::DecodeLayer))});
-  if (had_m > 1) {
-    if (!had_matrix) throw std::invalid_argument("had_matrix is required for had_m > 1");
-    expect_type(*had_matrix, "had_matrix", ElemType::Float32);
-    expect_shape(*had_matrix, "had_matrix", {had_m, had_m});
-  }
   expect_type(hidden_in, "hidden_in", ElemType::Float16);
   expect_shape(hidden_in, "hidden_in", {d_model});
   expect_type(hidden_out, "hidden_out", ElemType::Float16);
@@ -986,7 +981,7 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
     throw std::invalid_argument("layers, exchange and counters must be 16, 8 and 8-byte aligned");
   }
   if (inflight < 1 || inflight > 16) throw std::invalid_argument("inflight must be 1..16");
-  const int device = common_device({&layers, opt_ptr(had_matrix), &hidden_in, &hidden_out,
+  const int device = common_device({&layers, &hidden_in, &hidden_out,
                                     &residual_out, &exchange, &counters, opt_ptr(timing)});
   DeviceGuard guard(device);
   if (timing) {
@@ -1010,7 +1005,6 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
   a.dt_rank = dt_rank;
   a.d_state = d_state;
   a.had_m = had_m;
-  a.had_matrix = had_matrix ? static_cast<const float*>(had_matrix->data()) : nullptr;
   a.hidden_in = hidden_in.data();
   a.hidden_out = hidden_out.data();
   a.residual_out = static_cast<float*>(residual_out.data());
@@ -1126,7 +1120,7 @@ NB_MODULE(_C, m) {
         nb::arg("roundings"), "Per-layer records of decode_w8a8 (bytes).");
   m.def("decode_w8a8", &decode_w8a8, nb::arg("layers").noconvert(), nb::arg("n_layers"),
         nb::arg("d_model"), nb::arg("d_inner"), nb::arg("dt_rank"), nb::arg("d_state"),
-        nb::arg("had_m"), nb::arg("had_matrix").noconvert().none(),
+        nb::arg("had_m"),
         nb::arg("hidden_in").noconvert(), nb::arg("hidden_out").noconvert(),
         nb::arg("residual_out").noconvert(), nb::arg("exchange").noconvert(),
         nb::arg("counters").noconvert(), nb::arg("inflight"), nb::arg("stream"),

@@ -11,8 +11,8 @@
 // that polling the word is the barrier; a few bulk copies in flight at most).
 //
 // Ownership (block b of G): channels in groups of 4 (in_proj's x and z rows, the conv, dt_proj's
-// rows and the scan step of those channels), x_proj's rows in groups of 4, out_proj's rows in
-// pairs. Per layer:
+// rows and the scan step of those channels), x_proj's rows in groups of 4 (first to the blocks
+// with fewer channels), out_proj's rows in pairs. Per layer:
 //   A  norm: the residual add and RMSNorm of the whole row, in every block (the same operations in
 //      the same order as rmsnorm_vec8_kernel: the same bits), the residual kept in shared memory;
 //   B  in_proj rows of the block's channels -> x and z codes;
@@ -39,6 +39,7 @@
 #include "common.cuh"
 #include "decode_w8a8.h"
 #include "mma_s8.cuh"
+#include "paley.cuh"
 #include "tma.cuh"
 
 namespace quamba {
@@ -54,7 +55,7 @@ __host__ __device__ inline int64_t align16(int64_t v) { return (v + 15) / 16 * 1
 
 // Dynamic shared memory: byte offsets after the ring.
 struct SmemPlan {
-  int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, xpown, out16, hm,
+  int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, xpown, out16,
       conv_w, conv_state, conv_b, A_log, ssm_state, D, dt_bias, xpart, total;
 };
 
@@ -77,7 +78,6 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
   p.y16 = off;    off = align16(off + 2 * maxc);
   p.xpown = off;  off = align16(off + maxx);
   p.out16 = off;  off = align16(off + 2 * maxo);
-  p.hm = off;     off = align16(off + 4 * static_cast<int64_t>(m) * m);
   // The block's channels' small data of the current layer (copied in at the layer's start).
   p.conv_w = off;     off = align16(off + 4 * maxc);
   p.conv_state = off; off = align16(off + 3 * maxc);
@@ -332,10 +332,12 @@ __device__ __forceinline__ int8_t q8_fast(float v, float scale, float inv, bool 
   return q8_r(v, scale, rule);
 }
 // The m x m matrix over the butterflies' output v (m sub-vectors of P): out[i P + p] =
-// ((H[i,0] v[p] + H[i,1] v[P + p]) + ...) in column order, times scale, Q8. A thread takes one
-// position p of all m sub-vectors: m loads, then the m sums (a loop: code size, see q8).
+// ((H[i,0] v[p] + H[i,1] v[P + p]) + ...) in column order, times scale, Q8; H is Paley I
+// (quamba_kernels.hadamard.base_matrix) as compile-time signs, so each product by +-1 is the exact
+// +-v and each step one add or subtract (the reference's operations, no loads of H). A thread
+// takes one position p of all m sub-vectors: m loads, then the m sums, four at a time.
 template <int M>
-__device__ __forceinline__ void hadamard_mix(const float* v, const float* hm, int8_t* out, int P,
+__device__ __forceinline__ void hadamard_mix(const float* v, int8_t* out, int P,
                                              float scale, float out_scale, Rounding rule, int ct) {
   const float inv = __frcp_rn(out_scale);
   const bool inv_ok = reciprocal_ok(inv);
@@ -343,18 +345,18 @@ __device__ __forceinline__ void hadamard_mix(const float* v, const float* hm, in
     float col[M];
 #pragma unroll
     for (int j = 0; j < M; ++j) col[j] = v[j * P + p];
-    // Four outputs at a time: four independent chains of adds in flight.
     static_assert(M % 4 == 0, "M: 12 or 20");
-#pragma unroll 1
+#pragma unroll
     for (int i0 = 0; i0 < M; i0 += 4) {
       float acc[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = __fmul_rn(hm[(i0 + i) * M], col[0]);
+      for (int i = 0; i < 4; ++i) acc[i] = paley_entry<M>(i0 + i, 0) > 0 ? col[0] : -col[0];
 #pragma unroll
       for (int j = 1; j < M; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          acc[i] = __fadd_rn(acc[i], __fmul_rn(hm[(i0 + i) * M + j], col[j]));
+          acc[i] = paley_entry<M>(i0 + i, j) > 0 ? __fadd_rn(acc[i], col[j])
+                                                 : __fsub_rn(acc[i], col[j]);
         }
       }
 #pragma unroll
@@ -387,7 +389,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   const int log2_p = 31 - __clz(static_cast<int>(P));
   int64_t c0, c1, x0, x1, o0, o1;
   share_of(E / 4, 4, G, b, c0, c1);
-  share_of(XR / 4, 4, G, b, x0, x1);
+  if (XR / 4 <= G) {
+    // x_proj's row groups (48 at 2.8B for 132 blocks) go first to the blocks that own fewer
+    // channel groups (9 against 10 at 2.8B): their streams then carry about the same bytes.
+    const int64_t fewer = (E / 4) / G;
+    int64_t rank_light = 0, rank_heavy = 0, lights = 0;
+    for (int k = 0; k < G; ++k) {
+      int64_t g0, g1;
+      share_of(E / 4, 1, G, k, g0, g1);
+      const bool light = g1 - g0 == fewer;
+      lights += light;
+      if (k < b) (light ? rank_light : rank_heavy) += 1;
+    }
+    const int64_t rank = (c1 - c0) / 4 == fewer ? rank_light : lights + rank_heavy;
+    x0 = rank < XR / 4 ? 4 * rank : 0;
+    x1 = rank < XR / 4 ? x0 + 4 : 0;
+  } else {
+    share_of(XR / 4, 4, G, b, x0, x1);
+  }
   share_of(D / 2, 2, G, b, o0, o1);
   const int64_t nc = c1 - c0, nx = x1 - x0, no = o1 - o0;
 
@@ -462,7 +481,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   __half* y16 = reinterpret_cast<__half*>(smem + sp.y16);
   int8_t* xpown = reinterpret_cast<int8_t*>(smem + sp.xpown);
   __half* out16 = reinterpret_cast<__half*>(smem + sp.out16);
-  float* hm = reinterpret_cast<float*>(smem + sp.hm);
   int8_t* s_conv_w = reinterpret_cast<int8_t*>(smem + sp.conv_w);
   int8_t* s_conv_state = reinterpret_cast<int8_t*>(smem + sp.conv_state);
   int8_t* s_conv_b = reinterpret_cast<int8_t*>(smem + sp.conv_b);
@@ -474,7 +492,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   // The norm weight of the next layer lands in hbuf (free between the Hadamard and the next
   // norm; D <= E): copied in at the start and after each layer's Hadamard.
   const float* norm_w = hbuf;
-  for (int i = ct; i < m * m && m > 1; i += kConsumers) hm[i] = a.had_matrix[i];
 
   uint64_t* x_u = a.exchange;           // exchange 1: u codes, 4 per word
   uint64_t* x_xp = x_u + E / 4;         // exchange 2: x_proj codes, 4 per word
@@ -711,9 +728,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     mark(10);
     const Rounding had_rule = static_cast<Rounding>(L.round_had);
     if (m == 20) {
-      hadamard_mix<20>(hbuf, hm, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
+      hadamard_mix<20>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
     } else if (m == 12) {
-      hadamard_mix<12>(hbuf, hm, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
+      hadamard_mix<12>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
     } else {
       const float inv = __frcp_rn(L.s_had);
       const bool inv_ok = reciprocal_ok(inv);

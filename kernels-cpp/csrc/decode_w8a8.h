@@ -37,8 +37,8 @@ struct DecodeArgs {
   const DecodeLayer* layers = nullptr;  // device array of n_layers
   int n_layers = 0;
   int64_t d_model = 0, d_inner = 0, dt_rank = 0, d_state = 0;
-  int had_m = 1;                        // d_inner = had_m * 2^k, had_m in {1, 12, 20}
-  const float* had_matrix = nullptr;    // (had_m, had_m) float32, null for had_m == 1
+  int had_m = 1;                        // d_inner = had_m * 2^k, had_m in {1, 12, 20}; the
+                                        // m x m matrix is Paley I (paley.cuh)
   const void* hidden_in = nullptr;      // (D,) float16: the token's embedding
   void* hidden_out = nullptr;           // (D,) float16: the last layer's out_proj output
   float* residual_out = nullptr;        // (D,) float32: the last layer's residual

@@ -19,6 +19,7 @@
 // access phase hit 8 different bank quadruples.
 #include "common.cuh"
 #include "hadamard.h"
+#include "paley.cuh"
 
 namespace quamba {
 namespace {
@@ -195,25 +196,6 @@ __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ ou
 // Shared-memory index of position pos: pos + pos / 16 (conflict-free for passes 1 and 2); each
 // pass computes one index and reaches the others as compile-time offsets from it (ncu at 2.8B
 // shapes: index arithmetic had been ~13 of the kernel's 67 instructions per element).
-
-__host__ __device__ constexpr uint32_t quadratic_residue_mask(int q) {
-  uint32_t mask = 0;
-  for (int a = 1; a < q; ++a) mask |= 1u << ((a * a) % q);
-  return mask;
-}
-
-// Entry (i, j) of Paley I of order m = q + 1: H = I + S, S = [[0, 1^T], [-1, Q]],
-// Q[i, j] = chi(j - i) (quamba_kernels.hadamard.base_matrix).
-template <int M>
-__host__ __device__ constexpr int paley_entry(int i, int j) {
-  constexpr int q = M - 1;
-  constexpr uint32_t residues = quadratic_residue_mask(q);
-  if (i == j) return 1;
-  if (i == 0) return 1;
-  if (j == 0) return -1;
-  const int d = ((j - i) % q + q) % q;
-  return ((residues >> d) & 1u) ? 1 : -1;
-}
 
 __device__ __forceinline__ int pidx(int pos) { return pos + (pos >> 4); }
 

@@ -100,7 +100,7 @@ class W8A8DecodeKernel:
                  inflight: int = INFLIGHT_DEFAULT, timing: bool = False) -> None:  # fmt: skip
         import torch
 
-        from quamba_kernels.hadamard import _matrix_on, hadamard_factors
+        from quamba_kernels.hadamard import hadamard_factors
 
         if not layers or len(layers) != len(states):
             raise ValueError(
@@ -197,7 +197,6 @@ class W8A8DecodeKernel:
         self._exchange = torch.zeros(8 * words, dtype=torch.int8, device=device)
         self._counters = torch.zeros(8, dtype=torch.int8, device=device)
         self._had_m = had_m
-        self._had_matrix = _matrix_on(had_m, device) if had_m > 1 else None
         self._hidden = torch.empty(1, d_model, dtype=torch.float16, device=device)
         self._residual = torch.empty(1, d_model, dtype=torch.float32, device=device)
         self.inflight = inflight
@@ -228,7 +227,7 @@ class W8A8DecodeKernel:
         module = require()
         module.decode_w8a8(
             self._layers, self.n_layers, self.d_model, self.d_inner, self.dt_rank, self.d_state,
-            self._had_m, self._had_matrix, hidden_in.view(-1), self._hidden.view(-1),
+            self._had_m, hidden_in.view(-1), self._hidden.view(-1),
             self._residual.view(-1), self._exchange, self._counters, self.inflight,
             current_stream(self.device), self._timing,
         )  # fmt: skip

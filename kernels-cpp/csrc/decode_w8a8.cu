@@ -11,8 +11,8 @@
 // that polling the word is the barrier; a few bulk copies in flight at most).
 //
 // Ownership (block b of G): channels in groups of 4 (in_proj's x and z rows, the conv, dt_proj's
-// rows and the scan step of those channels), x_proj's rows in groups of 4 (first to the blocks
-// with fewer channels), out_proj's rows in pairs. Per layer:
+// rows and the scan step of those channels), x_proj's rows in groups of 4, out_proj's rows in
+// pairs. Per layer:
 //   A  norm: the residual add and RMSNorm of the whole row, in every block (the same operations in
 //      the same order as rmsnorm_vec8_kernel: the same bits), the residual kept in shared memory;
 //   B  in_proj rows of the block's channels -> x and z codes;
@@ -389,24 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   const int log2_p = 31 - __clz(static_cast<int>(P));
   int64_t c0, c1, x0, x1, o0, o1;
   share_of(E / 4, 4, G, b, c0, c1);
-  if (XR / 4 <= G) {
-    // x_proj's row groups (48 at 2.8B for 132 blocks) go first to the blocks that own fewer
-    // channel groups (9 against 10 at 2.8B): their streams then carry about the same bytes.
-    const int64_t fewer = (E / 4) / G;
-    int64_t rank_light = 0, rank_heavy = 0, lights = 0;
-    for (int k = 0; k < G; ++k) {
-      int64_t g0, g1;
-      share_of(E / 4, 1, G, k, g0, g1);
-      const bool light = g1 - g0 == fewer;
-      lights += light;
-      if (k < b) (light ? rank_light : rank_heavy) += 1;
-    }
-    const int64_t rank = (c1 - c0) / 4 == fewer ? rank_light : lights + rank_heavy;
-    x0 = rank < XR / 4 ? 4 * rank : 0;
-    x1 = rank < XR / 4 ? x0 + 4 : 0;
-  } else {
-    share_of(XR / 4, 4, G, b, x0, x1);
-  }
+  share_of(XR / 4, 4, G, b, x0, x1);
   share_of(D / 2, 2, G, b, o0, o1);
   const int64_t nc = c1 - c0, nx = x1 - x0, no = o1 - o0;
 

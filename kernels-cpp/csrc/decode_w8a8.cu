@@ -30,8 +30,8 @@
 // (the same codes). quamba-modes' GPU tests compare the two decode paths bit for bit.
 // Each layer's small per-channel data (conv weights and state, A_log, the SSM state, D, dt_bias)
 // and the next norm weight are copied into shared memory with cp.async ahead of their phase.
-// Status (session 20, H100): correct, but slower than the per-op kernels (2.8B batch 1: 3.2
-// against 1.9 ms per token): every small phase still takes 2-8 us of dependent work and block
+// Status (session 20, H100): correct, but slower than the per-op kernels (2.8B batch 1: 3.16
+// against 1.86 ms per token): every small phase still takes 2-5 us of dependent work and block
 // barriers, not the ~0.5 us the probe says 1.3x of the floor needs. DecodeArgs::timing measures
 // each phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>

@@ -113,16 +113,6 @@ __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
 }
 
-__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 // Out-of-line arithmetic: every phase of every layer runs once per layer, so the kernel's code is
 // fetched again each layer; inlined at every call site these made a 180 KB kernel, more than the
 // SM's instruction cache holds. The operations are the per-op kernels' (same results).
@@ -143,13 +133,15 @@ __device__ __noinline__ void await_words(const uint64_t* words, int64_t n, uint3
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int64_t w = first + k * static_cast<int64_t>(kConsumers);
-      v[k] = w < n ? load_relaxed(words + w) : 0;
+      v[k] = w < n ? async::load_relaxed_gpu(words + w) : 0;
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int64_t w = first + k * static_cast<int64_t>(kConsumers);
       if (w < n) {
-        while (static_cast<uint32_t>(v[k] >> 32) != tag) v[k] = load_relaxed(words + w);
+        while (static_cast<uint32_t>(v[k] >> 32) != tag) {
+          v[k] = async::load_relaxed_gpu(words + w);
+        }
         const uint32_t data = static_cast<uint32_t>(v[k]);
         if constexpr (kHalves) {
           float* out = static_cast<float*>(dst);
@@ -164,16 +156,7 @@ __device__ __noinline__ void await_words(const uint64_t* words, int64_t n, uint3
 }
 
 __device__ __forceinline__ void publish(uint64_t* p, uint32_t tag, uint32_t data) {
-  store_relaxed(p, (static_cast<uint64_t>(tag) << 32) | data);
-}
-
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(async::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(async::smem_address(bar))
-      : "memory");
+  async::store_relaxed_gpu(p, (static_cast<uint64_t>(tag) << 32) | data);
 }
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
@@ -232,13 +215,15 @@ __device__ __noinline__ void consume_rows(Segment sg, int64_t first, const int8_
                                           int cw, int lane, void* out, float scale, float out_scale,
                                           int rule, int* partial) {
   const int chunks = sg.row_bytes / 16;
-  const int part_begin = chunks * cw / kConsumerWarps, part_end = chunks * (cw + 1) / kConsumerWarps;
+  const int part_begin = chunks * cw / kConsumerWarps;
+  const int part_end = chunks * (cw + 1) / kConsumerWarps;
   const int4* xv = reinterpret_cast<const int4*>(x);
   for (int k = 0; k < sg.stages; ++k) {
     const int64_t i = first + k;
     const int slot = static_cast<int>(i % kRing);
     async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
-    const int8_t* stage = reinterpret_cast<const int8_t*>(ring + static_cast<int64_t>(slot) * kSlot);
+    const int8_t* stage =
+        reinterpret_cast<const int8_t*>(ring + static_cast<int64_t>(slot) * kSlot);
     const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
     const int64_t left = sg.rows - r0;
     const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
@@ -441,8 +426,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
         const int8_t* base = s <= 1 ? L.w_in : s == 2 ? L.w_x : s == 3 ? L.w_dt : L.w_out;
         const uint32_t bytes = static_cast<uint32_t>(nrows * sg.row_bytes);
         async::barrier_expect_bytes(&full[slot], bytes);
-        bulk_load(smem + static_cast<int64_t>(slot) * kSlot, base + row * sg.row_bytes, bytes,
-                  &full[slot]);
+        async::bulk_load_1d(smem + static_cast<int64_t>(slot) * kSlot,
+                            base + row * sg.row_bytes, bytes, &full[slot]);
       }
     }
     return;
@@ -777,7 +762,9 @@ bool decode_w8a8_shapes_ok(int64_t d_model, int64_t d_inner, int64_t dt_rank, in
   if (dt_rank <= 0 || dt_rank % 16 != 0) return fail("dt_rank must be a positive multiple of 16");
   if (d_state != 16) return fail("d_state must be 16");
   if (d_model > kSlot || d_inner > kSlot) return fail("a weight row must fit one 10 KB ring slot");
-  if (had_m != 1 && had_m != 12 && had_m != 20) return fail("the Hadamard base must be 1, 12 or 20");
+  if (had_m != 1 && had_m != 12 && had_m != 20) {
+    return fail("the Hadamard base must be 1, 12 or 20");
+  }
   const int64_t p = d_inner / had_m;
   if (d_inner % had_m != 0 || p < 2 || (p & (p - 1)) != 0) {
     return fail("d_inner must be had_m * 2^k");

@@ -47,6 +47,17 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_address(bar)), "r"(c0), "r"(r0)
       : "memory");
 }
+// A 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global
+// memory into shared memory; completion is counted on `bar` (the persistent decode kernel's
+// weight stream, and its probe).
+__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes,
+                                             uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_address(bar))
+      : "memory");
+}
 // Orders this thread's earlier generic-proxy accesses of shared memory before its later
 // async-proxy ones (a copy into a buffer that was just read).
 __device__ __forceinline__ void fence_proxy_async() {
@@ -61,7 +72,19 @@ __device__ __forceinline__ void tma_load_2d(void*, const CUtensorMap*, int, int,
   __trap();
 }
 __device__ __forceinline__ void fence_proxy_async() { __trap(); }
+__device__ __forceinline__ void bulk_load_1d(void*, const void*, uint32_t, uint64_t*) { __trap(); }
 #endif
+
+// Single-copy-atomic 64-bit loads and stores at GPU scope, for words that blocks of one grid
+// exchange (a tag and its data in one word: the persistent decode kernel and its probe).
+__device__ __forceinline__ uint64_t load_relaxed_gpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_relaxed_gpu(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,

@@ -70,15 +70,6 @@ struct Plan {
   Sync sync;
 };
 
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(quamba::async::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(quamba::async::smem_address(bar))
-      : "memory");
-}
-
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
 }
@@ -87,16 +78,6 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-
-__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 // Grid barrier among the consumer warps of every block (the producer keeps streaming).
@@ -150,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t offset =
             ((layer * gridDim.x + blockIdx.x) * stages_per_layer + j) * static_cast<int64_t>(kStage);
         quamba::async::barrier_expect_bytes(&full[slot], kStage);
-        bulk_load(ring + slot * kStage, base + offset, kStage, &full[slot]);
+        quamba::async::bulk_load_1d(ring + slot * kStage, base + offset, kStage, &full[slot]);
       }
     }
     return;
@@ -175,17 +156,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     consumers_sync();  // the block's phase is done before it publishes
     if (ct < kExchangeWords) {
       const uint32_t data = static_cast<uint32_t>(acc) ^ __float_as_uint(v) ^ layer;
-      store_relaxed(&words[blockIdx.x * kExchangeWords + ct],
+      quamba::async::store_relaxed_gpu(&words[blockIdx.x * kExchangeWords + ct],
                     (static_cast<uint64_t>(boundaries) << 32) | data);
     }
     if (plan.sync == Sync::kCounter) {
       grid_barrier(counter, boundaries * gridDim.x);
-      for (int i = ct; i < items; i += kConsumers) acc += static_cast<int>(load_relaxed(&words[i]));
+      for (int i = ct; i < items; i += kConsumers) {
+        acc += static_cast<int>(quamba::async::load_relaxed_gpu(&words[i]));
+      }
     } else {
       for (int i = ct; i < items; i += kConsumers) {
         uint64_t w;
         do {
-          w = load_relaxed(&words[i]);
+          w = quamba::async::load_relaxed_gpu(&words[i]);
         } while (static_cast<uint32_t>(w >> 32) != boundaries);
         acc += static_cast<int>(w);
       }

@@ -297,6 +297,8 @@ def test_persistent_decode_is_opt_in_and_says_why_not(model_and_quantized):
     assert qmodel.decode_kernel == "per_op" and qmodel.decode_implementation(1) == "per_op"
     supported, reason = qmodel.persistent_decode_supported(1)
     assert not supported and "CUDA" in reason  # a CPU model
+    with pytest.raises(TypeError):  # the class-wide default cannot be changed by accident
+        qmodel.decode_kernel_options["timing"] = True
     qmodel.decode_kernel = "fast"
     try:
         with pytest.raises(ValueError, match='decode_kernel must be "auto" or "per_op"'):

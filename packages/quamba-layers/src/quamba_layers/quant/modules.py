@@ -17,7 +17,9 @@ the layers never look at mode names.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -599,8 +601,9 @@ class QuantizedMambaLM(nn.Module):
     #: allows it, else the per-op kernels). Both give the same bits; the persistent kernel is
     #: still slower (benchmarks/README.md, "Persistent decode kernel"), hence opt-in.
     decode_kernel: str = "per_op"
-    #: Keyword arguments for quamba_kernels.W8A8DecodeKernel (``inflight``, ``timing``).
-    decode_kernel_options: dict = {}  # noqa: RUF012 (replaced, never mutated)
+    #: Keyword arguments for quamba_kernels.W8A8DecodeKernel (``inflight``, ``timing``): assign a
+    #: dict to set them for this model (the shared default is read-only).
+    decode_kernel_options: Mapping = MappingProxyType({})
 
     def decode_implementation(self, batch: int = 1) -> str:
         """Which decode step ``step`` runs for this batch size: "persistent" or "per_op"."""

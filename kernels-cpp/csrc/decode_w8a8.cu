@@ -123,7 +123,7 @@ __device__ __noinline__ int8_t q8(float v, float scale, int rule) {
 // 64-bit store (tag and data arrive together). The loads of up to 8 words are issued before any is
 // checked, so a thread waits for one round trip per 8 words instead of one per word; a word not
 // yet tagged is polled again. kHalves: the data is two float16 values, stored as two floats;
-// else the 32 bits are stored as they are. Out of line, like q8 below (code size).
+// else the 32 bits are stored as they are. Out of line, like q8 above (code size).
 template <bool kHalves>
 __device__ __noinline__ void await_words(const uint64_t* words, int64_t n, uint32_t tag, int ct,
                                         void* dst) {
@@ -180,13 +180,6 @@ __device__ __noinline__ void copy_async(void* dst, const void* src, int64_t byte
       cp_async4(d + i, g + i);
     }
   }
-}
-
-__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
-  acc = __dp4a(a.x, b.x, acc);
-  acc = __dp4a(a.y, b.y, acc);
-  acc = __dp4a(a.z, b.z, acc);
-  return __dp4a(a.w, b.w, acc);
 }
 
 // Exact int32 dot product of a weight row and an activation row (both in shared memory, 16-byte

@@ -192,13 +192,6 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 constexpr int kStreamThreads = 256;
 constexpr int kStreamUnroll = 8;  // 512-byte chunks of a row per round of loads
 
-__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
-  acc = __dp4a(a.x, b.x, acc);
-  acc = __dp4a(a.y, b.y, acc);
-  acc = __dp4a(a.z, b.z, acc);
-  return __dp4a(a.w, b.w, acc);
-}
-
 template <int MT, int kSplit, bool kPreload>
 __global__ void __launch_bounds__(kStreamThreads)
     int8_gemv_stream_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,

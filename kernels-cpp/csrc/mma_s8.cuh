@@ -1,6 +1,7 @@
 #pragma once
-// sm_80+ building blocks of the mma.sync INT8 GEMMs (gemm_int8.cu, gemm_short_k.cu): cp.async
-// copies into shared memory and the m16n8k32 s8 tensor-core product.
+// sm_80+ building blocks of the INT8 GEMMs (gemm_int8.cu, gemm_short_k.cu) and the persistent
+// decode kernel's GEMVs (decode_w8a8.cu): cp.async copies into shared memory, the dp4a dot product
+// of 16 bytes, and the m16n8k32 s8 tensor-core product.
 #include <cuda_runtime.h>
 
 namespace quamba {
@@ -16,6 +17,14 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// acc + the exact int32 dot product of 16 int8 pairs (four dp4a).
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
 }
 
 // c += A (16 x 32, rows g and g + 8 of lane (g, t)) x B (32 x 8) in s8, exact int32.

@@ -30,10 +30,11 @@
 // (the same codes). quamba-modes' GPU tests compare the two decode paths bit for bit.
 // Each layer's small per-channel data (conv weights and state, A_log, the SSM state, D, dt_bias)
 // and the next norm weight are copied into shared memory with cp.async ahead of their phase.
-// Status (session 20, H100): correct, but slower than the per-op kernels (2.8B batch 1: 3.16
-// against 1.86 ms per token): every small phase still takes 2-5 us of dependent work and block
-// barriers, not the ~0.5 us the probe says 1.3x of the floor needs. DecodeArgs::timing measures
-// each phase (tools/bench/persistent_decode.py).
+// Status (session 21, H100): correct, still slower than the per-op kernels (2.8B batch 1: 2.17
+// against 1.87 ms per token; 3.14 before the layer's constants moved from local to shared memory
+// and the GEMV stages were owned by single warps): each small phase and exchange still takes 1-4
+// us, not the ~0.5 us the probe says 1.3x of the floor needs. DecodeArgs::timing measures each
+// phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -95,7 +96,12 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
 
 constexpr int kSegments = 5;   // in_proj x rows, z rows, x_proj, dt_proj, out_proj
 constexpr int kExchanges = 4;  // per layer
+constexpr int kRoundRows = 4;  // weight rows a warp dots at once (consume_rows)
+static_assert(kRing % kConsumerWarps == 0 && (kConsumerWarps & (kConsumerWarps - 1)) == 0,
+              "owned stages (consume_rows): stage i % 8 and i - 16 have the same warp");
 constexpr int kPhases = decode_phase_count();  // timed phases (DecodeArgs::timing)
+constexpr int kLayerWords = static_cast<int>(sizeof(DecodeLayer) / 4);
+static_assert(sizeof(DecodeLayer) % 4 == 0 && kLayerWords <= kConsumers, "DecodeLayer copy");
 
 struct Segment {
   int first_stage, stages, rows_per_stage, row_bytes;
@@ -182,37 +188,102 @@ __device__ __noinline__ void copy_async(void* dst, const void* src, int64_t byte
   }
 }
 
-// Exact int32 dot product of a weight row and an activation row (both in shared memory, 16-byte
-// aligned, `bytes` a multiple of 16) over the warp; every lane gets the sum.
-__device__ __forceinline__ int warp_dot(const int8_t* row, const int8_t* act, int bytes,
-                                        int lane) {
-  const int4* w = reinterpret_cast<const int4*>(row);
-  const int4* x = reinterpret_cast<const int4*>(act);
-  int acc = 0;
-  for (int c = lane; c < bytes / 16; c += 32) acc = dot16(w[c], x[c], acc);
-#pragma unroll
-  for (int d = 16; d > 0; d /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, d);
-  return acc;
+// p ? a : b, as a selp the compiler keeps (written as `?:` over an unrolled array, the choice by
+// lane became an indexed load from local memory).
+__device__ __forceinline__ int select_int(bool p, int a, int b) {
+  int r;
+  asm("{\n.reg .pred q;\nsetp.ne.s32 q, %3, 0;\nselp.b32 %0, %1, %2, q;\n}"
+      : "=r"(r)
+      : "r"(a), "r"(b), "r"(static_cast<int>(p)));
+  return r;
 }
 
-// The stages of segment `sg` (the first of them is stage `first` of the block's stream), taken by
-// all consumer warps together: every warp waits for each stage, takes its rows of it (row j of
-// the segment goes to warp j % 8), and then arrives on the stage's empty barrier (which counts
-// the 8 warps; since every warp waits for every stage in order, no wait can see a slot two phases
-// ahead). Each row's exact dot product with x, then the epilogue into out[row]: INT8 codes
-// Q8(float(acc) * scale, out_scale, rule), or (out_scale == 0) float16 float(acc) * scale.
-// With `partial` (few long rows: x_proj), every warp takes its eighth of every row instead and
-// writes partial[row * 8 + warp]; the caller sums them. Out of line (code size, see q8).
-__device__ __noinline__ void consume_rows(Segment sg, int64_t first, const int8_t* x,
-                                          unsigned char* ring, uint64_t* full, uint64_t* empty,
-                                          int cw, int lane, void* out, float scale, float out_scale,
-                                          int rule, int* partial) {
+// NR rows of a stage (each `row_bytes` long, `row_step` rows apart) dotted with x by one warp,
+// their loads and reductions interleaved; lane j < NR gets row j's exact sum.
+template <int NR>
+__device__ __forceinline__ int warp_dot_rows(const int8_t* rows, int row_bytes, int row_step,
+                                             const int4* xv, int lane) {
+  const int4* w[NR];
+  int acc[NR];
+#pragma unroll
+  for (int j = 0; j < NR; ++j) {
+    w[j] = reinterpret_cast<const int4*>(rows + j * row_step * row_bytes);
+    acc[j] = 0;
+  }
+  for (int c = lane; c < row_bytes / 16; c += 32) {
+    const int4 xc = xv[c];
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const int4 wc = w[j][c];
+      acc[j] = dot16(wc, xc, acc[j]);
+    }
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+#pragma unroll
+    for (int j = 0; j < NR; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], d);
+  }
+  int mine = acc[0];
+#pragma unroll
+  for (int j = 1; j < NR; ++j) mine = select_int(lane == j, acc[j], mine);
+  return mine;
+}
+
+// warp_dot_rows<count> for a run-time count in [1, NR].
+template <int NR>
+__device__ __forceinline__ int warp_dot_rows_upto(int count, const int8_t* rows, int row_bytes,
+                                                  int row_step, const int4* xv, int lane) {
+  if constexpr (NR > 1) {
+    if (count < NR) return warp_dot_rows_upto<NR - 1>(count, rows, row_bytes, row_step, xv, lane);
+  }
+  return warp_dot_rows<NR>(rows, row_bytes, row_step, xv, lane);
+}
+
+// The GEMV epilogue of one row: INT8 codes Q8(float(acc) * scale, out_scale, rule), or
+// (out_scale == 0) float16 float(acc) * scale.
+__device__ __forceinline__ void row_epilogue(int acc, int64_t row, void* out, float scale,
+                                             float out_scale, int rule) {
+  const float v = __fmul_rn(__int2float_rn(acc), scale);
+  if (out_scale > 0.0f) {
+    static_cast<int8_t*>(out)[row] = q8(v, out_scale, rule);
+  } else {
+    static_cast<__half*>(out)[row] = __float2half_rn(v);
+  }
+}
+
+// The stages of segment `sg` (the first of them is stage `first` of the block's stream), consumed
+// in one of three ways, each ending with eight arrivals on the stage's empty barrier:
+// - shared (at least 8 rows per stage, or too few stages to share out: dt_proj, 130m's in_proj):
+//   every warp waits for each stage and takes its rows of it (row j of the segment to warp j % 8),
+//   up to four at a time;
+// - owned (fewer rows per stage and enough stages: 2.8B's in_proj and out_proj): stage i is warp
+//   i % 8's alone, which takes all its rows together (warp_dot_rows) while the other warps take
+//   their own stages (every warp walking every stage made each stage a round trip of dependent
+//   loads, shuffles and an epilogue with most warps idle: 2.8B's in_proj took 10.8 us a layer);
+// - `partial` (few long rows: x_proj): every warp takes its eighth of every row and writes
+//   partial[row * 8 + warp]; the caller sums them.
+// No warp's wait can see a slot two phases ahead: a shared or partial stage is waited for by every
+// warp in order; an owned stage i's slot last held stage i - 16, which the same warp consumed
+// (16 is a multiple of 8) or which a segment before the caller's consumers_sync() consumed.
+// Inline (out of line, with the call's register saves, a 2.8B step took 2.23 against 2.17 ms).
+__device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const int8_t* x,
+                                             unsigned char* ring, uint64_t* full,
+                                             uint64_t* empty, int cw, int lane, void* out,
+                                             float scale, float out_scale, int rule,
+                                             int* partial) {
   const int chunks = sg.row_bytes / 16;
   const int part_begin = chunks * cw / kConsumerWarps;
   const int part_end = chunks * (cw + 1) / kConsumerWarps;
   const int4* xv = reinterpret_cast<const int4*>(x);
+  // Owned when it shortens the busiest warp's work: ceil(stages / 8) stages of up to four-row
+  // rounds each, against one round per stage (at most 8 rows) when shared.
+  const bool owned = partial == nullptr && sg.rows_per_stage < kConsumerWarps &&
+                     (sg.stages + kConsumerWarps - 1) / kConsumerWarps *
+                             ((sg.rows_per_stage + kRoundRows - 1) / kRoundRows) <
+                         sg.stages;
   for (int k = 0; k < sg.stages; ++k) {
     const int64_t i = first + k;
+    if (owned && static_cast<int>(i & (kConsumerWarps - 1)) != cw) continue;
     const int slot = static_cast<int>(i % kRing);
     async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
     const int8_t* stage =
@@ -230,22 +301,21 @@ __device__ __noinline__ void consume_rows(Segment sg, int64_t first, const int8_
         if (lane == 0) partial[(r0 + r) * kConsumerWarps + cw] = acc;
       }
     } else {
-      // This warp's first row of the stage: the next row j >= r0 with j % 8 == cw.
-      for (int r = static_cast<int>((cw - r0 % kConsumerWarps + kConsumerWarps) % kConsumerWarps);
-           r < nrows; r += kConsumerWarps) {
-        const int acc = warp_dot(stage + r * sg.row_bytes, x, sg.row_bytes, lane);
-        if (lane == 0) {
-          const float v = __fmul_rn(__int2float_rn(acc), scale);
-          if (out_scale > 0.0f) {
-            static_cast<int8_t*>(out)[r0 + r] = q8(v, out_scale, rule);
-          } else {
-            static_cast<__half*>(out)[r0 + r] = __float2half_rn(v);
-          }
-        }
+      // Owned: every row of the stage; shared: rows j >= r0 with j % 8 == cw. Four at a time.
+      const int step = owned ? 1 : kConsumerWarps;
+      const int r_first =
+          owned ? 0
+                : static_cast<int>((cw - r0 % kConsumerWarps + kConsumerWarps) % kConsumerWarps);
+      for (int r = r_first; r < nrows; r += kRoundRows * step) {
+        const int remaining = owned ? nrows - r : (nrows - r + kConsumerWarps - 1) / kConsumerWarps;
+        const int count = remaining < kRoundRows ? remaining : kRoundRows;
+        const int acc = warp_dot_rows_upto<kRoundRows>(count, stage + r * sg.row_bytes,
+                                                       sg.row_bytes, step, xv, lane);
+        if (lane < count) row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, rule);
       }
     }
     __syncwarp();
-    if (lane == 0) async::barrier_arrive(&empty[slot]);
+    if (owned ? lane < kConsumerWarps : lane == 0) async::barrier_arrive(&empty[slot]);
   }
 }
 
@@ -258,9 +328,12 @@ __device__ __forceinline__ void butterflies_in_warps(float* v, int E, int cw, in
   constexpr int kChunk = 32 * EPT;
   for (int base = cw * kChunk; base < E; base += kConsumerWarps * kChunk) {
     float x[EPT];
-    float* p = v + base + lane * EPT;
+    float4* p = reinterpret_cast<float4*>(v + base + lane * EPT);  // 16-byte pieces
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) x[i] = p[i];
+    for (int i = 0; i < EPT / 4; ++i) {
+      const float4 q = p[i];
+      x[4 * i] = q.x, x[4 * i + 1] = q.y, x[4 * i + 2] = q.z, x[4 * i + 3] = q.w;
+    }
 #pragma unroll
     for (int h = 1; h < EPT; h *= 2) {
 #pragma unroll
@@ -282,7 +355,9 @@ __device__ __forceinline__ void butterflies_in_warps(float* v, int E, int cw, in
       }
     }
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) p[i] = x[i];
+    for (int i = 0; i < EPT / 4; ++i) {
+      p[i] = make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+    }
   }
 }
 
@@ -359,6 +434,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   __shared__ Segment seg[kSegments];
   __shared__ double warp_sums[kConsumerWarps];
   __shared__ uint32_t epoch_shared;
+  // The current and the next layer's DecodeLayer (raw words: it has default initializers). A
+  // per-thread copy lived in local memory, which the ~24 KB of L1 left beside 210 KB of shared
+  // memory does not hold for 288 threads: every field read went to L2.
+  __shared__ __align__(8) uint32_t layer_words[2][kLayerWords];
+  __shared__ long long phase_cycles[kPhases];  // DecodeArgs::timing (thread 0's, see mark)
 
   const int G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
   const int64_t D = a.d_model, E = a.d_inner, R = a.dt_rank, N = a.d_state, XR = R + 2 * N;
@@ -385,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     }
     for (int s = 0; s < kRing; ++s) {
       async::barrier_init(&full[s], 1);
-      async::barrier_init(&empty[s], kConsumerWarps);  // every consumer warp's lane 0
+      async::barrier_init(&empty[s], kConsumerWarps);  // 8 arrivals a stage (consume_rows)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     epoch_shared = *reinterpret_cast<volatile unsigned*>(&a.counters[0]);
@@ -474,9 +554,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   };
   copy_async(hbuf, a.layers[0].norm_w, 4 * D, ct);  // the first norm weight
   cp_async_commit();
+  const auto layer_source = [&](int l) { return reinterpret_cast<const uint32_t*>(a.layers + l); };
+  if (ct < kLayerWords) layer_words[0][ct] = layer_source(0)[ct];
+  if (ct < kPhases) phase_cycles[ct] = 0;
+  consumers_sync();
 
-  // Optional phase timing (DecodeArgs::timing): cycles of consumer thread 0 in each phase.
-  long long phase_cycles[kPhases] = {};
+  // Optional phase timing (DecodeArgs::timing): cycles of consumer thread 0 in each phase, kept in
+  // shared memory (in local memory, each mark was a round trip to L2).
   long long last_mark = clock64();
   const auto mark = [&](int phase) {
     if (a.timing != nullptr && ct == 0) {
@@ -487,9 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   };
 
   for (int layer = 0; layer < a.n_layers; ++layer) {
-    // A copy in registers / local memory: read from global memory through a reference, every field
-    // would be reloaded after each global store (which might alias it).
-    const DecodeLayer L = a.layers[layer];
+    const DecodeLayer& L = *reinterpret_cast<const DecodeLayer*>(layer_words[layer & 1]);
     const uint32_t tag = tag_base + static_cast<uint32_t>(kExchanges * layer);
     stage_channels(L);
 
@@ -707,9 +789,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     mark(11);
 
     // K: out_proj rows -> float16, published for the next layer's norm (the last layer writes
-    // them out instead).
+    // them out instead). The next layer's DecodeLayer is read meanwhile (its load under the rows).
+    const bool copies_layer = layer + 1 < a.n_layers && ct < kLayerWords;
+    const uint32_t next_layer_word = copies_layer ? layer_source(layer + 1)[ct] : 0u;
     consume_rows(seg[4], stage0 + seg[4].first_stage, act, smem, full, empty, cw, lane, out16,
                  L.out_scale, 0.0f, 0, nullptr);
+    if (copies_layer) layer_words[(layer + 1) & 1][ct] = next_layer_word;
     consumers_sync();
     if (layer == a.n_layers - 1) {
       __half* h = static_cast<__half*>(a.hidden_out);

@@ -100,3 +100,27 @@ def test_persistent_decode_is_opt_in_follows_changed_scales_and_refuses_batches(
     qmodel.decode_kernel = "per_op"
     expected, _ = qmodel.step(nxt, per_op_state)
     assert torch.equal(logits, expected)
+
+
+def test_persistent_decode_follows_changed_options_and_timing_keeps_the_bits():
+    qmodel = mode0_model(1280, 2, seed=11)
+    from quamba_kernels.decode import PHASES
+
+    prompt = torch.randint(0, VOCAB, (1, 23), generator=torch.Generator().manual_seed(6)).cuda()
+    _, state = qmodel.prefill(prompt)
+    nxt = prompt[:, -1]
+    qmodel.decode_kernel = "auto"
+    plain_state, timed_state = clone(state), clone(state)
+    plain_logits, _ = qmodel.step(nxt, plain_state)
+    plain = plain_state[0][0]._quamba_decode_kernel
+    with pytest.raises(ValueError, match="timing=True"):
+        plain.phase_cycles()
+    qmodel.decode_kernel_options = {"inflight": 2, "timing": True}
+    qmodel.step(nxt, plain_state)
+    rebuilt = plain_state[0][0]._quamba_decode_kernel
+    assert rebuilt is not plain  # the options changed: a new kernel
+    cycles = rebuilt.phase_cycles()
+    assert cycles.shape[1] == len(PHASES)
+    assert bool((cycles > 0).all())  # every block timed every phase
+    timed_logits, _ = qmodel.step(nxt, timed_state)
+    assert torch.equal(timed_logits, plain_logits)  # the instrumentation changes no bits

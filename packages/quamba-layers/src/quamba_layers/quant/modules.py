@@ -642,7 +642,7 @@ class QuantizedMambaLM(nn.Module):
     def _persistent_decode(self, token_ids: torch.Tensor, state: list):
         """The persistent decode kernel for this state, or None where the per-op kernels run.
         Built once per state (kept on its first tensor, so a CUDA graph captured with it keeps
-        its buffers alive) and rebuilt when the weights, scales or datapath change."""
+        its buffers alive) and rebuilt when the weights, scales, datapath or options change."""
         if token_ids.device.type != "cuda":
             return None
         if self.decode_implementation(token_ids.shape[0]) != "persistent":
@@ -661,8 +661,10 @@ class QuantizedMambaLM(nn.Module):
         )
         holder = state[0][0]
         kernel = getattr(holder, "_quamba_decode_kernel", None)
+        options = dict(self.decode_kernel_options)
         if kernel is not None:
             same = kernel.owner is self and kernel.key == key and kernel.datapath is self.datapath
+            same = same and kernel.options == options
             if same and all(a is b for a, b in zip(kernel.scales, scales)):
                 return kernel
         rnd = self.datapath.rounding
@@ -678,8 +680,9 @@ class QuantizedMambaLM(nn.Module):
                 "D": mixer.D, "dt_bias": mixer.dt_bias, "w_out": mixer.out_proj_weight,
                 "eps": block.norm.eps, "roundings": roundings, **s,
             })  # fmt: skip
-        kernel = W8A8DecodeKernel(layers, state, **self.decode_kernel_options)
+        kernel = W8A8DecodeKernel(layers, state, **options)
         kernel.owner, kernel.key, kernel.datapath, kernel.scales = self, key, self.datapath, scales
+        kernel.options = options
         holder._quamba_decode_kernel = kernel
         return kernel
 

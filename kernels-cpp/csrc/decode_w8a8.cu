@@ -334,17 +334,7 @@ __device__ __forceinline__ void butterflies_in_warps(float* v, int E, int cw, in
       const float4 q = p[i];
       x[4 * i] = q.x, x[4 * i + 1] = q.y, x[4 * i + 2] = q.z, x[4 * i + 3] = q.w;
     }
-#pragma unroll
-    for (int h = 1; h < EPT; h *= 2) {
-#pragma unroll
-      for (int i = 0; i < EPT; ++i) {
-        if ((i & h) == 0) {
-          const float a = x[i], b = x[i + h];
-          x[i] = __fadd_rn(a, b);
-          x[i + h] = __fsub_rn(a, b);
-        }
-      }
-    }
+    butterflies_in_registers<EPT>(x);
 #pragma unroll
     for (int s = 1; s < 32; s *= 2) {
       const bool upper = (lane & s) != 0;

@@ -199,28 +199,6 @@ __global__ void hadamard_kernel(const TIn* __restrict__ x, TOut* __restrict__ ou
 
 __device__ __forceinline__ int pidx(int pos) { return pos + (pos >> 4); }
 
-// The butterfly stages with strides 1 .. R / 2 on each group of R consecutive elements of v
-// (16 / R groups): element k pairs with k + h inside each block of 2h, giving the reference's
-// rounded (a + b, a - b).
-template <int R>
-__device__ __forceinline__ void butterflies_in_registers(float (&v)[16]) {
-  static_assert(R >= 2 && 16 % R == 0, "R divides 16");
-#pragma unroll
-  for (int h = 1; h < R; h *= 2) {
-#pragma unroll
-    for (int g = 0; g < 16 / R; ++g) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if ((k & h) == 0) {
-          const float a = v[g * R + k], b = v[g * R + k + h];
-          v[g * R + k] = __fadd_rn(a, b);
-          v[g * R + k + h] = __fsub_rn(a, b);
-        }
-      }
-    }
-  }
-}
-
 template <int M, int P>
 struct PaleyShape {
   static constexpr int kK2 = P / 16;           // threads per sub-vector in passes 1, 2

@@ -323,3 +323,33 @@ def test_reference_backend_seq_last_layout_is_the_transpose(model_and_quantized)
     seq_last = backend.w8a8_linear(x, w, 0.02, 0.01, 0.3, "half_away", layout="seq_last")
     assert seq_last.shape == (2, 24, 5) and seq_last.is_contiguous()
     assert torch.equal(seq_last, row.transpose(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("conv_output", "ssm_input"),
+    [("int8", "int8"), ("fp32_grid", "fp32_grid"), ("fp32", "requant_int8"), ("fp32", "fp32")],
+)
+def test_sim_kernel_scan_on_int8_codes_gives_the_reference_bits(
+    model_and_quantized, conv_output, ssm_input
+):
+    """ssm_impl "sim_kernel" with INT8 gate codes goes through the backend's
+    selective_scan_int8_exact (the exact INT8 scan kernel on CUDA): on the reference backend it
+    must give the reference scan's logits and prefill state, bit for bit."""
+    from quamba_layers.datapath import Datapath
+
+    _, qmodel = model_and_quantized
+    tokens = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(9))
+    results, original = {}, qmodel.datapath
+    try:
+        for impl in ("sim_kernel", "reference"):
+            dp = Datapath(conv_output=conv_output, ssm_input=ssm_input, ssm_impl=impl)
+            qmodel.set_datapath(dp)
+            logits = qmodel(tokens).logits
+            _, state = qmodel.prefill(tokens)
+            results[impl] = (logits, state)
+    finally:
+        qmodel.set_datapath(original)
+    (a, state_a), (b, state_b) = results["sim_kernel"], results["reference"]
+    assert torch.equal(a, b)
+    for layer_a, layer_b in zip(state_a, state_b):
+        assert all(torch.equal(x, y) for x, y in zip(layer_a, layer_b))

@@ -39,13 +39,19 @@ def run(qmodel, backend, mode, tokens, **overrides):
 
 
 def test_simulation_modes_run_the_kernel_and_match_the_reference_bit_for_bit(setup):
+    """Logits and the prefill's states (the decode's starting point): 2-1 .. 2-4 (INT8 gate
+    codes) run the exact INT8 scan kernel, mode 3 (float gate) the float32 simulation scan."""
     qmodel, tokens, backend = setup
     for mode in ("2-1", "2-2", "2-3", "2-4", "3"):
         fast, records, resolved = run(qmodel, backend, mode, tokens)
         assert resolved.datapath.ssm_impl == "sim_kernel"
         assert records[0]["ssm_impl"].startswith("ssm_sim: kernel")
+        _, fast_state = qmodel.prefill(tokens)
         slow, _, _ = run(qmodel, backend, mode, tokens, ssm_impl="reference")
+        _, slow_state = qmodel.prefill(tokens)
         assert torch.equal(fast, slow), mode
+        for layer, (a, b) in enumerate(zip(fast_state, slow_state)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (mode, layer)
 
 
 def test_0_and_2_0_identical_and_2_2_and_2_1_identical_on_gpu(setup):

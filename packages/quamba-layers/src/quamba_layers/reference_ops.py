@@ -608,10 +608,11 @@ def selective_scan(
     return y.contiguous(), h
 
 
-def _dequantize_scan_inputs(
+def dequantize_scan_inputs(
     u_q, s_u, dt_q, s_dt, A_log_q, s_A, B_q, s_B, C_q, s_C, D_q, s_D, z_q, s_z, dtb_q, s_dtb
 ):
-    """Check the INT8 scan inputs (names as the caller sees them) and dequantize them."""
+    """Check the INT8 scan inputs (names as the caller sees them) and dequantize them:
+    ``(u, delta_raw, A, B, C, D, z, delta_bias)`` as ``selective_scan`` takes them."""
     _check_tensor("u_q", u_q, (torch.int8, torch.float32), ndim=3)
     batch, e, length = u_q.shape
     _check_tensor("dt_q", dt_q, (torch.int8,))
@@ -676,7 +677,7 @@ def selective_scan_int8(
     y is cast to float16 with round-to-nearest-even. ``h_q = Q8(h_last, s_h, state_rounding)``
     is the INT8 state snapshot for decoding; it never feeds back into this prefill.
     """
-    u, delta_raw, A, B, C, D, z, delta_bias = _dequantize_scan_inputs(
+    u, delta_raw, A, B, C, D, z, delta_bias = dequantize_scan_inputs(
         u_q, s_u, dt_q, s_dt, A_log_q, s_A, B_q, s_B, C_q, s_C, D_q, s_D, z_q, s_z, dtb_q,
         s_dtb,
     )  # fmt: skip
@@ -728,7 +729,7 @@ def selective_scan_step(
     _check_devices(state_q=state_q, u_q=u_q)
 
     # One time step: the (B, E) / (B, N) inputs become L = 1 sequences.
-    u, delta_raw, A, B, C, D, z, delta_bias = _dequantize_scan_inputs(
+    u, delta_raw, A, B, C, D, z, delta_bias = dequantize_scan_inputs(
         u_q[..., None], s_u, dt_q[..., None], s_dt, A_log_q, s_A, B_q[..., None], s_B,
         C_q[..., None], s_C, D_q, s_D, None if z_q is None else z_q[..., None], s_z, dtb_q, s_dtb,
     )  # fmt: skip

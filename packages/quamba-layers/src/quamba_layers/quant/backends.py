@@ -118,6 +118,13 @@ class Backend:
     def selective_scan_sim(self, *args):
         return ops.selective_scan(*args)
 
+    def selective_scan_int8_exact(self, *args):
+        """``selective_scan_int8``'s inputs without ``s_h`` -> (y float16 (B, L, E), the float32
+        final state h (B, E, N)): ``selective_scan`` (the simulation scan) on the dequantized
+        inputs."""
+        y, h_last = ops.selective_scan(*ops.dequantize_scan_inputs(*args))
+        return y.half(), h_last
+
     def hadamard(self, x, scale, out_scale, rounding):
         return ops.hadamard(x, scale, out_scale, rounding)
 

@@ -153,5 +153,12 @@ class KernelBackend(Backend):
         args = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
         return self._k.selective_scan_sim(*args)
 
+    def selective_scan_int8_exact(self, *args):
+        # The INT8 scan kernel in exact mode: the reference's bits (quamba-kernels' GPU tests),
+        # reading the codes instead of float32 copies. Its INT8 state snapshot (s_h = 1) is unused.
+        args = tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
+        y, _, h_last = self._k.selective_scan_int8(*args, 1.0, exact=True, return_last_state=True)
+        return y, h_last
+
     def hadamard(self, x, scale, out_scale, rounding):
         return self._k.hadamard(x.contiguous(), scale, out_scale, rounding)

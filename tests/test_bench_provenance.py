@@ -154,6 +154,12 @@ def test_eval_speed_table_rows():
     # eval_speed.py's files from before it recorded its settings: a bare list of rows.
     old = tables.table_for(rows).splitlines()
     assert old[0] == "Device: not recorded." and old[-1] == lines[-1]
+    # Since session 21: the median of round-robin passes, each pass listed.
+    for row, runs in zip(rows, ([2.1, 2.0, 1.9], [2.9, 3.4, 2.8])):
+        row["runs"] = runs
+    lines = tables.table_for({**data, "repeats": 3}).splitlines()
+    assert "passes per mode (median) 3" in lines[0]
+    assert lines[-1] == "| 3 | 2.90 | 1.45x | 2.90 / 3.40 / 2.80 | simulation scan |"
 
 
 def test_persistent_decode_table_rows():

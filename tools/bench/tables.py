@@ -147,18 +147,23 @@ def eval_speed_table(data: dict | list) -> str:
     settings = ", ".join(
         f"{name} {data[key]}"
         for name, key in (("documents", "documents"), ("batch", "batch_size"),
-                          ("layers", "n_layer"), ("torch", "torch"))
+                          ("layers", "n_layer"), ("passes per mode (median)", "repeats"),
+                          ("torch", "torch"))
         if key in data
     )  # fmt: skip
+    passes = any("runs" in r for r in data["rows"])
     lines = _head(
         f"Device: {data['device']}{'; ' + settings if settings else ''}.",
         data,
-        ["mode", "seconds", "vs mode 0", "SSM implementation"],
+        ["mode", "seconds", "vs mode 0", *(["passes (s)"] if passes else []), "SSM implementation"],
     )
     base = next((r["seconds"] for r in data["rows"] if r["mode"] == "0"), None)
     for r in data["rows"]:
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
-        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['ssm']} |")
+        runs = [" / ".join(f"{t:.2f}" for t in r.get("runs", []))] if passes else []
+        lines.append(
+            " | ".join(["", r["mode"], f"{r['seconds']:.2f}", ratio, *runs, r["ssm"], ""]).strip()
+        )
     return "\n".join(lines)
 
 

@@ -58,8 +58,8 @@ def measure(size: str, prompt: int, inflight: int, bandwidth: float, gen) -> dic
     tokens = {}
     for kind in ("per_op", "auto"):
         model.decode_kernel = kind
-        # The step is timed without the phase instrumentation (its clock reads and block-wide
-        # waits for thread 0 cost ~1 us per 2.8B layer); the phases come from a second kernel.
+        # The step is timed without the phase instrumentation (a clock read and a shared-memory
+        # update by thread 0 in every phase); the phases come from a second, timed kernel.
         model.decode_kernel_options = {"inflight": inflight}
         graphed = GraphedStep(model.step, first, [tuple(t.clone() for t in s) for s in state])
         nxt, seq = first, []

@@ -375,8 +375,8 @@ class W8A8Mixer(nn.Module):
                 state_rounding=self.datapath.rounding.ssm_state,
             )  # fmt: skip
         if impl == "sim_kernel" and z_q is not None and z_fp is None:
-            # INT8 codes but (maybe) u: the exact INT8 scan reads them and gives the bits of the
-            # reference below without its float32 copies of u, dt, B, C and z (evaluation time).
+            # INT8 gate codes (u may be float32): the exact INT8 scan reads the codes and gives
+            # the reference's bits (below) without its float32 copies of u, dt, B, C and z.
             return self.backend.selective_scan_int8_exact(
                 u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
                 s["s_xo"], self.D, s["s_D"], z_q, s["s_xz"], self.dt_bias, s["s_dtb"],

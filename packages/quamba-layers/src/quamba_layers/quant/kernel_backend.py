@@ -35,19 +35,22 @@ class KernelBackend(Backend):
         # (a drained pipeline per layer). Here the NaN test stays on the device and is read once
         # per forward by check_deferred(); the codes are the reference's for every other value.
         v = v.float().contiguous()
-        flag = torch.isnan(v).any()
-        self._nan_seen = flag if self._nan_seen is None else self._nan_seen | flag
+        self._flag_nan(v)
         return self._k.quantize_int8(v, scale, rounding)
 
     def quantize_per_sequence_dynamic(self, x, seq_lens, rounding):
         # Two kernels instead of ~20 small torch ops per layer (mode 3 was host-bound: 1.6x
         # Mode 0's evaluation time); NaN is flagged on the device as in quantize_int8.
         x = x.float().contiguous()
-        flag = torch.isnan(x).any()
-        self._nan_seen = flag if self._nan_seen is None else self._nan_seen | flag
+        self._flag_nan(x)
         if seq_lens is not None:
             seq_lens = seq_lens.to(device=x.device, dtype=torch.int64)
         return self._k.quantize_int8_per_sequence(x, seq_lens, rounding)
+
+    def _flag_nan(self, x) -> None:
+        # On the device, no synchronisation: check_deferred() reads it once per forward.
+        flag = torch.isnan(x).any()
+        self._nan_seen = flag if self._nan_seen is None else self._nan_seen | flag
 
     def check_deferred(self) -> None:
         flag, self._nan_seen = self._nan_seen, None

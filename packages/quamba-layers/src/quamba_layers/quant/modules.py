@@ -368,32 +368,25 @@ class W8A8Mixer(nn.Module):
         impl = self.datapath.ssm_impl
         int8_inputs = u_in.dtype == torch.int8 and z_q is not None
         self._probe("ssm_impl", self._scan_implementation(impl, int8_inputs))
+        # The codes and scales as selective_scan_int8 takes them (u may be float32, z_q None).
+        codes = (
+            u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q, s["s_xo"],
+            self.D, s["s_D"], z_q, s["s_xz"], self.dt_bias, s["s_dtb"],
+        )  # fmt: skip
         if impl == "kernel_int8" and int8_inputs:
             return self.backend.selective_scan_int8(
-                u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
-                s["s_xo"], self.D, s["s_D"], z_q, s["s_xz"], self.dt_bias, s["s_dtb"], s["s_h"],
-                state_rounding=self.datapath.rounding.ssm_state,
-            )  # fmt: skip
+                *codes, s["s_h"], state_rounding=self.datapath.rounding.ssm_state
+            )
         if impl == "sim_kernel" and z_q is not None and z_fp is None:
             # INT8 gate codes (u may be float32): the exact INT8 scan reads the codes and gives
             # the reference's bits (below) without its float32 copies of u, dt, B, C and z.
-            return self.backend.selective_scan_int8_exact(
-                u_in, s["s_u"], dt_q, s["s_dt"], self.A_log, s["s_A"], b_q, s["s_xo"], c_q,
-                s["s_xo"], self.D, s["s_D"], z_q, s["s_xz"], self.dt_bias, s["s_dtb"],
-            )  # fmt: skip
-        # Reference semantics: dequantize every input in float32, then the sequential scan.
-        u = ops.dequantize(u_in, s["s_u"]) if u_in.dtype == torch.int8 else u_in
-        z = z_fp if z_fp is not None else ops.dequantize(z_q, s["s_xz"])
-        args = (
-            u,
-            ops.dequantize(dt_q, s["s_dt"]),
-            -torch.exp(ops.dequantize(self.A_log, s["s_A"])),
-            ops.dequantize(b_q, s["s_xo"]),
-            ops.dequantize(c_q, s["s_xo"]),
-            ops.dequantize(self.D, s["s_D"]),
-            z,
-            ops.dequantize(self.dt_bias, s["s_dtb"]),
-        )
+            return self.backend.selective_scan_int8_exact(*codes)
+        # Reference semantics: dequantize every input in float32 (mode 3's gate z_fp is float32
+        # already), then the sequential scan.
+        u, delta_raw, A, B, C, D, z, delta_bias = ops.dequantize_scan_inputs(*codes)
+        if z_fp is not None:
+            z = z_fp
+        args = (u, delta_raw, A, B, C, D, z, delta_bias)
         if impl == "sim_kernel":
             y, h_last = self.backend.selective_scan_sim(*args)
         else:

@@ -890,8 +890,8 @@ void x_proj_seq_last(AnyArray u, AnyArray w, AnyArray dt_low, AnyArray B, AnyArr
 constexpr size_t kDecodePointers = 12, kDecodeScalars = 18, kDecodeRoundings = 5;
 
 // The layers' DecodeLayer records (bytes to copy to the device) from flat per-layer lists:
-// pointers (norm_w, w_in, conv_w, conv_b, w_x, w_dt, A_log, D, dt_bias, w_out, conv_state,
-// ssm_state; 0 for an absent conv_b, D or dt_bias), scalars (conv_s_b, eps, s_in, in_scale, s_xz,
+// pointers (norm_w, w_in, conv_w, conv_b, w_x's slabs (decode_x_slab_columns), w_dt, A_log, D,
+// dt_bias, w_out, conv_state, ssm_state; 0 for an absent conv_b, D or dt_bias), scalars (conv_s_b, eps, s_in, in_scale, s_xz,
 // conv_scale, s_u, x_scale, s_xo, dt_scale, s_dt, s_A, s_D, s_dtb, s_h, had_scale, s_had,
 // out_scale) and rounding codes (norm, gemm, conv, state, hadamard). The Python wrapper checks the
 // tensors the pointers come from.
@@ -954,7 +954,7 @@ bool decode_w8a8_supported(int device) { return quamba::decode_w8a8_device_ok(de
 void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner, int64_t dt_rank,
                  int64_t d_state, int had_m, AnyArray hidden_in,
                  AnyArray hidden_out, AnyArray residual_out, AnyArray exchange, AnyArray counters,
-                 int inflight, std::uintptr_t stream, OptArray timing) {
+                 int x_slab_blocks, int inflight, std::uintptr_t stream, OptArray timing) {
   const char* why = nullptr;
   if (!quamba::decode_w8a8_shapes_ok(d_model, d_inner, dt_rank, d_state, had_m, &why)) {
     throw std::invalid_argument(std::string("decode_w8a8: ") + why);
@@ -969,7 +969,8 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
   expect_shape(hidden_out, "hidden_out", {d_model});
   expect_type(residual_out, "residual_out", ElemType::Float32);
   expect_shape(residual_out, "residual_out", {d_model});
-  const int64_t words = quamba::decode_exchange_words(d_model, d_inner, dt_rank, d_state);
+  const int64_t words =
+      quamba::decode_exchange_words(d_model, d_inner, dt_rank, d_state, n_layers);
   expect_type(exchange, "exchange", ElemType::Int8);
   expect_shape(exchange, "exchange", {8 * words});
   expect_type(counters, "counters", ElemType::Int8);
@@ -984,10 +985,15 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
   const int device = common_device({&layers, &hidden_in, &hidden_out,
                                     &residual_out, &exchange, &counters, opt_ptr(timing)});
   DeviceGuard guard(device);
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  if (x_slab_blocks != sms) {
+    throw std::invalid_argument("decode_w8a8: x_proj's slabs were laid out for " +
+                                std::to_string(x_slab_blocks) + " blocks; this device runs " +
+                                std::to_string(sms) + " (one per SM)");
+  }
   if (timing) {
-    int sms = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-               "cudaDeviceGetAttribute");
     expect_type(*timing, "timing", ElemType::Int8);
     expect_shape(*timing, "timing",
                  {static_cast<int64_t>(8) * sms * quamba::decode_phase_count()});
@@ -1010,6 +1016,7 @@ void decode_w8a8(AnyArray layers, int n_layers, int64_t d_model, int64_t d_inner
   a.residual_out = static_cast<float*>(residual_out.data());
   a.exchange = static_cast<uint64_t*>(exchange.data());
   a.counters = static_cast<unsigned*>(counters.data());
+  a.x_slab_blocks = x_slab_blocks;
   a.inflight = inflight;
   a.timing = timing ? static_cast<long long*>(timing->data()) : nullptr;
   check_cuda(quamba::launch_decode_w8a8(a, as_stream(stream)), "decode_w8a8 launch");
@@ -1112,8 +1119,11 @@ NB_MODULE(_C, m) {
   m.attr("decode_w8a8_layer_bytes") = sizeof(quamba::DecodeLayer);
   m.attr("decode_w8a8_phases") = quamba::decode_phase_count();
   m.def("decode_w8a8_exchange_words", &quamba::decode_exchange_words, nb::arg("d_model"),
-        nb::arg("d_inner"), nb::arg("dt_rank"), nb::arg("d_state"),
-        "Words of decode_w8a8's exchange workspace.");
+        nb::arg("d_inner"), nb::arg("dt_rank"), nb::arg("d_state"), nb::arg("n_layers"),
+        "Words of decode_w8a8's exchange workspace (zeroed before the first call).");
+  m.def("decode_w8a8_x_slab_columns", &quamba::decode_x_slab_columns, nb::arg("d_inner"),
+        nb::arg("blocks"),
+        "Columns of each block's slab of w_x (see decode_w8a8.h) on a grid of `blocks`.");
   m.def("decode_w8a8_supported", &decode_w8a8_supported, nb::arg("device"),
         "Whether decode_w8a8 can run on this device (compute capability 9.0+, sm_90 code built).");
   m.def("decode_w8a8_pack", &decode_w8a8_pack, nb::arg("pointers"), nb::arg("scalars"),
@@ -1123,8 +1133,9 @@ NB_MODULE(_C, m) {
         nb::arg("had_m"),
         nb::arg("hidden_in").noconvert(), nb::arg("hidden_out").noconvert(),
         nb::arg("residual_out").noconvert(), nb::arg("exchange").noconvert(),
-        nb::arg("counters").noconvert(), nb::arg("inflight"), nb::arg("stream"),
-        nb::arg("timing").noconvert().none() = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+        nb::arg("counters").noconvert(), nb::arg("x_slab_blocks"), nb::arg("inflight"),
+        nb::arg("stream"), nb::arg("timing").noconvert().none() = nb::none(),
+        nb::call_guard<nb::gil_scoped_release>(),
         "A whole W8A8 decode step (batch 1) of every layer in one persistent kernel.");
   m.def("int32_epilogue", &int32_epilogue, nb::arg("acc").noconvert(), nb::arg("out").noconvert(),
         nb::arg("scale"), nb::arg("out_scale"), nb::arg("rounding"), nb::arg("seq_len"),

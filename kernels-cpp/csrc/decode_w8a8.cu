@@ -10,20 +10,26 @@
 // tools/bench/persistent_decode_probe.cu: a 64-bit word whose upper half is the exchange's tag, so
 // that polling the word is the barrier; a few bulk copies in flight at most).
 //
-// Ownership (block b of G): channels in groups of 4 (in_proj's x and z rows, the conv, dt_proj's
-// rows and the scan step of those channels), x_proj's rows in groups of 4, out_proj's rows in
-// pairs. Per layer:
+// Ownership (block b of G): channels in groups of 4 (in_proj's x and z rows, the conv, x_proj's
+// columns, dt_proj's rows and the scan step of those channels), out_proj's rows in pairs. Per
+// layer:
 //   A  norm: the residual add and RMSNorm of the whole row, in every block (the same operations in
 //      the same order as rmsnorm_vec8_kernel: the same bits), the residual kept in shared memory;
 //   B  in_proj rows of the block's channels -> x and z codes;
-//   C  conv update of those channels -> u codes, published (exchange 1);
-//   D  every block reads all u codes; E  x_proj rows -> codes, published (exchange 2);
-//   F  every block reads dt_low, B, C; G  dt_proj rows of its channels -> dt codes;
-//   H  scan step of its channels (16 lanes per channel, INT8 state requantized) -> y, published
-//      (exchange 3);
-//   I  every block reads y; J  Hadamard of the whole row (butterflies, then the m x m matrix) ->
+//   C  conv update of those channels -> u codes;
+//   D  x_proj's partial sums over those channels (the block's slab of w_x's columns), added into
+//      the layer's sums in global memory: one 64-bit integer reduction per row and block;
+//   E  every block reads the R + 2N sums once all G blocks have added theirs and forms dt_low, B
+//      and C itself (integer sums: the same codes as the x_proj GEMV, in any order);
+//   F  dt_proj rows of its channels -> dt codes;
+//   G  scan step of its channels (16 lanes per channel, INT8 state requantized) -> y, published
+//      (exchange 1);
+//   H  every block reads y; I  Hadamard of the whole row (butterflies, then the m x m matrix) ->
 //      codes, in every block;
-//   K  out_proj rows -> float16, published (exchange 4), which the next layer's norm reads.
+//   J  out_proj rows -> float16, published (exchange 2), which the next layer's norm reads.
+// x_proj by reductions instead of rows owned by 48 blocks: that took two exchanges (every u code to
+// every block, then the codes of the owned rows) with the owners' rows between them (2.8B: 3.2 +
+// 1.7 + 2.9 us per layer).
 // Every element is computed with the arithmetic of the per-op kernel it replaces (rmsnorm, the
 // GEMV epilogues, conv1d_update_kernel's exact formula, selective_scan_step_kernel,
 // hadamard_transform_ref's order); INT8 codes with quantize_int8 or its reciprocal fast path
@@ -31,10 +37,10 @@
 // Each layer's small per-channel data (conv weights and state, A_log, the SSM state, D, dt_bias)
 // and the next norm weight are copied into shared memory with cp.async ahead of their phase.
 // Status (session 21, H100): correct, still slower than the per-op kernels (2.8B batch 1: 2.17
-// against 1.87 ms per token; 3.14 before the layer's constants moved from local to shared memory
-// and the GEMV stages were owned by single warps): each small phase and exchange still takes 1-4
-// us, not the ~0.5 us the probe says 1.3x of the floor needs. DecodeArgs::timing measures each
-// phase (tools/bench/persistent_decode.py).
+// against 1.87 ms per token with x_proj's rows owned; 3.14 before the layer's constants moved from
+// local to shared memory and the GEMV stages were owned by single warps): each small phase and
+// exchange still takes 1-4 us, not the ~0.5 us the probe says 1.3x of the floor needs.
+// DecodeArgs::timing measures each phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -54,22 +60,35 @@ constexpr int kRing = 16;                  // slots (160 KB)
 
 __host__ __device__ inline int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 
+// x_proj's sums: per row a 64-bit word, bits 40.. count the blocks that added their part, bits
+// 0..39 the sum of the parts, each biased by 2^28 (|part| <= 10240 * 128 * 128 < 2^28, so every
+// biased part is in [0, 2^29), and G of them stay below 2^40 for G < 2^11).
+constexpr int kSumCountShift = 40;
+constexpr int64_t kSumBias = int64_t{1} << 28;
+// A row's sum word every 16 words (128 bytes): the G reductions into each word and the polls of
+// it are spread over as many L2 lines as rows (unpadded, 192 rows share 12 lines).
+constexpr int kSumStride = 16;
+
 // Dynamic shared memory: byte offsets after the ring.
 struct SmemPlan {
-  int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, xpown, out16,
-      conv_w, conv_state, conv_b, A_log, ssm_state, D, dt_bias, xpart, total;
+  int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, out16, conv_w,
+      conv_state, conv_b, A_log, ssm_state, D, dt_bias, total;
 };
 
+// Channels of a block at most (decode_x_slab_columns: rounded up to 16).
+__host__ __device__ inline int64_t max_block_channels(int64_t E, int G) {
+  return 4 * ((E / 4 + G - 1) / G);
+}
+
 __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, int m, int G) {
-  const int64_t maxc = 4 * ((E / 4 + G - 1) / G);
-  const int64_t maxx = 4 * ((XR / 4 + G - 1) / G);
+  const int64_t maxc = align16(max_block_channels(E, G));  // ucode: x_proj's slab width
   const int64_t maxo = 2 * ((D / 2 + G - 1) / G);
   SmemPlan p;
   int64_t off = static_cast<int64_t>(kRing) * kSlot;
   p.resid = off;  off = align16(off + 4 * D);   // float32 residual row
   p.hidden = off; off = align16(off + 2 * D);   // float16 norm input
   p.xn = off;     off = align16(off + D);       // norm codes (in_proj input)
-  p.act = off;    off = align16(off + E);       // u codes (x_proj input), then Hadamard codes
+  p.act = off;    off = align16(off + E);       // Hadamard codes (out_proj input)
   p.hbuf = off;   off = align16(off + 4 * E);   // Hadamard work row
   p.xp = off;     off = align16(off + XR);      // x_proj codes: dt_low, B, C
   p.xcode = off;  off = align16(off + maxc);
@@ -77,7 +96,6 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
   p.ucode = off;  off = align16(off + maxc);
   p.dtcode = off; off = align16(off + maxc);
   p.y16 = off;    off = align16(off + 2 * maxc);
-  p.xpown = off;  off = align16(off + maxx);
   p.out16 = off;  off = align16(off + 2 * maxo);
   // The block's channels' small data of the current layer (copied in at the layer's start).
   p.conv_w = off;     off = align16(off + 4 * maxc);
@@ -87,15 +105,14 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
   p.ssm_state = off;  off = align16(off + 16 * maxc);
   p.D = off;          off = align16(off + maxc);
   p.dt_bias = off;    off = align16(off + maxc);
-  p.xpart = off;      off = align16(off + 4 * kConsumerWarps * maxx);  // x_proj partial sums
   p.total = off;
   return p;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
-constexpr int kSegments = 5;   // in_proj x rows, z rows, x_proj, dt_proj, out_proj
-constexpr int kExchanges = 4;  // per layer
+constexpr int kSegments = 5;   // in_proj x rows, z rows, x_proj's slab, dt_proj, out_proj
+constexpr int kExchanges = 2;  // per layer: y (tag + 0), out_proj's outputs (tag + 1)
 constexpr int kRoundRows = 4;  // weight rows a warp dots at once (consume_rows)
 static_assert(kRing % kConsumerWarps == 0 && (kConsumerWarps & (kConsumerWarps - 1)) == 0,
               "owned stages (consume_rows): stage i % 8 and i - 16 have the same warp");
@@ -252,32 +269,26 @@ __device__ __forceinline__ void row_epilogue(int acc, int64_t row, void* out, fl
 }
 
 // The stages of segment `sg` (the first of them is stage `first` of the block's stream), consumed
-// in one of three ways, each ending with eight arrivals on the stage's empty barrier:
+// in one of two ways, each ending with eight arrivals on the stage's empty barrier:
 // - shared (at least 8 rows per stage, or too few stages to share out: dt_proj, 130m's in_proj):
 //   every warp waits for each stage and takes its rows of it (row j of the segment to warp j % 8),
 //   up to four at a time;
 // - owned (fewer rows per stage and enough stages: 2.8B's in_proj and out_proj): stage i is warp
 //   i % 8's alone, which takes all its rows together (warp_dot_rows) while the other warps take
 //   their own stages (every warp walking every stage made each stage a round trip of dependent
-//   loads, shuffles and an epilogue with most warps idle: 2.8B's in_proj took 10.8 us a layer);
-// - `partial` (few long rows: x_proj): every warp takes its eighth of every row and writes
-//   partial[row * 8 + warp]; the caller sums them.
-// No warp's wait can see a slot two phases ahead: a shared or partial stage is waited for by every
+//   loads, shuffles and an epilogue with most warps idle: 2.8B's in_proj took 10.8 us a layer).
+// No warp's wait can see a slot two phases ahead: a shared stage is waited for by every
 // warp in order; an owned stage i's slot last held stage i - 16, which the same warp consumed
 // (16 is a multiple of 8) or which a segment before the caller's consumers_sync() consumed.
 // Inline (out of line, with the call's register saves, a 2.8B step took 2.23 against 2.17 ms).
 __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const int8_t* x,
                                              unsigned char* ring, uint64_t* full,
                                              uint64_t* empty, int cw, int lane, void* out,
-                                             float scale, float out_scale, int rule,
-                                             int* partial) {
-  const int chunks = sg.row_bytes / 16;
-  const int part_begin = chunks * cw / kConsumerWarps;
-  const int part_end = chunks * (cw + 1) / kConsumerWarps;
+                                             float scale, float out_scale, int rule) {
   const int4* xv = reinterpret_cast<const int4*>(x);
   // Owned when it shortens the busiest warp's work: ceil(stages / 8) stages of up to four-row
   // rounds each, against one round per stage (at most 8 rows) when shared.
-  const bool owned = partial == nullptr && sg.rows_per_stage < kConsumerWarps &&
+  const bool owned = sg.rows_per_stage < kConsumerWarps &&
                      (sg.stages + kConsumerWarps - 1) / kConsumerWarps *
                              ((sg.rows_per_stage + kRoundRows - 1) / kRoundRows) <
                          sg.stages;
@@ -291,28 +302,17 @@ __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const in
     const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
     const int64_t left = sg.rows - r0;
     const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
-    if (partial != nullptr) {
-      for (int r = 0; r < nrows; ++r) {
-        const int4* w = reinterpret_cast<const int4*>(stage + r * sg.row_bytes);
-        int acc = 0;
-        for (int c = part_begin + lane; c < part_end; c += 32) acc = dot16(w[c], xv[c], acc);
-#pragma unroll
-        for (int d = 16; d > 0; d /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, d);
-        if (lane == 0) partial[(r0 + r) * kConsumerWarps + cw] = acc;
-      }
-    } else {
-      // Owned: every row of the stage; shared: rows j >= r0 with j % 8 == cw. Four at a time.
-      const int step = owned ? 1 : kConsumerWarps;
-      const int r_first =
-          owned ? 0
-                : static_cast<int>((cw - r0 % kConsumerWarps + kConsumerWarps) % kConsumerWarps);
-      for (int r = r_first; r < nrows; r += kRoundRows * step) {
-        const int remaining = owned ? nrows - r : (nrows - r + kConsumerWarps - 1) / kConsumerWarps;
-        const int count = remaining < kRoundRows ? remaining : kRoundRows;
-        const int acc = warp_dot_rows_upto<kRoundRows>(count, stage + r * sg.row_bytes,
-                                                       sg.row_bytes, step, xv, lane);
-        if (lane < count) row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, rule);
-      }
+    // Owned: every row of the stage; shared: rows j >= r0 with j % 8 == cw. Four at a time.
+    const int step = owned ? 1 : kConsumerWarps;
+    const int r_first =
+        owned ? 0
+              : static_cast<int>((cw - r0 % kConsumerWarps + kConsumerWarps) % kConsumerWarps);
+    for (int r = r_first; r < nrows; r += kRoundRows * step) {
+      const int remaining = owned ? nrows - r : (nrows - r + kConsumerWarps - 1) / kConsumerWarps;
+      const int count = remaining < kRoundRows ? remaining : kRoundRows;
+      const int acc = warp_dot_rows_upto<kRoundRows>(count, stage + r * sg.row_bytes,
+                                                     sg.row_bytes, step, xv, lane);
+      if (lane < count) row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, rule);
     }
     __syncwarp();
     if (owned ? lane < kConsumerWarps : lane == 0) async::barrier_arrive(&empty[slot]);
@@ -435,17 +435,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   const int m = a.had_m;
   const int64_t P = E / m;
   const int log2_p = 31 - __clz(static_cast<int>(P));
-  int64_t c0, c1, x0, x1, o0, o1;
+  int64_t c0, c1, o0, o1;
   share_of(E / 4, 4, G, b, c0, c1);
-  share_of(XR / 4, 4, G, b, x0, x1);
   share_of(D / 2, 2, G, b, o0, o1);
-  const int64_t nc = c1 - c0, nx = x1 - x0, no = o1 - o0;
+  const int64_t nc = c1 - c0, no = o1 - o0;
+  const int64_t slab_columns = align16(max_block_channels(E, G));  // decode_x_slab_columns
 
   launch::start_after_prior_grids();  // first: see launch.cuh
   if (threadIdx.x == 0) {
-    const int64_t rows[kSegments] = {nc, nc, nx, nc, no};
-    const int64_t row0[kSegments] = {c0, E + c0, x0, c0, o0};
-    const int64_t bytes[kSegments] = {D, D, E, R, E};
+    const int64_t rows[kSegments] = {nc, nc, XR, nc, no};
+    const int64_t row0[kSegments] = {c0, E + c0, b * XR, c0, o0};  // x_proj: the block's slab
+    const int64_t bytes[kSegments] = {D, D, slab_columns, R, E};
     int first = 0;
     for (int s = 0; s < kSegments; ++s) {
       const int rps = static_cast<int>(kSlot / bytes[s]);
@@ -510,7 +510,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   int8_t* ucode = reinterpret_cast<int8_t*>(smem + sp.ucode);
   int8_t* dtcode = reinterpret_cast<int8_t*>(smem + sp.dtcode);
   __half* y16 = reinterpret_cast<__half*>(smem + sp.y16);
-  int8_t* xpown = reinterpret_cast<int8_t*>(smem + sp.xpown);
   __half* out16 = reinterpret_cast<__half*>(smem + sp.out16);
   int8_t* s_conv_w = reinterpret_cast<int8_t*>(smem + sp.conv_w);
   int8_t* s_conv_state = reinterpret_cast<int8_t*>(smem + sp.conv_state);
@@ -519,15 +518,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   int8_t* s_ssm_state = reinterpret_cast<int8_t*>(smem + sp.ssm_state);
   int8_t* s_D = reinterpret_cast<int8_t*>(smem + sp.D);
   int8_t* s_dt_bias = reinterpret_cast<int8_t*>(smem + sp.dt_bias);
-  int* xpart = reinterpret_cast<int*>(smem + sp.xpart);
   // The norm weight of the next layer lands in hbuf (free between the Hadamard and the next
   // norm; D <= E): copied in at the start and after each layer's Hadamard.
   const float* norm_w = hbuf;
 
-  uint64_t* x_u = a.exchange;           // exchange 1: u codes, 4 per word
-  uint64_t* x_xp = x_u + E / 4;         // exchange 2: x_proj codes, 4 per word
-  uint64_t* x_y = x_xp + XR / 4;        // exchange 3: y, 2 float16 per word
-  uint64_t* x_out = x_y + E / 2;        // exchange 4: out_proj outputs, 2 float16 per word
+  uint64_t* x_y = a.exchange;           // exchange 1: y, 2 float16 per word
+  uint64_t* x_out = x_y + E / 2;        // exchange 2: out_proj outputs, 2 float16 per word
+  // x_proj's sums of every layer, two sets: this launch's (by the epoch's parity) and the next
+  // one's, which this launch zeroes (no block of this launch touches it; the next launch starts
+  // after this one has completed).
+  uint64_t* x_sums_all = x_out + D / 2;
+  const int64_t sums_per_set = static_cast<int64_t>(a.n_layers) * XR;  // words kSumStride apart
+  uint64_t* x_sums = x_sums_all + (epoch_shared & 1u) * sums_per_set * kSumStride;
+  {
+    uint64_t* next = x_sums_all + ((epoch_shared + 1u) & 1u) * sums_per_set * kSumStride;
+    for (int64_t i = b * static_cast<int64_t>(kConsumers) + ct; i < sums_per_set;
+         i += static_cast<int64_t>(G) * kConsumers) {
+      next[i * kSumStride] = 0;
+    }
+  }
   const uint32_t tag_base = epoch_shared * static_cast<uint32_t>(kExchanges * a.n_layers) + 1u;
 
   // Layer l's small per-channel data (read in phases C and H) into shared memory: one cp.async
@@ -570,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       const __half* h = static_cast<const __half*>(a.hidden_in);
       for (int64_t d = ct; d < D; d += kConsumers) hidden[d] = h[d];
     } else {
-      await_words<false>(x_out, D / 2, tag - kExchanges + 3, ct, hidden);
+      await_words<false>(x_out, D / 2, tag - kExchanges + 1, ct, hidden);
     }
     cp_async_wait<1>();  // this layer's norm weight (the channel data may still be on its way)
     consumers_sync();
@@ -612,16 +621,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     // B: in_proj rows of the block's channels (x, then z).
     const int64_t stage0 = static_cast<int64_t>(layer) * stages_per_layer;
     consume_rows(seg[0], stage0 + seg[0].first_stage, xn, smem, full, empty, cw, lane, xcode,
-                 L.in_scale, L.s_xz, L.round_gemm, nullptr);
+                 L.in_scale, L.s_xz, L.round_gemm);
     consume_rows(seg[1], stage0 + seg[1].first_stage, xn, smem, full, empty, cw, lane, zcode,
-                 L.in_scale, L.s_xz, L.round_gemm, nullptr);
+                 L.in_scale, L.s_xz, L.round_gemm);
     cp_async_wait<0>();  // the channel data
     consumers_sync();
     mark(2);
 
-    // C: conv update (conv1d_update_kernel's exact formula), 4 channels per thread and word.
+    // C: conv update (conv1d_update_kernel's exact formula), 4 channels per thread.
     for (int64_t q = ct; q < nc / 4; q += kConsumers) {
-      uint32_t word = 0;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t lc = 4 * q + j, c = c0 + lc;
@@ -640,45 +648,76 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
         state[1] = s2;
         state[2] = x;
         ucode[lc] = code;
-        word |= static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * j);
       }
-      publish(x_u + c0 / 4 + q, tag + 0, word);
     }
+    consumers_sync();
     mark(3);
 
-    // D: every u code.
-    await_words<false>(x_u, E / 4, tag + 0, ct, act);
-    consumers_sync();
+    // D: x_proj's parts over the block's channels, a row per thread: the block's slab holds w_x's
+    // columns of its channels and zeros beyond them (so ucode's bytes past nc add nothing). Each
+    // part goes into the row's sum with one reduction that also counts it (kSumCountShift).
+    {
+      uint64_t* sums = x_sums + static_cast<int64_t>(layer) * XR * kSumStride;
+      const Segment sg = seg[2];
+      const int4* uv = reinterpret_cast<const int4*>(ucode);
+      const int chunks = sg.row_bytes / 16;
+      for (int k = 0; k < sg.stages; ++k) {
+        const int64_t i = stage0 + sg.first_stage + k;
+        const int slot = static_cast<int>(i % kRing);
+        async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
+        const int8_t* stage =
+            reinterpret_cast<const int8_t*>(smem + static_cast<int64_t>(slot) * kSlot);
+        const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
+        const int64_t left = sg.rows - r0;
+        const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+        for (int r = ct; r < nrows; r += kConsumers) {
+          const int4* w = reinterpret_cast<const int4*>(stage + static_cast<int64_t>(r) * sg.row_bytes);
+          int acc = 0;
+          for (int c = 0; c < chunks; ++c) acc = dot16(w[c], uv[c], acc);
+          async::add_relaxed_gpu(sums + (r0 + r) * kSumStride,
+                                 (uint64_t{1} << kSumCountShift) +
+                                     static_cast<uint64_t>(acc + kSumBias));
+        }
+        __syncwarp();
+        if (lane == 0) async::barrier_arrive(&empty[slot]);
+      }
+    }
     mark(4);
 
-    // E: x_proj rows -> codes (dt_low, B, C), published.
-    consume_rows(seg[2], stage0 + seg[2].first_stage, act, smem, full, empty, cw, lane, nullptr,
-                 0.0f, 0.0f, 0, xpart);
-    consumers_sync();
-    for (int64_t r = ct; r < nx; r += kConsumers) {
-      int acc = 0;  // exact: the order of the parts does not matter
-#pragma unroll
-      for (int w = 0; w < kConsumerWarps; ++w) acc += xpart[r * kConsumerWarps + w];
-      xpown[r] = q8(__fmul_rn(__int2float_rn(acc), L.x_scale), L.s_xo, L.round_gemm);
+    // E: every row's sum, once all G blocks have added their parts (the count), and from it the
+    // x_proj GEMV's code (dt_low, B, C), in every block. One thread polls the last row until it
+    // is complete, then each thread reads its rows (polling again in the rare case that one is
+    // not complete yet): 192 threads of every block polling at once kept the L2 lines of the
+    // sums busy.
+    {
+      const uint64_t* sums = x_sums + static_cast<int64_t>(layer) * XR * kSumStride;
+      if (ct == 0) {
+        while ((async::load_relaxed_gpu(sums + (XR - 1) * kSumStride) >> kSumCountShift) !=
+               static_cast<uint64_t>(G)) {
+        }
+      }
+      consumers_sync();
+      for (int64_t r = ct; r < XR; r += kConsumers) {
+        uint64_t v = async::load_relaxed_gpu(sums + r * kSumStride);
+        while ((v >> kSumCountShift) != static_cast<uint64_t>(G)) {
+          v = async::load_relaxed_gpu(sums + r * kSumStride);
+        }
+        const int64_t total =
+            static_cast<int64_t>(v & ((uint64_t{1} << kSumCountShift) - 1)) - G * kSumBias;
+        xp[r] = q8(__fmul_rn(__int2float_rn(static_cast<int>(total)), L.x_scale), L.s_xo,
+                   L.round_gemm);
+      }
     }
     consumers_sync();
-    for (int64_t q = ct; q < nx / 4; q += kConsumers) {
-      publish(x_xp + x0 / 4 + q, tag + 1, reinterpret_cast<const uint32_t*>(xpown)[q]);
-    }
     mark(5);
 
-    // F: every x_proj code.
-    await_words<false>(x_xp, XR / 4, tag + 1, ct, xp);
+    // F: dt_proj rows of the block's channels -> dt codes.
+    consume_rows(seg[3], stage0 + seg[3].first_stage, xp, smem, full, empty, cw, lane, dtcode,
+                 L.dt_scale, L.s_dt, L.round_gemm);
     consumers_sync();
     mark(6);
 
-    // G: dt_proj rows of the block's channels -> dt codes.
-    consume_rows(seg[3], stage0 + seg[3].first_stage, xp, smem, full, empty, cw, lane, dtcode,
-                 L.dt_scale, L.s_dt, L.round_gemm, nullptr);
-    consumers_sync();
-    mark(7);
-
-    // H: scan step (selective_scan_step_kernel's arithmetic; 16 lanes per channel, one state
+    // G: scan step (selective_scan_step_kernel's arithmetic; 16 lanes per channel, one state
     // each: the same pairwise tree), the INT8 state requantized in place.
     {
       const int n = ct % 16;
@@ -721,16 +760,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     }
     consumers_sync();
     for (int64_t q = ct; q < nc / 2; q += kConsumers) {
-      publish(x_y + c0 / 2 + q, tag + 2, half_bits(y16[2 * q]) | (half_bits(y16[2 * q + 1]) << 16));
+      publish(x_y + c0 / 2 + q, tag + 0, half_bits(y16[2 * q]) | (half_bits(y16[2 * q + 1]) << 16));
     }
+    mark(7);
+
+    // H: every y, as float32.
+    await_words<true>(x_y, E / 2, tag + 0, ct, hbuf);
+    consumers_sync();
     mark(8);
 
-    // I: every y, as float32.
-    await_words<true>(x_y, E / 2, tag + 2, ct, hbuf);
-    consumers_sync();
-    mark(9);
-
-    // J: Hadamard (hadamard_transform_ref's order): butterflies over each sub-vector of P with
+    // I: Hadamard (hadamard_transform_ref's order): butterflies over each sub-vector of P with
     // increasing stride, then the m x m matrix summed over its columns in order, times the scale,
     // Q8 -> the out_proj input codes.
     // The strides below 32 * EPT (EPT = min(P, 256) / 32 elements per lane, P >= 128) in registers
@@ -758,7 +797,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       }
       consumers_sync();
     }
-    mark(10);
+    mark(9);
     const Rounding had_rule = static_cast<Rounding>(L.round_had);
     if (m == 20) {
       hadamard_mix<20>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
@@ -776,14 +815,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       copy_async(hbuf, a.layers[layer + 1].norm_w, 4 * D, ct);
       cp_async_commit();
     }
-    mark(11);
+    mark(10);
 
-    // K: out_proj rows -> float16, published for the next layer's norm (the last layer writes
+    // J: out_proj rows -> float16, published for the next layer's norm (the last layer writes
     // them out instead). The next layer's DecodeLayer is read meanwhile (its load under the rows).
     const bool copies_layer = layer + 1 < a.n_layers && ct < kLayerWords;
     const uint32_t next_layer_word = copies_layer ? layer_source(layer + 1)[ct] : 0u;
     consume_rows(seg[4], stage0 + seg[4].first_stage, act, smem, full, empty, cw, lane, out16,
-                 L.out_scale, 0.0f, 0, nullptr);
+                 L.out_scale, 0.0f, 0);
     if (copies_layer) layer_words[(layer + 1) & 1][ct] = next_layer_word;
     consumers_sync();
     if (layer == a.n_layers - 1) {
@@ -791,11 +830,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       for (int64_t r = ct; r < no; r += kConsumers) h[o0 + r] = out16[r];
     } else {
       for (int64_t q = ct; q < no / 2; q += kConsumers) {
-        publish(x_out + o0 / 2 + q, tag + 3,
+        publish(x_out + o0 / 2 + q, tag + 1,
                 half_bits(out16[2 * q]) | (half_bits(out16[2 * q + 1]) << 16));
       }
     }
-    mark(12);
+    mark(11);
   }
   if (a.timing != nullptr && ct == 0) {
     for (int p = 0; p < kPhases; ++p) a.timing[b * kPhases + p] = phase_cycles[p];
@@ -840,9 +879,16 @@ bool decode_w8a8_shapes_ok(int64_t d_model, int64_t d_inner, int64_t dt_rank, in
   return true;
 }
 
-int64_t decode_exchange_words(int64_t d_model, int64_t d_inner, int64_t dt_rank,
-                              int64_t d_state) {
-  return d_inner / 4 + (dt_rank + 2 * d_state) / 4 + d_inner / 2 + d_model / 2;
+int64_t decode_exchange_words(int64_t d_model, int64_t d_inner, int64_t dt_rank, int64_t d_state,
+                              int n_layers) {
+  // y, out_proj's outputs, then two sets of x_proj's sums (one per layer and row, kSumStride
+  // words apart).
+  return d_inner / 2 + d_model / 2 +
+         2 * static_cast<int64_t>(n_layers) * (dt_rank + 2 * d_state) * kSumStride;
+}
+
+int64_t decode_x_slab_columns(int64_t d_inner, int blocks) {
+  return align16(max_block_channels(d_inner, blocks));
 }
 
 bool decode_w8a8_device_ok(int device) {
@@ -874,6 +920,8 @@ cudaError_t launch_decode_w8a8(const DecodeArgs& a, cudaStream_t stream) {
     return err;
   }
   if (!cooperative) return cudaErrorNotSupported;
+  // x_proj's slabs are laid out for the grid; the sums' block count field holds fewer than 2^11.
+  if (a.x_slab_blocks != sms || sms >= 2048) return cudaErrorInvalidValue;
   const SmemPlan plan = smem_plan(a.d_model, a.d_inner, a.dt_rank + 2 * a.d_state, a.had_m, sms);
   cudaFuncAttributes attributes{};
   if ((err = cudaFuncGetAttributes(&attributes, decode_w8a8_kernel)) != cudaSuccess) return err;

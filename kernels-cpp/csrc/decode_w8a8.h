@@ -13,7 +13,7 @@ struct DecodeLayer {
   const int8_t* w_in = nullptr;       // (2E, D)
   const int8_t* conv_w = nullptr;     // (E, 4)
   const int8_t* conv_b = nullptr;     // (E,) or null
-  const int8_t* w_x = nullptr;        // (R + 2N, E)
+  const int8_t* w_x = nullptr;        // w_x (R + 2N, E) as column slabs: decode_x_slab_columns
   const int8_t* w_dt = nullptr;       // (E, R)
   const int8_t* A_log = nullptr;      // (E, N)
   const int8_t* D = nullptr;          // (E,) or null
@@ -42,23 +42,31 @@ struct DecodeArgs {
   const void* hidden_in = nullptr;      // (D,) float16: the token's embedding
   void* hidden_out = nullptr;           // (D,) float16: the last layer's out_proj output
   float* residual_out = nullptr;        // (D,) float32: the last layer's residual
-  uint64_t* exchange = nullptr;         // decode_exchange_words(...) words
+  uint64_t* exchange = nullptr;         // decode_exchange_words(...) words, zeroed before the
+                                        // first use
+  int x_slab_blocks = 0;                // the grid the w_x slabs were laid out for (the SMs)
   unsigned* counters = nullptr;         // 2 words (epoch, arrivals), zeroed before the first use
   int inflight = 3;                     // bulk weight copies in flight per block, at most
   // Optional (null: off): per block, the cycles its first consumer thread spent in each of the
-  // decode_phase_count() phases (poll of the norm's input, norm, in_proj, conv, poll of u, x_proj,
-  // poll of x_proj's codes, dt_proj, scan, poll of y, Hadamard butterflies, the Hadamard's m x m
-  // matrix and codes, out_proj).
+  // decode_phase_count() phases (poll of the norm's input, norm, in_proj, conv, x_proj's partial
+  // sums, poll of x_proj's sums, dt_proj, scan, poll of y, Hadamard butterflies, the Hadamard's
+  // m x m matrix and codes, out_proj).
   long long* timing = nullptr;
 };
 
-constexpr int decode_phase_count() { return 13; }
+constexpr int decode_phase_count() { return 12; }
 
 // Shapes the kernel takes (the reason in `why` otherwise).
 bool decode_w8a8_shapes_ok(int64_t d_model, int64_t d_inner, int64_t dt_rank, int64_t d_state,
                            int had_m, const char** why);
 // Words of the exchange workspace for these shapes.
-int64_t decode_exchange_words(int64_t d_model, int64_t d_inner, int64_t dt_rank, int64_t d_state);
+int64_t decode_exchange_words(int64_t d_model, int64_t d_inner, int64_t dt_rank, int64_t d_state,
+                              int n_layers);
+// x_proj's weight (R + 2N, E) as the kernel reads it on a grid of G = `blocks` (one per SM): the
+// columns of block b's channels [c0, c1), c0 = 4 floor(b (E / 4) / G), c1 = 4 floor((b + 1) (E / 4)
+// / G), as a (R + 2N, columns) row-major slab, zero beyond c1 - c0, the G slabs one after another
+// (G x (R + 2N) x columns bytes). This is the column count (a multiple of 16).
+int64_t decode_x_slab_columns(int64_t d_inner, int blocks);
 // Whether the device can run it (compute capability 9.0+, this build has the sm_90 code).
 bool decode_w8a8_device_ok(int device);
 cudaError_t launch_decode_w8a8(const DecodeArgs& args, cudaStream_t stream);

@@ -85,6 +85,11 @@ __device__ __forceinline__ uint64_t load_relaxed_gpu(const uint64_t* p) {
 __device__ __forceinline__ void store_relaxed_gpu(uint64_t* p, uint64_t v) {
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+// *p += v at GPU scope (a reduction: no value returned), for words that count and sum what the
+// blocks of one grid add (the persistent decode kernel's x_proj sums).
+__device__ __forceinline__ void add_relaxed_gpu(uint64_t* p, uint64_t v) {
+  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,

@@ -8,6 +8,7 @@ ValueError asking for CUDA tensors where they can.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 
@@ -547,6 +548,33 @@ def test_decode_kernel_counts_and_options():
     # d_inner = 1000 is no m * 2^k: the Hadamard size is refused by name.
     with pytest.raises(ValueError, match="unsupported Hadamard size 1000"):
         W8A8DecodeKernel([_decode_layer(e=1000)], [_decode_state(e=1000)])
+
+
+@pytest.mark.parametrize(("d_inner", "rows", "blocks"), [(5120, 192, 132), (1536, 80, 132),
+                                                         (512, 48, 7), (64, 48, 132)])  # fmt: skip
+def test_decode_x_slabs_sum_to_x_proj(d_inner, rows, blocks):
+    """The persistent kernel's x_proj: each block dots its slab with its channels' codes; the
+    parts must add up to the whole product (integers: exactly), and every channel belongs to
+    exactly one block (also with more blocks than channel groups, where some own none)."""
+    from quamba_kernels.decode import block_channels, x_slabs
+
+    ranges = block_channels(d_inner, blocks)
+    assert ranges[0][0] == 0 and ranges[-1][1] == d_inner
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    columns = 16 * -(-max(c1 - c0 for c0, c1 in ranges) // 16)
+    w_x, u = _i8(rows, d_inner), _i8(d_inner)
+    slabs = x_slabs(w_x, blocks, columns)
+    assert slabs.shape == (blocks, rows, columns) and slabs.is_contiguous()
+    total = torch.zeros(rows, dtype=torch.int64)
+    for b, (c0, c1) in enumerate(ranges):
+        assert torch.equal(slabs[b, :, : c1 - c0], w_x[:, c0:c1])
+        assert not slabs[b, :, c1 - c0 :].any()
+        # The kernel reads `columns` codes from the block's first channel; those past c1 - c0
+        # meet zeros in the slab.
+        codes = torch.randint(-128, 128, (columns,), dtype=torch.int8)
+        codes[: c1 - c0] = u[c0:c1]
+        total += slabs[b].long() @ codes.long()
+    assert torch.equal(total, w_x.long() @ u.long())
 
 
 def test_quantize_int8_per_sequence_checks():

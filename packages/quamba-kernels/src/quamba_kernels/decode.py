@@ -30,8 +30,8 @@ from quamba_kernels._torch import (
     scale_product32,
 )
 
-__all__ = ["LAYER_SCALES", "LAYER_TENSORS", "ROUNDING_SITES", "W8A8DecodeKernel",
-           "decode_w8a8_supported"]  # fmt: skip
+__all__ = ["LAYER_SCALES", "LAYER_TENSORS", "ROUNDING_SITES", "W8A8DecodeKernel", "block_channels",
+           "decode_w8a8_supported", "x_slabs"]  # fmt: skip
 
 # What each layer gives: tensors (conv_b, D and dt_bias may be None), scales (Python floats) and
 # the rounding rule of each INT8 site.
@@ -42,8 +42,8 @@ LAYER_SCALES = ("eps", "s_in", "s_w_in", "s_xz", "s_w_conv", "s_b_conv", "s_u", 
 ROUNDING_SITES = ("norm", "gemm", "conv", "ssm_state", "hadamard")
 INFLIGHT_DEFAULT = 3  # bulk weight copies in flight per SM (~30 KB: the probe's rule)
 # The phases DecodeArgs::timing reports, in the kernel's order (per layer).
-PHASES = ("wait for the norm input", "norm", "in_proj", "conv", "wait for u", "x_proj",
-          "wait for x_proj codes", "dt_proj", "scan step", "wait for y", "butterflies",
+PHASES = ("wait for the norm input", "norm", "in_proj", "conv", "x_proj parts",
+          "wait for x_proj sums", "dt_proj", "scan step", "wait for y", "butterflies",
           "Hadamard matrix", "out_proj")  # fmt: skip
 
 
@@ -68,6 +68,31 @@ def decode_w8a8_supported(device) -> tuple[bool, str]:
     return True, ""
 
 
+def block_channels(d_inner: int, blocks: int) -> list[tuple[int, int]]:
+    """The channels [c0, c1) of each of the kernel's ``blocks`` blocks (one per SM): groups of 4
+    shared out as decode_w8a8.cu's share_of does."""
+    groups = d_inner // 4
+    return [(4 * (groups * b // blocks), 4 * (groups * (b + 1) // blocks)) for b in range(blocks)]
+
+
+def x_slabs(w_x, blocks: int, columns: int):
+    """x_proj's weight (R + 2N, E) as the kernel reads it: (blocks, R + 2N, columns), block b's
+    slab holding the columns of its channels (:func:`block_channels`) and zeros after them."""
+    import torch
+
+    rows, d_inner = w_x.shape
+    index = torch.zeros(blocks, columns, dtype=torch.long)
+    valid = torch.zeros(blocks, columns, dtype=torch.bool)
+    for b, (c0, c1) in enumerate(block_channels(d_inner, blocks)):
+        if c1 - c0 > columns:
+            raise ValueError(f"block {b} has {c1 - c0} channels, more than a slab's {columns}")
+        index[b, : c1 - c0] = torch.arange(c0, c1)
+        valid[b, : c1 - c0] = True
+    index, valid = index.to(w_x.device), valid.to(w_x.device)
+    gathered = w_x[:, index.view(-1)].view(rows, blocks, columns)
+    return gathered.masked_fill(~valid.unsqueeze(0), 0).permute(1, 0, 2).contiguous()
+
+
 def _shape_reason(d_model: int, d_inner: int, dt_rank: int, d_state: int, m: int) -> str:
     if d_model % 16 or d_inner % 16 or dt_rank % 16:
         return "d_model, d_inner and dt_rank must be multiples of 16"
@@ -89,8 +114,9 @@ class W8A8DecodeKernel:
     (E, N), D (E,), dt_bias (E,), w_out (D, E): int8), the scales of ``LAYER_SCALES`` and
     ``roundings`` (a mapping site -> "half_away" / "half_even" for ``ROUNDING_SITES``).
     ``states``: per layer (conv_state (1, E, 3), ssm_state (1, E, N)) int8, updated in place by
-    each call. The tensors are referenced, not copied: the kernel reads them as they are at each
-    call (weights and scales must not change; build a new object after changing them).
+    each call. The tensors are referenced, not copied, except w_x, which is copied into the
+    kernel's layout (:func:`x_slabs`: the columns of each SM's channels, about w_x's size again):
+    weights and scales must not change; build a new object after changing them.
     Calling it with the token's embedding (1, D) float16 returns (hidden (1, D) float16, the last
     layer's out_proj output; residual (1, D) float32), static buffers overwritten by the next call:
     the final norm's input is ``hidden.float() + residual``, as in the per-op step.
@@ -190,11 +216,22 @@ class W8A8DecodeKernel:
         ok, why = decode_w8a8_supported(device)
         if not ok:
             raise ValueError(why)
+        # x_proj's weight in the kernel's layout: each block (one per SM) sums x_proj over its own
+        # channels, so it reads the columns of those channels (decode_w8a8.h).
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count
+        columns = module.decode_w8a8_x_slab_columns(d_inner, blocks)
+        per_layer = len(pointers) // len(layers)
+        w_x_pointer = (*LAYER_TENSORS, "conv_state", "ssm_state").index("w_x")
+        for index, layer in enumerate(layers):
+            slabs = x_slabs(layer["w_x"], blocks, columns)
+            tensors.append(slabs)
+            pointers[index * per_layer + w_x_pointer] = slabs.data_ptr()
         packed = module.decode_w8a8_pack(pointers, scalars, roundings)
         self._tensors = tensors  # the kernel reads them through raw pointers: keep them alive
         self._layers = torch.frombuffer(bytearray(packed), dtype=torch.int8).to(device)
-        words = module.decode_w8a8_exchange_words(d_model, d_inner, dt_rank, d_state)
+        words = module.decode_w8a8_exchange_words(d_model, d_inner, dt_rank, d_state, len(layers))
         self._exchange = torch.zeros(8 * words, dtype=torch.int8, device=device)
+        self._blocks = blocks
         self._counters = torch.zeros(8, dtype=torch.int8, device=device)
         self._had_m = had_m
         self._hidden = torch.empty(1, d_model, dtype=torch.float16, device=device)
@@ -202,7 +239,6 @@ class W8A8DecodeKernel:
         self.inflight = inflight
         self.device = device
         # timing=True: per SM (one block each) the cycles of each phase of PHASES, all layers.
-        blocks = torch.cuda.get_device_properties(device).multi_processor_count
         self._timing = (
             torch.zeros(8 * blocks * module.decode_w8a8_phases, dtype=torch.int8, device=device)
             if timing
@@ -228,7 +264,7 @@ class W8A8DecodeKernel:
         module.decode_w8a8(
             self._layers, self.n_layers, self.d_model, self.d_inner, self.dt_rank, self.d_state,
             self._had_m, hidden_in.view(-1), self._hidden.view(-1),
-            self._residual.view(-1), self._exchange, self._counters, self.inflight,
+            self._residual.view(-1), self._exchange, self._counters, self._blocks, self.inflight,
             current_stream(self.device), self._timing,
         )  # fmt: skip
         return self._hidden, self._residual

@@ -29,18 +29,18 @@
 //   J  out_proj rows -> float16, published (exchange 2), which the next layer's norm reads.
 // x_proj by reductions instead of rows owned by 48 blocks: that took two exchanges (every u code to
 // every block, then the codes of the owned rows) with the owners' rows between them (2.8B: 3.2 +
-// 1.7 + 2.9 us per layer).
+// 1.7 + 2.9 us per layer; now 0.5 + 2.3).
 // Every element is computed with the arithmetic of the per-op kernel it replaces (rmsnorm, the
 // GEMV epilogues, conv1d_update_kernel's exact formula, selective_scan_step_kernel,
 // hadamard_transform_ref's order); INT8 codes with quantize_int8 or its reciprocal fast path
 // (the same codes). quamba-modes' GPU tests compare the two decode paths bit for bit.
 // Each layer's small per-channel data (conv weights and state, A_log, the SSM state, D, dt_bias)
 // and the next norm weight are copied into shared memory with cp.async ahead of their phase.
-// Status (session 21, H100): correct, still slower than the per-op kernels (2.8B batch 1: 2.17
-// against 1.87 ms per token with x_proj's rows owned; 3.14 before the layer's constants moved from
-// local to shared memory and the GEMV stages were owned by single warps): each small phase and
-// exchange still takes 1-4 us, not the ~0.5 us the probe says 1.3x of the floor needs.
-// DecodeArgs::timing measures each phase (tools/bench/persistent_decode.py).
+// Code size matters: every layer runs the whole kernel body once, so its code must fit the SM's
+// instruction cache (see warp_dot_rows; a kernel per Hadamard base m for the same reason).
+// Status (session 22, H100): faster than the per-op kernels at every size measured (2.8B batch
+// 1: 1.70 against 1.87 ms per token; 1.4b 1.11 / 1.16; 130m 0.37 / 0.37), 1.7x its floor at
+// 2.8B (target 1.3x). DecodeArgs::timing measures each phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -60,11 +60,6 @@ constexpr int kRing = 16;                  // slots (160 KB)
 
 __host__ __device__ inline int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 
-// x_proj's sums: per row a 64-bit word, bits 40.. count the blocks that added their part, bits
-// 0..39 the sum of the parts, each biased by 2^28 (|part| <= 10240 * 128 * 128 < 2^28, so every
-// biased part is in [0, 2^29), and G of them stay below 2^40 for G < 2^11).
-constexpr int kSumCountShift = 40;
-constexpr int64_t kSumBias = int64_t{1} << 28;
 // A row's sum word every 16 words (128 bytes): the G reductions into each word and the polls of
 // it are spread over as many L2 lines as rows (unpadded, 192 rows share 12 lines).
 constexpr int kSumStride = 16;
@@ -114,6 +109,11 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
 constexpr int kSegments = 5;   // in_proj x rows, z rows, x_proj's slab, dt_proj, out_proj
 constexpr int kExchanges = 2;  // per layer: y (tag + 0), out_proj's outputs (tag + 1)
 constexpr int kRoundRows = 4;  // weight rows a warp dots at once (consume_rows)
+// x_proj's sums: per row a 64-bit word, bits 40.. count the blocks that added their part, bits
+// 0..39 the sum of the parts, each biased by 2^28 (|part| <= 10240 * 128 * 128 < 2^28, so every
+// biased part is in [0, 2^29), and G of them stay below 2^40 for G < 2^11).
+constexpr int kSumCountShift = 40;
+constexpr int64_t kSumBias = int64_t{1} << 28;
 static_assert(kRing % kConsumerWarps == 0 && (kConsumerWarps & (kConsumerWarps - 1)) == 0,
               "owned stages (consume_rows): stage i % 8 and i - 16 have the same warp");
 constexpr int kPhases = decode_phase_count();  // timed phases (DecodeArgs::timing)
@@ -215,22 +215,27 @@ __device__ __forceinline__ int select_int(bool p, int a, int b) {
   return r;
 }
 
-// NR rows of a stage (each `row_bytes` long, `row_step` rows apart) dotted with x by one warp,
-// their loads and reductions interleaved; lane j < NR gets row j's exact sum.
-template <int NR>
+// `count` <= kRoundRows rows of a stage (each `row_bytes` long, `row_step` rows apart) dotted
+// with x by one warp, their loads and reductions interleaved; lane j < count gets row j's exact
+// sum. One instance for every count (the rows past `count` repeat row 0, their sums unused) and
+// the loop over the row not unrolled: the kernel runs all of its code once per layer, and the
+// 16 instances of consume_rows' four call sites times four counts, unrolled, made it 238 KB,
+// more than the SM's instruction cache holds (every phase then waited for its code to come from
+// L2: at 134 KB the 2.8B step took 1.70 instead of 1.95 ms).
 __device__ __forceinline__ int warp_dot_rows(const int8_t* rows, int row_bytes, int row_step,
-                                             const int4* xv, int lane) {
-  const int4* w[NR];
-  int acc[NR];
+                                             const int4* xv, int lane, int count) {
+  const int4* w[kRoundRows];
+  int acc[kRoundRows];
 #pragma unroll
-  for (int j = 0; j < NR; ++j) {
-    w[j] = reinterpret_cast<const int4*>(rows + j * row_step * row_bytes);
+  for (int j = 0; j < kRoundRows; ++j) {
+    w[j] = reinterpret_cast<const int4*>(rows + (j < count ? j : 0) * row_step * row_bytes);
     acc[j] = 0;
   }
+#pragma unroll 1
   for (int c = lane; c < row_bytes / 16; c += 32) {
     const int4 xc = xv[c];
 #pragma unroll
-    for (int j = 0; j < NR; ++j) {
+    for (int j = 0; j < kRoundRows; ++j) {
       const int4 wc = w[j][c];
       acc[j] = dot16(wc, xc, acc[j]);
     }
@@ -238,22 +243,12 @@ __device__ __forceinline__ int warp_dot_rows(const int8_t* rows, int row_bytes, 
 #pragma unroll
   for (int d = 16; d > 0; d /= 2) {
 #pragma unroll
-    for (int j = 0; j < NR; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], d);
+    for (int j = 0; j < kRoundRows; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], d);
   }
   int mine = acc[0];
 #pragma unroll
-  for (int j = 1; j < NR; ++j) mine = select_int(lane == j, acc[j], mine);
+  for (int j = 1; j < kRoundRows; ++j) mine = select_int(lane == j, acc[j], mine);
   return mine;
-}
-
-// warp_dot_rows<count> for a run-time count in [1, NR].
-template <int NR>
-__device__ __forceinline__ int warp_dot_rows_upto(int count, const int8_t* rows, int row_bytes,
-                                                  int row_step, const int4* xv, int lane) {
-  if constexpr (NR > 1) {
-    if (count < NR) return warp_dot_rows_upto<NR - 1>(count, rows, row_bytes, row_step, xv, lane);
-  }
-  return warp_dot_rows<NR>(rows, row_bytes, row_step, xv, lane);
 }
 
 // The GEMV epilogue of one row: INT8 codes Q8(float(acc) * scale, out_scale, rule), or
@@ -310,8 +305,8 @@ __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const in
     for (int r = r_first; r < nrows; r += kRoundRows * step) {
       const int remaining = owned ? nrows - r : (nrows - r + kConsumerWarps - 1) / kConsumerWarps;
       const int count = remaining < kRoundRows ? remaining : kRoundRows;
-      const int acc = warp_dot_rows_upto<kRoundRows>(count, stage + r * sg.row_bytes,
-                                                     sg.row_bytes, step, xv, lane);
+      const int acc =
+          warp_dot_rows(stage + r * sg.row_bytes, sg.row_bytes, step, xv, lane, count);
       if (lane < count) row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, rule);
     }
     __syncwarp();
@@ -417,6 +412,9 @@ __device__ __noinline__ float exp_call(float v) { return expf(v); }
 
 #endif  // __CUDA_ARCH__ >= 900
 
+// One kernel per Hadamard base m (1, 12 or 20; DecodeArgs::had_m): the kernel runs all of its
+// code once per layer, and code it does not use still costs instruction-cache room.
+template <int M>
 __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char smem[];
@@ -432,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
 
   const int G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
   const int64_t D = a.d_model, E = a.d_inner, R = a.dt_rank, N = a.d_state, XR = R + 2 * N;
-  const int m = a.had_m;
+  constexpr int m = M;
   const int64_t P = E / m;
   const int log2_p = 31 - __clz(static_cast<int>(P));
   int64_t c0, c1, o0, o1;
@@ -799,10 +797,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     }
     mark(9);
     const Rounding had_rule = static_cast<Rounding>(L.round_had);
-    if (m == 20) {
-      hadamard_mix<20>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
-    } else if (m == 12) {
-      hadamard_mix<12>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
+    if constexpr (m > 1) {
+      hadamard_mix<m>(hbuf, act, static_cast<int>(P), L.had_scale, L.s_had, had_rule, ct);
     } else {
       const float inv = __frcp_rn(L.s_had);
       const bool inv_ok = reciprocal_ok(inv);
@@ -899,7 +895,7 @@ bool decode_w8a8_device_ok(int device) {
   // Both versions, as launch.cuh checks them: a kernel JIT-compiled from older PTX (a
   // compute_80 build on a Hopper GPU) was compiled without its sm_90 body.
   cudaFuncAttributes attributes{};
-  return major >= 9 && cudaFuncGetAttributes(&attributes, decode_w8a8_kernel) == cudaSuccess &&
+  return major >= 9 && cudaFuncGetAttributes(&attributes, decode_w8a8_kernel<1>) == cudaSuccess &&
          attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
 }
 
@@ -923,12 +919,15 @@ cudaError_t launch_decode_w8a8(const DecodeArgs& a, cudaStream_t stream) {
   // x_proj's slabs are laid out for the grid; the sums' block count field holds fewer than 2^11.
   if (a.x_slab_blocks != sms || sms >= 2048) return cudaErrorInvalidValue;
   const SmemPlan plan = smem_plan(a.d_model, a.d_inner, a.dt_rank + 2 * a.d_state, a.had_m, sms);
+  void (*kernel)(DecodeArgs) = a.had_m == 20   ? decode_w8a8_kernel<20>
+                               : a.had_m == 12 ? decode_w8a8_kernel<12>
+                                               : decode_w8a8_kernel<1>;
   cudaFuncAttributes attributes{};
-  if ((err = cudaFuncGetAttributes(&attributes, decode_w8a8_kernel)) != cudaSuccess) return err;
+  if ((err = cudaFuncGetAttributes(&attributes, kernel)) != cudaSuccess) return err;
   if (plan.total + static_cast<int64_t>(attributes.sharedSizeBytes) > optin) {
     return cudaErrorInvalidValue;
   }
-  err = cudaFuncSetAttribute(decode_w8a8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(plan.total));
   if (err != cudaSuccess) return err;
   // Every block polls words the others write: all of them must be resident at once (one per SM,
@@ -943,7 +942,7 @@ cudaError_t launch_decode_w8a8(const DecodeArgs& a, cudaStream_t stream) {
   attribute[0].val.cooperative = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, decode_w8a8_kernel, a);
+  err = cudaLaunchKernelEx(&config, kernel, a);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

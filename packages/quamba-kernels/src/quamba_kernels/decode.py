@@ -4,7 +4,8 @@ The per-op decode step runs ~7 small dependent kernels per layer (norm, in_proj 
 x_proj GEMV, scan step with dt_proj, Hadamard, out_proj GEMV). ``W8A8DecodeKernel`` runs all of
 them for every layer in one launch: one block per SM, a producer warp streaming each layer's
 weights into shared memory while the consumer warps compute, the blocks meeting between phases
-through tagged words (kernels-cpp/csrc/decode_w8a8.cu). Every element is computed with the
+through tagged words and, for x_proj, counted integer sums (kernels-cpp/csrc/decode_w8a8.cu).
+Every element is computed with the
 arithmetic of the per-op kernels, so the results are the same bits.
 
 Needs a device of compute capability 9.0 or newer (bulk copies, mbarriers) and a build that

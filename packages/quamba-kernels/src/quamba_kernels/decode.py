@@ -5,8 +5,8 @@ x_proj GEMV, scan step with dt_proj, Hadamard, out_proj GEMV). ``W8A8DecodeKerne
 them for every layer in one launch: one block per SM, a producer warp streaming each layer's
 weights into shared memory while the consumer warps compute, the blocks meeting between phases
 through tagged words and, for x_proj, counted integer sums (kernels-cpp/csrc/decode_w8a8.cu).
-Every element is computed with the
-arithmetic of the per-op kernels, so the results are the same bits.
+Every element is computed with the arithmetic of the per-op kernels, so the results are the same
+bits.
 
 Needs a device of compute capability 9.0 or newer (bulk copies, mbarriers) and a build that
 includes sm_90 code; :func:`decode_w8a8_supported` says whether this one can run it.

@@ -891,10 +891,10 @@ constexpr size_t kDecodePointers = 12, kDecodeScalars = 18, kDecodeRoundings = 5
 
 // The layers' DecodeLayer records (bytes to copy to the device) from flat per-layer lists:
 // pointers (norm_w, w_in, conv_w, conv_b, w_x's slabs (decode_x_slab_columns), w_dt, A_log, D,
-// dt_bias, w_out, conv_state, ssm_state; 0 for an absent conv_b, D or dt_bias), scalars (conv_s_b, eps, s_in, in_scale, s_xz,
-// conv_scale, s_u, x_scale, s_xo, dt_scale, s_dt, s_A, s_D, s_dtb, s_h, had_scale, s_had,
-// out_scale) and rounding codes (norm, gemm, conv, state, hadamard). The Python wrapper checks the
-// tensors the pointers come from.
+// dt_bias, w_out, conv_state, ssm_state; 0 for an absent conv_b, D or dt_bias), scalars
+// (conv_s_b, eps, s_in, in_scale, s_xz, conv_scale, s_u, x_scale, s_xo, dt_scale, s_dt, s_A, s_D,
+// s_dtb, s_h, had_scale, s_had, out_scale) and rounding codes (norm, gemm, conv, state,
+// hadamard). The Python wrapper checks the tensors the pointers come from.
 nb::bytes decode_w8a8_pack(const std::vector<uint64_t>& pointers,
                            const std::vector<double>& scalars, const std::vector<int>& roundings) {
   const size_t n = roundings.size() / kDecodeRoundings;

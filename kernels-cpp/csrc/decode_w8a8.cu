@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   }
   const uint32_t tag_base = epoch_shared * static_cast<uint32_t>(kExchanges * a.n_layers) + 1u;
 
-  // Layer l's small per-channel data (read in phases C and H) into shared memory: one cp.async
+  // Layer l's small per-channel data (read in phases C and G) into shared memory: one cp.async
   // group, issued at the layer's start (it lands during the norm and in_proj).
   auto stage_channels = [&](const DecodeLayer& L) {
     copy_async(s_conv_w, L.conv_w + c0 * 4, nc * 4, ct);
@@ -669,7 +669,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
         const int64_t left = sg.rows - r0;
         const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
         for (int r = ct; r < nrows; r += kConsumers) {
-          const int4* w = reinterpret_cast<const int4*>(stage + static_cast<int64_t>(r) * sg.row_bytes);
+          const int4* w =
+              reinterpret_cast<const int4*>(stage + static_cast<int64_t>(r) * sg.row_bytes);
           int acc = 0;
           for (int c = 0; c < chunks; ++c) acc = dot16(w[c], uv[c], acc);
           async::add_relaxed_gpu(sums + (r0 + r) * kSumStride,

@@ -14,6 +14,7 @@ includes sm_90 code; :func:`decode_w8a8_supported` says whether this one can run
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -76,12 +77,12 @@ def block_channels(d_inner: int, blocks: int) -> list[tuple[int, int]]:
     return [(4 * (groups * b // blocks), 4 * (groups * (b + 1) // blocks)) for b in range(blocks)]
 
 
-def x_slabs(w_x, blocks: int, columns: int):
-    """x_proj's weight (R + 2N, E) as the kernel reads it: (blocks, R + 2N, columns), block b's
-    slab holding the columns of its channels (:func:`block_channels`) and zeros after them."""
+@functools.lru_cache(maxsize=8)
+def _slab_columns_of(d_inner: int, blocks: int, columns: int):
+    """(index, valid), CPU (blocks, columns): the w_x column each slab entry copies, and whether
+    it is one of the block's channels. The same for every layer of a model: built once."""
     import torch
 
-    rows, d_inner = w_x.shape
     index = torch.zeros(blocks, columns, dtype=torch.long)
     valid = torch.zeros(blocks, columns, dtype=torch.bool)
     for b, (c0, c1) in enumerate(block_channels(d_inner, blocks)):
@@ -89,6 +90,14 @@ def x_slabs(w_x, blocks: int, columns: int):
             raise ValueError(f"block {b} has {c1 - c0} channels, more than a slab's {columns}")
         index[b, : c1 - c0] = torch.arange(c0, c1)
         valid[b, : c1 - c0] = True
+    return index, valid
+
+
+def x_slabs(w_x, blocks: int, columns: int):
+    """x_proj's weight (R + 2N, E) as the kernel reads it: (blocks, R + 2N, columns), block b's
+    slab holding the columns of its channels (:func:`block_channels`) and zeros after them."""
+    rows, d_inner = w_x.shape
+    index, valid = _slab_columns_of(d_inner, blocks, columns)
     index, valid = index.to(w_x.device), valid.to(w_x.device)
     gathered = w_x[:, index.view(-1)].view(rows, blocks, columns)
     return gathered.masked_fill(~valid.unsqueeze(0), 0).permute(1, 0, 2).contiguous()

@@ -67,7 +67,7 @@ constexpr int kSumStride = 16;
 // Dynamic shared memory: byte offsets after the ring.
 struct SmemPlan {
   int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, out16, conv_w,
-      conv_state, conv_b, A_log, ssm_state, D, dt_bias, total;
+      conv_state, conv_b, A_log, ssm_state, D, dt_bias, gate, skip, total;
 };
 
 // Channels of a block at most (decode_x_slab_columns: rounded up to 16).
@@ -100,6 +100,9 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
   p.ssm_state = off;  off = align16(off + 16 * maxc);
   p.D = off;          off = align16(off + maxc);
   p.dt_bias = off;    off = align16(off + maxc);
+  // The scan step's per-channel gate and skip term (float32), formed in the conv phase.
+  p.gate = off;       off = align16(off + 4 * maxc);
+  p.skip = off;       off = align16(off + 4 * maxc);
   p.total = off;
   return p;
 }
@@ -251,16 +254,45 @@ __device__ __forceinline__ int warp_dot_rows(const int8_t* rows, int row_bytes, 
   return mine;
 }
 
-// The GEMV epilogue of one row: INT8 codes Q8(float(acc) * scale, out_scale, rule), or
-// (out_scale == 0) float16 float(acc) * scale.
+__device__ __forceinline__ int8_t q8_r(float v, float scale, Rounding rule) {
+  return q8(v, scale, static_cast<int>(rule));
+}
+
+// Q8 with the reciprocal fast path (common.cuh: the codes of quantize_int8; the IEEE division
+// decides near a rounding boundary), inv = RN(1 / scale), inv_ok = reciprocal_ok(inv).
+__device__ __forceinline__ int8_t q8_fast(float v, float scale, float inv, bool inv_ok,
+                                          Rounding rule) {
+  uint32_t code;
+  if (inv_ok && q8_if_clear(__fmul_rn(v, inv), kQuotientMargin, code)) {
+    return static_cast<int8_t>(code);
+  }
+  return q8_r(v, scale, rule);
+}
+
+// The GEMV epilogue of one row: INT8 codes Q8(float(acc) * scale, out_scale, rule) (q8_fast:
+// inv = RN(1 / out_scale), inv_ok = reciprocal_ok(inv)), or (out_scale == 0) float16
+// float(acc) * scale.
 __device__ __forceinline__ void row_epilogue(int acc, int64_t row, void* out, float scale,
-                                             float out_scale, int rule) {
+                                             float out_scale, float inv, bool inv_ok, int rule) {
   const float v = __fmul_rn(__int2float_rn(acc), scale);
   if (out_scale > 0.0f) {
-    static_cast<int8_t*>(out)[row] = q8(v, out_scale, rule);
+    static_cast<int8_t*>(out)[row] = q8_fast(v, out_scale, inv, inv_ok, static_cast<Rounding>(rule));
   } else {
     static_cast<__half*>(out)[row] = __float2half_rn(v);
   }
+}
+
+// Stage i of the block's stream, stage k of segment sg: waits until it has landed in its ring
+// slot and returns its rows; r0 is the segment row of its first, nrows how many it holds.
+__device__ __forceinline__ const int8_t* await_stage(const Segment& sg, int64_t i, int k,
+                                                     unsigned char* ring, uint64_t* full,
+                                                     int64_t& r0, int& nrows) {
+  const int slot = static_cast<int>(i % kRing);
+  async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
+  r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
+  const int64_t left = sg.rows - r0;
+  nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+  return reinterpret_cast<const int8_t*>(ring + static_cast<int64_t>(slot) * kSlot);
 }
 
 // The stages of segment `sg` (the first of them is stage `first` of the block's stream), consumed
@@ -283,6 +315,8 @@ __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const in
   const int4* xv = reinterpret_cast<const int4*>(x);
   // Owned when it shortens the busiest warp's work: ceil(stages / 8) stages of up to four-row
   // rounds each, against one round per stage (at most 8 rows) when shared.
+  const float inv = out_scale > 0.0f ? __frcp_rn(out_scale) : 0.0f;
+  const bool inv_ok = reciprocal_ok(inv);
   const bool owned = sg.rows_per_stage < kConsumerWarps &&
                      (sg.stages + kConsumerWarps - 1) / kConsumerWarps *
                              ((sg.rows_per_stage + kRoundRows - 1) / kRoundRows) <
@@ -290,13 +324,9 @@ __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const in
   for (int k = 0; k < sg.stages; ++k) {
     const int64_t i = first + k;
     if (owned && static_cast<int>(i & (kConsumerWarps - 1)) != cw) continue;
-    const int slot = static_cast<int>(i % kRing);
-    async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
-    const int8_t* stage =
-        reinterpret_cast<const int8_t*>(ring + static_cast<int64_t>(slot) * kSlot);
-    const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
-    const int64_t left = sg.rows - r0;
-    const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+    int64_t r0;
+    int nrows;
+    const int8_t* stage = await_stage(sg, i, k, ring, full, r0, nrows);
     // Owned: every row of the stage; shared: rows j >= r0 with j % 8 == cw. Four at a time.
     const int step = owned ? 1 : kConsumerWarps;
     const int r_first =
@@ -307,10 +337,12 @@ __device__ __forceinline__ void consume_rows(Segment sg, int64_t first, const in
       const int count = remaining < kRoundRows ? remaining : kRoundRows;
       const int acc =
           warp_dot_rows(stage + r * sg.row_bytes, sg.row_bytes, step, xv, lane, count);
-      if (lane < count) row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, rule);
+      if (lane < count) {
+        row_epilogue(acc, r0 + r + lane * step, out, scale, out_scale, inv, inv_ok, rule);
+      }
     }
     __syncwarp();
-    if (owned ? lane < kConsumerWarps : lane == 0) async::barrier_arrive(&empty[slot]);
+    if (owned ? lane < kConsumerWarps : lane == 0) async::barrier_arrive(&empty[i % kRing]);
   }
 }
 
@@ -355,19 +387,38 @@ __device__ __forceinline__ uint32_t half_bits(__half h) {
   return static_cast<uint32_t>(__half_as_ushort(h));
 }
 
-__device__ __forceinline__ int8_t q8_r(float v, float scale, Rounding rule) {
-  return q8(v, scale, static_cast<int>(rule));
+// q8_fast of K values: the K fast codes first, with no call between them (a call in a loop keeps
+// the compiler from overlapping one value's latencies with the next's), then the exact division
+// for the rare values near a rounding boundary. The same codes as K calls of q8_fast.
+template <int K>
+__device__ __forceinline__ void q8_fast_group(const float (&v)[K], int8_t (&out)[K], float scale,
+                                              float inv, bool inv_ok, Rounding rule) {
+  static_assert(K <= 32, "a bit per value");
+  uint32_t clear = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    uint32_t code;
+    clear |= static_cast<uint32_t>(q8_if_clear(__fmul_rn(v[k], inv), kQuotientMargin, code)) << k;
+    out[k] = static_cast<int8_t>(code);
+  }
+  if (!inv_ok) clear = 0;
+  if (clear != (K == 32 ? ~0u : (1u << K) - 1u)) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (((clear >> k) & 1u) == 0u) out[k] = q8_r(v[k], scale, rule);
+    }
+  }
 }
 
-// Q8 with the reciprocal fast path (common.cuh: the codes of quantize_int8; the IEEE division
-// decides near a rounding boundary), inv = RN(1 / scale), inv_ok = reciprocal_ok(inv).
-__device__ __forceinline__ int8_t q8_fast(float v, float scale, float inv, bool inv_ok,
-                                          Rounding rule) {
-  uint32_t code;
-  if (inv_ok && q8_if_clear(__fmul_rn(v, inv), kQuotientMargin, code)) {
-    return static_cast<int8_t>(code);
+// 8 int8 codes as one 8-byte word (little-endian: code k in byte k).
+__device__ __forceinline__ uint2 pack8(const int8_t (&c)[8]) {
+  uint32_t lo = 0, hi = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    lo |= static_cast<uint32_t>(static_cast<uint8_t>(c[k])) << (8 * k);
+    hi |= static_cast<uint32_t>(static_cast<uint8_t>(c[k + 4])) << (8 * k);
   }
-  return q8_r(v, scale, rule);
+  return make_uint2(lo, hi);
 }
 // The m x m matrix over the butterflies' output v (m sub-vectors of P): out[i P + p] =
 // ((H[i,0] v[p] + H[i,1] v[P + p]) + ...) in column order, times scale, Q8; H is Paley I
@@ -397,10 +448,13 @@ __device__ __forceinline__ void hadamard_mix(const float* v, int8_t* out, int P,
                                                  : __fsub_rn(acc[i], col[j]);
         }
       }
+      float scaled[4];
+      int8_t codes[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        out[(i0 + i) * P + p] = q8_fast(__fmul_rn(acc[i], scale), out_scale, inv, inv_ok, rule);
-      }
+      for (int i = 0; i < 4; ++i) scaled[i] = __fmul_rn(acc[i], scale);
+      q8_fast_group<4>(scaled, codes, out_scale, inv, inv_ok, rule);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[(i0 + i) * P + p] = codes[i];
     }
   }
 }
@@ -516,6 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   int8_t* s_ssm_state = reinterpret_cast<int8_t*>(smem + sp.ssm_state);
   int8_t* s_D = reinterpret_cast<int8_t*>(smem + sp.D);
   int8_t* s_dt_bias = reinterpret_cast<int8_t*>(smem + sp.dt_bias);
+  float* gate = reinterpret_cast<float*>(smem + sp.gate);
+  float* skip = reinterpret_cast<float*>(smem + sp.skip);
   // The norm weight of the next layer lands in hbuf (free between the Hadamard and the next
   // norm; D <= E): copied in at the start and after each layer's Hadamard.
   const float* norm_w = hbuf;
@@ -583,15 +639,27 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     consumers_sync();
     mark(0);
     double sum = 0.0;
-    for (int64_t g = ct; g < D / 8; g += kConsumers) {
+    for (int g = ct; g < D / 8; g += kConsumers) {
+      // Eight elements' loads at once (16-byte shared loads), then their sums in order.
+      const uint4 h8 = reinterpret_cast<const uint4*>(hidden)[g];
+      float4* r4 = reinterpret_cast<float4*>(resid) + 2 * g;
+      float4 lo = make_float4(0.0f, 0.0f, 0.0f, 0.0f), hi = lo;
+      if (layer != 0) lo = r4[0], hi = r4[1];
+      const __half2* h2 = reinterpret_cast<const __half2*>(&h8);
+      float x[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h2[i]);
+        x[2 * i] = f.x, x[2 * i + 1] = f.y;
+      }
+      float r[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int64_t d = 8 * g + i;
-        const float x = __half2float(hidden[d]);
-        const float r = layer == 0 ? x : __fadd_rn(x, resid[d]);
-        resid[d] = r;
-        sum = add_square(sum, r);
+        r[i] = layer == 0 ? x[i] : __fadd_rn(x[i], r[i]);
+        sum = add_square(sum, r[i]);
       }
+      r4[0] = make_float4(r[0], r[1], r[2], r[3]);
+      r4[1] = make_float4(r[4], r[5], r[6], r[7]);
     }
 #pragma unroll
     for (int offset = 16; offset >= 1; offset /= 2) {
@@ -606,9 +674,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean_square, L.eps)));
     const float inv_in = __frcp_rn(L.s_in);
     const bool inv_in_ok = reciprocal_ok(inv_in);
-    for (int64_t d = ct; d < D; d += kConsumers) {
-      const float y = __fmul_rn(__fmul_rn(resid[d], inv), norm_w[d]);
-      xn[d] = q8_fast(y, L.s_in, inv_in, inv_in_ok, static_cast<Rounding>(L.round_norm));
+    for (int g = ct; g < D / 8; g += kConsumers) {
+      const float4* r4 = reinterpret_cast<const float4*>(resid) + 2 * g;
+      const float4* w4 = reinterpret_cast<const float4*>(norm_w) + 2 * g;
+      const float4 r0 = r4[0], r1 = r4[1], w0 = w4[0], w1 = w4[1];
+      const float r[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+      const float w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+      float y[8];
+      int8_t codes[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) y[i] = __fmul_rn(__fmul_rn(r[i], inv), w[i]);
+      q8_fast_group<8>(y, codes, L.s_in, inv_in, inv_in_ok, static_cast<Rounding>(L.round_norm));
+      reinterpret_cast<uint2*>(xn)[g] = pack8(codes);
     }
     if (layer == a.n_layers - 1 && b == 0) {
       for (int64_t d = ct; d < D; d += kConsumers) a.residual_out[d] = resid[d];
@@ -626,11 +703,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     consumers_sync();
     mark(2);
 
-    // C: conv update (conv1d_update_kernel's exact formula), 4 channels per thread.
-    for (int64_t q = ct; q < nc / 4; q += kConsumers) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t lc = 4 * q + j, c = c0 + lc;
+    // C: conv update (conv1d_update_kernel's exact formula), a channel per thread; the same thread
+    // also forms the channel's gate and skip term for the scan step (selective_scan_step_kernel's
+    // operations), so that they are off the scan step's chain of dependent calls.
+    {
+      const float inv_u = __frcp_rn(L.s_u);
+      const bool inv_u_ok = reciprocal_ok(inv_u);
+      for (int64_t lc = ct; lc < nc; lc += kConsumers) {
+        const int64_t c = c0 + lc;
         const int8_t* st = s_conv_state + lc * 3;
         const int8_t* w = s_conv_w + lc * 4;
         const int8_t s0 = st[0], s1 = st[1], s2 = st[2], x = xcode[lc];
@@ -640,12 +720,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
                                                              L.conv_s_b))
                                : -0.0f;
         const float v = __fadd_rn(__fmul_rn(L.conv_scale, static_cast<float>(acc)), bias);
-        const int8_t code = q8_r(silu_call(v), L.s_u, static_cast<Rounding>(L.round_conv));
+        const int8_t code =
+            q8_fast(silu_call(v), L.s_u, inv_u, inv_u_ok, static_cast<Rounding>(L.round_conv));
         int8_t* state = L.conv_state + c * 3;
         state[0] = s1;
         state[1] = s2;
         state[2] = x;
         ucode[lc] = code;
+        gate[lc] = silu_call(__fmul_rn(static_cast<float>(zcode[lc]), L.s_xz));
+        if (L.D != nullptr) {
+          const float u = __fmul_rn(static_cast<float>(code), L.s_u);
+          skip[lc] = __fmul_rn(u, __fmul_rn(static_cast<float>(s_D[lc]), L.s_D));
+        }
       }
     }
     consumers_sync();
@@ -661,13 +747,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       const int chunks = sg.row_bytes / 16;
       for (int k = 0; k < sg.stages; ++k) {
         const int64_t i = stage0 + sg.first_stage + k;
-        const int slot = static_cast<int>(i % kRing);
-        async::barrier_wait(&full[slot], static_cast<int>((i / kRing) & 1));
-        const int8_t* stage =
-            reinterpret_cast<const int8_t*>(smem + static_cast<int64_t>(slot) * kSlot);
-        const int64_t r0 = static_cast<int64_t>(k) * sg.rows_per_stage;
-        const int64_t left = sg.rows - r0;
-        const int nrows = static_cast<int>(left < sg.rows_per_stage ? left : sg.rows_per_stage);
+        int64_t r0;
+        int nrows;
+        const int8_t* stage = await_stage(sg, i, k, smem, full, r0, nrows);
         for (int r = ct; r < nrows; r += kConsumers) {
           const int4* w =
               reinterpret_cast<const int4*>(stage + static_cast<int64_t>(r) * sg.row_bytes);
@@ -678,7 +760,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
                                      static_cast<uint64_t>(acc + kSumBias));
         }
         __syncwarp();
-        if (lane == 0) async::barrier_arrive(&empty[slot]);
+        if (lane == 0) async::barrier_arrive(&empty[i % kRing]);
       }
     }
     mark(4);
@@ -696,6 +778,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
         }
       }
       consumers_sync();
+      const float inv_xo = __frcp_rn(L.s_xo);
+      const bool inv_xo_ok = reciprocal_ok(inv_xo);
       for (int64_t r = ct; r < XR; r += kConsumers) {
         uint64_t v = async::load_relaxed_gpu(sums + r * kSumStride);
         while ((v >> kSumCountShift) != static_cast<uint64_t>(G)) {
@@ -703,8 +787,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
         }
         const int64_t total =
             static_cast<int64_t>(v & ((uint64_t{1} << kSumCountShift) - 1)) - G * kSumBias;
-        xp[r] = q8(__fmul_rn(__int2float_rn(static_cast<int>(total)), L.x_scale), L.s_xo,
-                   L.round_gemm);
+        xp[r] = q8_fast(__fmul_rn(__int2float_rn(static_cast<int>(total)), L.x_scale), L.s_xo,
+                        inv_xo, inv_xo_ok, static_cast<Rounding>(L.round_gemm));
       }
     }
     consumers_sync();
@@ -723,7 +807,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
       for (int64_t base = 0; base < nc; base += kConsumers / 16) {
         const int64_t lc = base + ct / 16, c = c0 + lc;
         const bool ok = lc < nc && n < N;
-        float p = 0.0f, skip = 0.0f, gate = 0.0f;
+        float p = 0.0f;
         if (ok) {
           const float u = __fmul_rn(static_cast<float>(ucode[lc]), L.s_u);
           float d = __fmul_rn(static_cast<float>(dtcode[lc]), L.s_dt);
@@ -731,8 +815,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
             d = __fadd_rn(d, __fmul_rn(static_cast<float>(s_dt_bias[lc]), L.s_dtb));
           }
           d = softplus_call(d);
-          gate = silu_call(__fmul_rn(static_cast<float>(zcode[lc]), L.s_xz));
-          if (L.D != nullptr) skip = __fmul_rn(u, __fmul_rn(static_cast<float>(s_D[lc]), L.s_D));
           const float A = -exp_call(__fmul_rn(static_cast<float>(s_A_log[lc * N + n]), L.s_A));
           const float h_old = __fmul_rn(static_cast<float>(s_ssm_state[lc * N + n]), L.s_h);
           const float Bn = __fmul_rn(static_cast<float>(xp[R + n]), L.s_xo);
@@ -751,8 +833,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
           y = __fadd_rn(y, __shfl_xor_sync(0xffffffffu, y, dist));
         }
         if (ok && n == 0) {
-          if (L.D != nullptr) y = __fadd_rn(y, skip);
-          y = __fmul_rn(y, gate);
+          if (L.D != nullptr) y = __fadd_rn(y, skip[lc]);
+          y = __fmul_rn(y, gate[lc]);
           y16[lc] = __float2half_rn(y);
         }
       }
@@ -803,8 +885,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     } else {
       const float inv = __frcp_rn(L.s_had);
       const bool inv_ok = reciprocal_ok(inv);
-      for (int pos = ct; pos < E; pos += kConsumers) {
-        act[pos] = q8_fast(__fmul_rn(hbuf[pos], L.had_scale), L.s_had, inv, inv_ok, had_rule);
+      for (int g = ct; g < E / 8; g += kConsumers) {
+        const float4* v4 = reinterpret_cast<const float4*>(hbuf) + 2 * g;
+        const float4 v0 = v4[0], v1 = v4[1];
+        const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        float scaled[8];
+        int8_t codes[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) scaled[i] = __fmul_rn(v[i], L.had_scale);
+        q8_fast_group<8>(scaled, codes, L.s_had, inv, inv_ok, had_rule);
+        reinterpret_cast<uint2*>(act)[g] = pack8(codes);
       }
     }
     consumers_sync();

@@ -16,12 +16,16 @@ decode through a CUDA graph (quamba_layers.cuda_graph.GraphedStep).
 Models are built one at a time (peak memory is the model's own). --profile prints where a
 prefill and a decode step of the last size spend their GPU time, per kernel.
 --programmatic-launch both measures every configuration with programmatic dependent launch
-(quamba_kernels.set_programmatic_launch) on and off, side by side. The W8A8 model's scales are
+(quamba_kernels.set_programmatic_launch) on and off, side by side. --decode-kernel picks the W8A8
+decode step (QuantizedMambaLM.decode_kernel; "auto", the default, runs the persistent kernel at
+batch 1 where the device takes it); both measures "auto" and "per_op" side by side wherever they
+differ; each row records the step it ran ("decode": persistent / per_op). The W8A8 model's scales are
 plausible calibrated values (w8a8_model); --round-scales gives the round ones used until session 15.
 
 Usage: python3 tools/bench/e2e.py [--sizes 130m,1.4b,2.8b] [--batches 1,16] [--prompts 1024,2048]
        [--new-tokens 128] [--reps 3] [--profile] [--programmatic-launch on|off|both]
-       [--round-scales] [--json PATH]   (writes $OUT/e2e.json with OUT)
+       [--decode-kernel auto|per_op|both] [--round-scales] [--json PATH]
+       (writes $OUT/e2e.json with OUT)
 """
 
 from __future__ import annotations
@@ -269,13 +273,21 @@ def main() -> int:
         default="on",
         help="programmatic dependent launch of the quamba kernels (both: measure each way)",
     )
+    parser.add_argument(
+        "--decode-kernel",
+        choices=("auto", "per_op", "both"),
+        default="auto",
+        help="the W8A8 model's decode_kernel (both: each, where they run different steps)",
+    )
     args = parser.parse_args()
     launch_modes = {"on": [True], "off": [False], "both": [True, False]}[args.programmatic_launch]
+    decode_kernels = ["auto", "per_op"] if args.decode_kernel == "both" else [args.decode_kernel]
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = copy_bandwidth(10) * 1e9
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
-    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'PDL':>3} {'TTFT ms':>9} {'graphed':>9} {'TPOT ms':>8} "
+    header = (f"{'model':6} {'B':>3} {'prompt':>6} {'kind':5} {'decode':10} {'PDL':>3} {'TTFT ms':>9} "
+              f"{'graphed':>9} {'TPOT ms':>8} "
               f"{'floor ms':>8} {'TPOT/floor':>10} {'peak GiB':>8}")  # fmt: skip
     rows, lines = [], []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -297,26 +309,39 @@ def main() -> int:
                   f"({baseline / 2**30:.2f} GiB allocated before it)", flush=True)  # fmt: skip
             runner = Runner(kind, model)
             for batch in batches:
-                for prompt in prompts:
-                    for pdl in launch_modes:
-                        quamba_kernels.set_programmatic_launch(pdl)
-                        ttft, ttft_graph, tpot, peak, sbytes = measure(
-                            runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
-                        )
-                        peak -= baseline
-                        floor = decode_floor_ms(weights, sbytes, bandwidth)
-                        got[kind, batch, prompt, pdl] = (ttft, tpot, peak, ttft_graph)
-                        rows.append({"model": size, "batch": batch, "prompt": prompt, "kind": kind,
-                                     "programmatic_launch": pdl, "ttft_ms": ttft,
-                                     "ttft_graph_ms": ttft_graph, "tpot_ms": tpot, "floor_ms": floor,
-                                     "peak_GiB": peak / 2**30, "weight_bytes": weights,
-                                     "state_bytes": sbytes})  # fmt: skip
-                        line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {'on' if pdl else 'off':>3} "
-                                f"{ttft:9.2f} {ttft_graph:9.2f} {tpot:8.3f} "
-                                f"{floor:8.3f} {tpot / floor:10.2f} {peak / 2**30:8.2f}")  # fmt: skip
-                        lines.append(line)
-                        print(line, flush=True)
-                    quamba_kernels.set_programmatic_launch(True)
+                # The decode steps this batch runs under --decode-kernel (FP16: its per-op step).
+                steps = {"per_op": "per_op"}
+                if kind == "w8a8":
+                    steps = {}
+                    for setting in decode_kernels:
+                        model.decode_kernel = setting
+                        steps.setdefault(model.decode_implementation(batch), setting)
+                for step_name, setting in steps.items():
+                    if kind == "w8a8":
+                        model.decode_kernel = setting
+                    for prompt in prompts:
+                        for pdl in launch_modes:
+                            quamba_kernels.set_programmatic_launch(pdl)
+                            ttft, ttft_graph, tpot, peak, sbytes = measure(
+                                runner, batch, prompt, args.new_tokens, args.reps, cfg.vocab_size
+                            )
+                            peak -= baseline
+                            floor = decode_floor_ms(weights, sbytes, bandwidth)
+                            timed = (ttft, tpot, peak, ttft_graph)
+                            got[kind, step_name, batch, prompt, pdl] = timed
+                            rows.append({"model": size, "batch": batch, "prompt": prompt,
+                                         "kind": kind, "decode": step_name,
+                                         "programmatic_launch": pdl, "ttft_ms": ttft,
+                                         "ttft_graph_ms": ttft_graph, "tpot_ms": tpot,
+                                         "floor_ms": floor, "peak_GiB": peak / 2**30,
+                                         "weight_bytes": weights, "state_bytes": sbytes})  # fmt: skip
+                            line = (f"{size:6} {batch:3d} {prompt:6d} {kind:5} {step_name:10} "
+                                    f"{'on' if pdl else 'off':>3} {ttft:9.2f} {ttft_graph:9.2f} "
+                                    f"{tpot:8.3f} {floor:8.3f} {tpot / floor:10.2f} "
+                                    f"{peak / 2**30:8.2f}")  # fmt: skip
+                            lines.append(line)
+                            print(line, flush=True)
+                        quamba_kernels.set_programmatic_launch(True)
             if args.profile and size == args.sizes.split(",")[-1]:
                 profile_steps(runner, batches[0], prompts[0], cfg.vocab_size)
             del model, runner
@@ -325,18 +350,25 @@ def main() -> int:
         for batch in batches:
             for prompt in prompts:
                 for pdl in launch_modes:
-                    f, q = got["fp16", batch, prompt, pdl], got["w8a8", batch, prompt, pdl]
-                    ratio = (f"{size:6} {batch:3d} {prompt:6d} PDL {'on' if pdl else 'off':3} "
-                             f"W8A8 vs FP16: prefill {f[0] / q[0]:.2f}x (graphed {f[3] / q[3]:.2f}x), "
-                             f"decode {f[1] / q[1]:.2f}x, peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
-                    lines.append(ratio)
-                    print(ratio, flush=True)
+                    f = got["fp16", "per_op", batch, prompt, pdl]
+                    for step_name in ("persistent", "per_op"):
+                        q = got.get(("w8a8", step_name, batch, prompt, pdl))
+                        if q is None:
+                            continue
+                        ratio = (f"{size:6} {batch:3d} {prompt:6d} PDL {'on' if pdl else 'off':3} "
+                                 f"W8A8 ({step_name} decode) vs FP16: prefill {f[0] / q[0]:.2f}x "
+                                 f"(graphed {f[3] / q[3]:.2f}x), decode {f[1] / q[1]:.2f}x, "
+                                 f"peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
+                        lines.append(ratio)
+                        print(ratio, flush=True)
                 if len(launch_modes) == 2:
-                    for kind in ("fp16", "w8a8"):
-                        on, off = got[kind, batch, prompt, True], got[kind, batch, prompt, False]
-                        effect = (f"{size:6} {batch:3d} {prompt:6d} {kind} PDL on vs off: TPOT "
-                                  f"{off[1] / on[1]:.2f}x faster, graphed prefill "
-                                  f"{off[3] / on[3]:.2f}x")  # fmt: skip
+                    measured = dict.fromkeys(k[:2] for k in got if k[2:4] == (batch, prompt))
+                    for kind, step_name in measured:
+                        on = got[kind, step_name, batch, prompt, True]
+                        off = got[kind, step_name, batch, prompt, False]
+                        effect = (f"{size:6} {batch:3d} {prompt:6d} {kind} ({step_name} decode) "
+                                  f"PDL on vs off: TPOT {off[1] / on[1]:.2f}x faster, graphed "
+                                  f"prefill {off[3] / on[3]:.2f}x")  # fmt: skip
                         lines.append(effect)
                         print(effect, flush=True)
     print("\n" + header)

@@ -10,7 +10,7 @@ instrumentation), scaled to that kernel's time per layer. Writes
 $OUT/persistent_decode.json (or --json).
 
 Usage: python3 tools/bench/persistent_decode.py [--sizes 2.8b,1.4b,130m] [--prompt 1024]
-       [--inflight 3] [--json PATH]
+       [--inflight 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # beside this file; it puts the packages on sys.path
 from bench_kernels import copy_bandwidth, write_result
 
-from quamba_kernels.decode import PHASES
+from quamba_kernels.decode import INFLIGHT_DEFAULT, PHASES
 from quamba_layers.config import MambaConfig
 from quamba_layers.cuda_graph import GraphedStep
 
@@ -96,7 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2.8b,1.4b,130m")
     parser.add_argument("--prompt", type=int, default=1024)
-    parser.add_argument("--inflight", type=int, default=3)
+    parser.add_argument("--inflight", type=int, default=INFLIGHT_DEFAULT)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -61,34 +61,38 @@ def e2e_table(data: dict) -> str:
         f"Device: {data['device']}, copy bandwidth {data['copy_GBps']:.0f} GB/s, torch "
         f"{data.get('torch', '?')}, {data['new_tokens']} new tokens.",
         data,
-        ["model", "batch", "prompt", "kind", "PDL", "TTFT ms", "TTFT graphed ms", "TPOT ms",
-         "floor ms", "TPOT / floor", "peak GiB"],
+        ["model", "batch", "prompt", "kind", "decode", "PDL", "TTFT ms", "TTFT graphed ms",
+         "TPOT ms", "floor ms", "TPOT / floor", "peak GiB"],
     )  # fmt: skip
     # Rows of full measurements (e2e.py --l2-prefetch rows carry a TPOT only; older files have
-    # no programmatic_launch field: their launches were ordinary).
+    # no programmatic_launch field: their launches were ordinary; none before session 23 has a
+    # decode field: the W8A8 step was the per-op one).
     rows = [r for r in data["rows"] if "ttft_ms" in r]
     for r in rows:
         pdl = _pdl(r)
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | {pdl} | "
+            f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['kind']} | "
+            f"{r.get('decode', '-')} | {pdl} | "
             f"{r['ttft_ms']:.2f} | "
             f"{r.get('ttft_graph_ms', float('nan')):.2f} | {r['tpot_ms']:.3f} | "
             f"{r['floor_ms']:.3f} | {r['tpot_ms'] / r['floor_ms']:.2f} | {r['peak_GiB']:.2f} |"
         )
     lines += [
         "",
-        "| model | batch | prompt | PDL | prefill speed-up | (graphed) | decode speed-up | "
-        "peak memory |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | prompt | W8A8 decode | PDL | prefill speed-up | (graphed) | "
+        "decode speed-up | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    by_key = {(r["model"], r["batch"], r["prompt"], _pdl(r), r["kind"]): r for r in rows}
-    for (model, batch, prompt, pdl, kind), q in by_key.items():
-        f = by_key.get((model, batch, prompt, pdl, "fp16"))
-        if kind != "w8a8" or f is None:
+    fp16 = {(r["model"], r["batch"], r["prompt"], _pdl(r)): r for r in rows if r["kind"] == "fp16"}
+    for q in rows:
+        model, batch, prompt, pdl = q["model"], q["batch"], q["prompt"], _pdl(q)
+        f = fp16.get((model, batch, prompt, pdl))
+        if q["kind"] != "w8a8" or f is None:
             continue
         graphed = f.get("ttft_graph_ms", float("nan")) / q.get("ttft_graph_ms", float("nan"))
         lines.append(
-            f"| {model} | {batch} | {prompt} | {pdl} | {f['ttft_ms'] / q['ttft_ms']:.2f}x | "
+            f"| {model} | {batch} | {prompt} | {q.get('decode', '-')} | {pdl} | "
+            f"{f['ttft_ms'] / q['ttft_ms']:.2f}x | "
             f"{graphed:.2f}x | {f['tpot_ms'] / q['tpot_ms']:.2f}x | "
             f"{q['peak_GiB'] / f['peak_GiB']:.2f}x |"
         )

@@ -545,6 +545,8 @@ def test_decode_kernel_counts_and_options():
         W8A8DecodeKernel([_decode_layer()], [])
     with pytest.raises(ValueError, match=r"inflight must be an int in 1\.\.16"):
         W8A8DecodeKernel([_decode_layer()], [_decode_state()], inflight=0)
+    with pytest.raises(TypeError, match="x_slab_cache must be a dict or None, got list"):
+        W8A8DecodeKernel([_decode_layer()], [_decode_state()], x_slab_cache=[])
     # d_inner = 1000 is no m * 2^k: the Hadamard size is refused by name.
     with pytest.raises(ValueError, match="unsupported Hadamard size 1000"):
         W8A8DecodeKernel([_decode_layer(e=1000)], [_decode_state(e=1000)])
@@ -575,6 +577,24 @@ def test_decode_x_slabs_sum_to_x_proj(d_inner, rows, blocks):
         codes[: c1 - c0] = u[c0:c1]
         total += slabs[b].long() @ codes.long()
     assert torch.equal(total, w_x.long() @ u.long())
+
+
+def test_cached_x_slabs_share_one_copy_until_the_weight_changes():
+    """Kernel objects built for one model share its x slabs; an in-place write to w_x, another
+    tensor (even an equal one) or another block count gets a new slab, built from what w_x holds."""
+    from quamba_kernels.decode import cached_x_slabs, x_slabs
+
+    cache, w_x = {}, _i8(48, 512)
+    first = cached_x_slabs(cache, w_x, 7, 80)
+    assert torch.equal(first, x_slabs(w_x, 7, 80))
+    assert cached_x_slabs(cache, w_x, 7, 80) is first
+    twin = w_x.clone()
+    assert cached_x_slabs(cache, twin, 7, 80) is not first and len(cache) == 2
+    assert cached_x_slabs(cache, w_x, 5, 112).shape == (5, 48, 112)
+    w_x[3, 100] = -w_x[3, 100] - 1  # an in-place write: the slab must follow it
+    changed = cached_x_slabs(cache, w_x, 7, 80)
+    assert torch.equal(changed, x_slabs(w_x, 7, 80)) and not torch.equal(changed, first)
+    assert cached_x_slabs(cache, w_x, 7, 80) is changed
 
 
 def test_quantize_int8_per_sequence_checks():

@@ -292,9 +292,10 @@ def test_graph_decoding_needs_a_cuda_model_and_says_why(model_and_quantized):
     assert torch.equal(qmodel.generate(prompt, 3, cuda_graph=False), qmodel.generate(prompt, 3))
 
 
-def test_persistent_decode_is_opt_in_and_says_why_not(model_and_quantized):
+def test_persistent_decode_is_the_default_and_says_why_not(model_and_quantized):
     _, qmodel = model_and_quantized
-    assert qmodel.decode_kernel == "per_op" and qmodel.decode_implementation(1) == "per_op"
+    assert qmodel.decode_kernel == "auto"  # the default: the persistent kernel where it can run
+    assert qmodel.decode_implementation(1) == "per_op"  # ... which is not on a CPU
     supported, reason = qmodel.persistent_decode_supported(1)
     assert not supported and "CUDA" in reason  # a CPU model
     with pytest.raises(TypeError):  # the class-wide default cannot be changed by accident
@@ -303,13 +304,13 @@ def test_persistent_decode_is_opt_in_and_says_why_not(model_and_quantized):
     try:
         with pytest.raises(ValueError, match='decode_kernel must be "auto" or "per_op"'):
             qmodel.decode_implementation(1)
-        qmodel.decode_kernel = "auto"  # opted in, not possible here: the per-op step runs
+        qmodel.decode_kernel = "per_op"
         assert qmodel.decode_implementation(1) == "per_op"
         prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(11))
-        opted_in = qmodel.generate(prompt, 3)
+        per_op = qmodel.generate(prompt, 3)
     finally:
-        qmodel.decode_kernel = "per_op"
-    assert torch.equal(opted_in, qmodel.generate(prompt, 3))
+        qmodel.decode_kernel = "auto"
+    assert torch.equal(per_op, qmodel.generate(prompt, 3))
 
 
 def test_reference_backend_seq_last_layout_is_the_transpose(model_and_quantized):

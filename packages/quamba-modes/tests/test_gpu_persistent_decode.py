@@ -71,12 +71,10 @@ def test_persistent_decode_in_a_cuda_graph_generates_the_per_op_tokens():
     assert torch.equal(graphed, per_op) and torch.equal(eager, per_op)
 
 
-def test_persistent_decode_is_opt_in_follows_changed_scales_and_refuses_batches():
+def test_persistent_decode_is_the_default_follows_changed_scales_and_refuses_batches():
     qmodel = mode0_model(256, 2, seed=7)
     prompt = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5)).cuda()
-    assert qmodel.decode_implementation(1) == "per_op"  # the default
-    qmodel.decode_kernel = "auto"
-    assert qmodel.decode_implementation(1) == "persistent"
+    assert qmodel.decode_implementation(1) == "persistent"  # the default
     assert qmodel.decode_implementation(2) == "per_op"
     assert qmodel.persistent_decode_supported(2) == (
         False, "the persistent decode kernel takes batch 1, got 2"
@@ -124,3 +122,30 @@ def test_persistent_decode_follows_changed_options_and_timing_keeps_the_bits():
     assert bool((cycles > 0).all())  # every block timed every phase
     timed_logits, _ = qmodel.step(nxt, timed_state)
     assert torch.equal(timed_logits, plain_logits)  # the instrumentation changes no bits
+
+
+def test_persistent_decode_states_share_x_slabs_and_follow_an_in_place_weight_change():
+    qmodel = mode0_model(768, 2, seed=13)
+    prompt = torch.randint(0, VOCAB, (1, 19), generator=torch.Generator().manual_seed(7)).cuda()
+    _, state = qmodel.prefill(prompt)
+    nxt = prompt[:, -1]
+    first_state, second_state = clone(state), clone(state)
+    qmodel.step(nxt, first_state)
+    qmodel.step(nxt, second_state)
+    first = first_state[0][0]._quamba_decode_kernel
+    second = second_state[0][0]._quamba_decode_kernel
+    assert first is not second  # one kernel object per decode state ...
+    assert all(a is b for a, b in zip(first.x_slabs, second.x_slabs))  # ... one slab per model
+    # An in-place write to x_proj's weight (the kernel's only copied weight): rebuilt slabs,
+    # the same bits as the per-op step on the changed weight.
+    weight = qmodel.mixers[1].x_proj_weight
+    weight[:, ::3] = weight[:, ::3].flip(0)
+    per_op_state, kernel_state = clone(state), clone(state)
+    logits, kernel_state = qmodel.step(nxt, kernel_state)
+    rebuilt = kernel_state[0][0]._quamba_decode_kernel
+    assert rebuilt.x_slabs[0] is first.x_slabs[0] and rebuilt.x_slabs[1] is not first.x_slabs[1]
+    qmodel.decode_kernel = "per_op"
+    expected, per_op_state = qmodel.step(nxt, per_op_state)
+    assert torch.equal(logits, expected)
+    for a, b in zip(kernel_state, per_op_state):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

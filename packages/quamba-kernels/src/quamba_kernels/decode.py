@@ -33,7 +33,7 @@ from quamba_kernels._torch import (
 )
 
 __all__ = ["LAYER_SCALES", "LAYER_TENSORS", "ROUNDING_SITES", "W8A8DecodeKernel", "block_channels",
-           "decode_w8a8_supported", "x_slabs"]  # fmt: skip
+           "cached_x_slabs", "decode_w8a8_supported", "x_slabs"]  # fmt: skip
 
 # What each layer gives: tensors (conv_b, D and dt_bias may be None), scales (Python floats) and
 # the rounding rule of each INT8 site.
@@ -42,7 +42,9 @@ LAYER_TENSORS = ("norm_w", "w_in", "conv_w", "conv_b", "w_x", "w_dt", "A_log", "
 LAYER_SCALES = ("eps", "s_in", "s_w_in", "s_xz", "s_w_conv", "s_b_conv", "s_u", "s_w_x", "s_xo",
                 "s_w_dt", "s_dt", "s_A", "s_D", "s_dtb", "s_h", "s_had", "s_w_out")  # fmt: skip
 ROUNDING_SITES = ("norm", "gemm", "conv", "ssm_state", "hadamard")
-INFLIGHT_DEFAULT = 3  # bulk weight copies in flight per SM (~30 KB: the probe's rule)
+# Bulk weight copies in flight per SM (~20 KB): 2 measured 1-3% faster than 3 at every size
+# (session 23, benchmarks/README.md "Persistent decode kernel").
+INFLIGHT_DEFAULT = 2
 # The phases DecodeArgs::timing reports, in the kernel's order (per layer).
 PHASES = ("wait for the norm input", "norm", "in_proj", "conv", "x_proj parts",
           "wait for x_proj sums", "dt_proj", "scan step", "wait for y", "butterflies",
@@ -103,6 +105,22 @@ def x_slabs(w_x, blocks: int, columns: int):
     return gathered.masked_fill(~valid.unsqueeze(0), 0).permute(1, 0, 2).contiguous()
 
 
+def cached_x_slabs(cache: dict, w_x, blocks: int, columns: int):
+    """:func:`x_slabs` of ``w_x``, kept in ``cache`` (a dict the caller owns, e.g. one per model)
+    so that every kernel object built for the same weights shares one copy. An entry serves only
+    the same tensor object with the same storage, unchanged since (``w_x._version`` counts
+    in-place writes; writes through ``w_x.data`` bypass it), for the same ``blocks`` and
+    ``columns``; anything else builds a new slab."""
+    signature = (w_x.data_ptr(), w_x._version, blocks, columns)
+    entry = cache.get(id(w_x))
+    if entry is not None and entry[0] is w_x and entry[1] == signature:
+        return entry[2]
+    slabs = x_slabs(w_x, blocks, columns)
+    # The entry holds w_x itself, so that its id cannot pass to another tensor meanwhile.
+    cache[id(w_x)] = (w_x, signature, slabs)
+    return slabs
+
+
 def _shape_reason(d_model: int, d_inner: int, dt_rank: int, d_state: int, m: int) -> str:
     if d_model % 16 or d_inner % 16 or dt_rank % 16:
         return "d_model, d_inner and dt_rank must be multiples of 16"
@@ -125,15 +143,18 @@ class W8A8DecodeKernel:
     ``roundings`` (a mapping site -> "half_away" / "half_even" for ``ROUNDING_SITES``).
     ``states``: per layer (conv_state (1, E, 3), ssm_state (1, E, N)) int8, updated in place by
     each call. The tensors are referenced, not copied, except w_x, which is copied into the
-    kernel's layout (:func:`x_slabs`: the columns of each SM's channels, about w_x's size again):
-    weights and scales must not change; build a new object after changing them.
+    kernel's layout (:func:`x_slabs`: the columns of each SM's channels, about w_x's size again;
+    pass the same dict as ``x_slab_cache`` to every object built for one set of weights and they
+    share those copies, see :func:`cached_x_slabs`): weights and scales must not change; build a
+    new object after changing them.
     Calling it with the token's embedding (1, D) float16 returns (hidden (1, D) float16, the last
     layer's out_proj output; residual (1, D) float32), static buffers overwritten by the next call:
     the final norm's input is ``hidden.float() + residual``, as in the per-op step.
     """
 
     def __init__(self, layers: Sequence[Mapping], states: Sequence[Sequence], *,
-                 inflight: int = INFLIGHT_DEFAULT, timing: bool = False) -> None:  # fmt: skip
+                 inflight: int = INFLIGHT_DEFAULT, timing: bool = False,
+                 x_slab_cache: dict | None = None) -> None:  # fmt: skip
         import torch
 
         from quamba_kernels.hadamard import hadamard_factors
@@ -145,6 +166,10 @@ class W8A8DecodeKernel:
             )
         if isinstance(inflight, bool) or not isinstance(inflight, int) or not 1 <= inflight <= 16:
             raise ValueError(f"inflight must be an int in 1..16, got {inflight!r}")
+        if x_slab_cache is not None and not isinstance(x_slab_cache, dict):
+            raise TypeError(
+                f"x_slab_cache must be a dict or None, got {type(x_slab_cache).__name__}"
+            )
         first = layers[0]
         check_tensor("w_in", first["w_in"], torch.int8, ndim=2)
         check_tensor("A_log", first["A_log"], torch.int8, ndim=2)
@@ -232,12 +257,13 @@ class W8A8DecodeKernel:
         columns = module.decode_w8a8_x_slab_columns(d_inner, blocks)
         per_layer = len(pointers) // len(layers)
         w_x_pointer = (*LAYER_TENSORS, "conv_state", "ssm_state").index("w_x")
-        for index, layer in enumerate(layers):
-            slabs = x_slabs(layer["w_x"], blocks, columns)
-            tensors.append(slabs)
+        cache = {} if x_slab_cache is None else x_slab_cache
+        self.x_slabs = [cached_x_slabs(cache, layer["w_x"], blocks, columns) for layer in layers]
+        for index, slabs in enumerate(self.x_slabs):
             pointers[index * per_layer + w_x_pointer] = slabs.data_ptr()
         packed = module.decode_w8a8_pack(pointers, scalars, roundings)
-        self._tensors = tensors  # the kernel reads them through raw pointers: keep them alive
+        # The kernel reads these and self.x_slabs through raw pointers: keep them alive.
+        self._tensors = tensors
         self._layers = torch.frombuffer(bytearray(packed), dtype=torch.int8).to(device)
         words = module.decode_w8a8_exchange_words(d_model, d_inner, dt_rank, d_state, len(layers))
         self._exchange = torch.zeros(8 * words, dtype=torch.int8, device=device)

@@ -571,9 +571,9 @@ class QuantizedMambaLM(nn.Module):
     def step(self, token_ids: torch.Tensor, state: list):
         """One token per sequence (B,) -> logits (B, V) and the new state (INT8 conv/SSM).
 
-        With ``decode_kernel = "auto"`` and ``persistent_decode_supported``, the layers run as one
-        persistent kernel (quamba_kernels.W8A8DecodeKernel: batch 1, Mode 0's datapath, compute
-        capability 9.0+), otherwise (and by default) as the per-op kernels; both give the same
+        With ``decode_kernel = "auto"`` (the default) and ``persistent_decode_supported``, the
+        layers run as one persistent kernel (quamba_kernels.W8A8DecodeKernel: batch 1, Mode 0's
+        datapath, compute capability 9.0+), otherwise as the per-op kernels; both give the same
         bits."""
         kernel = self._persistent_decode(token_ids, state)
         if kernel is not None:
@@ -596,13 +596,13 @@ class QuantizedMambaLM(nn.Module):
         self.mixers[0].backend.check_deferred()  # no-op (no host read) when nothing was flagged
         return logits, new_state
 
-    #: How a CUDA decode step runs: "per_op" (the default: a kernel per op, ~7 per layer) or
-    #: "auto" (opt-in: the persistent decode kernel wherever ``persistent_decode_supported``
-    #: allows it, else the per-op kernels). Both give the same bits; the persistent kernel is
-    #: faster (2.8B batch 1 on an H100: 1.70 against 1.87 ms per token; benchmarks/README.md,
-    #: "Persistent decode kernel") but keeps a copy of x_proj's weight per decode state, hence
-    #: opt-in.
-    decode_kernel: str = "per_op"
+    #: How a CUDA decode step runs: "auto" (the default: the persistent decode kernel wherever
+    #: ``persistent_decode_supported`` allows it, else the per-op kernels) or "per_op" (a kernel
+    #: per op, ~7 per layer). Both give the same bits; the persistent kernel is faster (2.8B
+    #: batch 1 on an H100: 1.70 against 1.87 ms per token; benchmarks/README.md, "Persistent
+    #: decode kernel") and keeps one copy of x_proj's weight in its layout per model (~78 MB at
+    #: 2.8B), built on the first persistent step.
+    decode_kernel: str = "auto"
     #: Keyword arguments for quamba_kernels.W8A8DecodeKernel (``inflight``, ``timing``): assign a
     #: dict to set them for this model (the shared default is read-only).
     decode_kernel_options: Mapping = MappingProxyType({})
@@ -660,6 +660,7 @@ class QuantizedMambaLM(nn.Module):
         key = (
             [t.data_ptr() for layer in state for t in layer],
             [t.data_ptr() for t in weights],
+            [mixer.x_proj_weight._version for mixer in mixers],  # the kernel copies x_proj's weight
         )
         holder = state[0][0]
         kernel = getattr(holder, "_quamba_decode_kernel", None)
@@ -682,7 +683,13 @@ class QuantizedMambaLM(nn.Module):
                 "D": mixer.D, "dt_bias": mixer.dt_bias, "w_out": mixer.out_proj_weight,
                 "eps": block.norm.eps, "roundings": roundings, **s,
             })  # fmt: skip
-        kernel = W8A8DecodeKernel(layers, state, **options)
+        # One copy of x_proj's weight in the kernel's layout per model, shared by every decode
+        # state's kernel; entries of weights the model no longer has are dropped.
+        slab_cache = self.__dict__.setdefault("_decode_x_slabs", {})
+        live = {id(mixer.x_proj_weight) for mixer in mixers}
+        for stale in [k for k in slab_cache if k not in live]:
+            del slab_cache[stale]
+        kernel = W8A8DecodeKernel(layers, state, **options, x_slab_cache=slab_cache)
         kernel.owner, kernel.key, kernel.datapath, kernel.scales = self, key, self.datapath, scales
         kernel.options = options
         holder._quamba_decode_kernel = kernel

@@ -38,10 +38,12 @@
 // and the next norm weight are copied into shared memory with cp.async ahead of their phase.
 // Code size matters: every layer runs the whole kernel body once, so its code must fit the SM's
 // instruction cache (see warp_dot_rows; a kernel per Hadamard base m for the same reason).
-// Status (session 22, H100): faster than the per-op kernels at every size measured (2.8B batch
-// 1: 1.70 against 1.87 ms per token; 1.4b 1.11 / 1.16; 130m 0.37 / 0.37), 1.7x its floor at
+// Status (session 23, H100): faster than the per-op kernels at every size measured (2.8B batch
+// 1: 1.45 against 1.87 ms per token; 1.4b 0.95 / 1.16; 130m 0.34 / 0.37), 1.47x its floor at
 // 2.8B (target 1.3x). DecodeArgs::timing measures each phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 #include "decode_w8a8.h"
@@ -67,7 +69,7 @@ constexpr int kSumStride = 16;
 // Dynamic shared memory: byte offsets after the ring.
 struct SmemPlan {
   int64_t resid, hidden, xn, act, hbuf, xp, xcode, zcode, ucode, dtcode, y16, out16, conv_w,
-      conv_state, conv_b, A_log, ssm_state, D, dt_bias, gate, skip, total;
+      conv_state, conv_b, A_log, ssm_state, D, dt_bias, gate, skip, delta, total;
 };
 
 // Channels of a block at most (decode_x_slab_columns: rounded up to 16).
@@ -103,6 +105,7 @@ __host__ __device__ inline SmemPlan smem_plan(int64_t D, int64_t E, int64_t XR, 
   // The scan step's per-channel gate and skip term (float32), formed in the conv phase.
   p.gate = off;       off = align16(off + 4 * maxc);
   p.skip = off;       off = align16(off + 4 * maxc);
+  p.delta = off;      off = align16(off + 4 * maxc);
   p.total = off;
   return p;
 }
@@ -276,7 +279,8 @@ __device__ __forceinline__ void row_epilogue(int acc, int64_t row, void* out, fl
                                              float out_scale, float inv, bool inv_ok, int rule) {
   const float v = __fmul_rn(__int2float_rn(acc), scale);
   if (out_scale > 0.0f) {
-    static_cast<int8_t*>(out)[row] = q8_fast(v, out_scale, inv, inv_ok, static_cast<Rounding>(rule));
+    static_cast<int8_t*>(out)[row] =
+        q8_fast(v, out_scale, inv, inv_ok, static_cast<Rounding>(rule));
   } else {
     static_cast<__half*>(out)[row] = __float2half_rn(v);
   }
@@ -424,44 +428,36 @@ __device__ __forceinline__ uint2 pack8(const int8_t (&c)[8]) {
 // ((H[i,0] v[p] + H[i,1] v[P + p]) + ...) in column order, times scale, Q8; H is Paley I
 // (quamba_kernels.hadamard.base_matrix) as compile-time signs, so each product by +-1 is the exact
 // +-v and each step one add or subtract (the reference's operations, no loads of H). A thread
-// takes one position p of all m sub-vectors: m loads, then the m sums, four at a time.
+// takes one position p of all m sub-vectors: m loads, the m sums side by side, then their codes.
 template <int M>
 __device__ __forceinline__ void hadamard_mix(const float* v, int8_t* out, int P,
                                              float scale, float out_scale, Rounding rule, int ct) {
   const float inv = __frcp_rn(out_scale);
   const bool inv_ok = reciprocal_ok(inv);
   for (int p = ct; p < P; p += kConsumers) {
-    float col[M];
+    float col[M], acc[M];
 #pragma unroll
     for (int j = 0; j < M; ++j) col[j] = v[j * P + p];
-    static_assert(M % 4 == 0, "M: 12 or 20");
 #pragma unroll
-    for (int i0 = 0; i0 < M; i0 += 4) {
-      float acc[4];
+    for (int i = 0; i < M; ++i) acc[i] = paley_entry<M>(i, 0) > 0 ? col[0] : -col[0];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = paley_entry<M>(i0 + i, 0) > 0 ? col[0] : -col[0];
+    for (int j = 1; j < M; ++j) {
 #pragma unroll
-      for (int j = 1; j < M; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[i] = paley_entry<M>(i0 + i, j) > 0 ? __fadd_rn(acc[i], col[j])
-                                                 : __fsub_rn(acc[i], col[j]);
-        }
+      for (int i = 0; i < M; ++i) {
+        acc[i] = paley_entry<M>(i, j) > 0 ? __fadd_rn(acc[i], col[j]) : __fsub_rn(acc[i], col[j]);
       }
-      float scaled[4];
-      int8_t codes[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) scaled[i] = __fmul_rn(acc[i], scale);
-      q8_fast_group<4>(scaled, codes, out_scale, inv, inv_ok, rule);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[(i0 + i) * P + p] = codes[i];
     }
+#pragma unroll
+    for (int i = 0; i < M; ++i) acc[i] = __fmul_rn(acc[i], scale);
+    int8_t codes[M];
+    q8_fast_group<M>(acc, codes, out_scale, inv, inv_ok, rule);
+#pragma unroll
+    for (int i = 0; i < M; ++i) out[i * P + p] = codes[i];
   }
 }
 
 __device__ __noinline__ float silu_call(float v) { return silu_exact(v); }
 __device__ __noinline__ float softplus_call(float v) { return softplus_exact(v); }
-__device__ __noinline__ float exp_call(float v) { return expf(v); }
 
 
 #endif  // __CUDA_ARCH__ >= 900
@@ -572,6 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
   int8_t* s_dt_bias = reinterpret_cast<int8_t*>(smem + sp.dt_bias);
   float* gate = reinterpret_cast<float*>(smem + sp.gate);
   float* skip = reinterpret_cast<float*>(smem + sp.skip);
+  float* delta = reinterpret_cast<float*>(smem + sp.delta);
   // The norm weight of the next layer lands in hbuf (free between the Hadamard and the next
   // norm; D <= E): copied in at the start and after each layer's Hadamard.
   const float* norm_w = hbuf;
@@ -801,42 +798,75 @@ __global__ void __launch_bounds__(kThreads, 1) decode_w8a8_kernel(DecodeArgs a) 
     mark(6);
 
     // G: scan step (selective_scan_step_kernel's arithmetic; 16 lanes per channel, one state
-    // each: the same pairwise tree), the INT8 state requantized in place.
+    // each: the same pairwise tree), the INT8 state requantized in place. Each channel's delta
+    // (softplus) first, once per channel; then a thread's channels (16 apart) kScanItems at a
+    // time, their chains of dependent operations side by side (exp inline: a call between them
+    // would keep them apart).
+    for (int64_t lc = ct; lc < nc; lc += kConsumers) {
+      float d = __fmul_rn(static_cast<float>(dtcode[lc]), L.s_dt);
+      if (L.dt_bias != nullptr) {
+        d = __fadd_rn(d, __fmul_rn(static_cast<float>(s_dt_bias[lc]), L.s_dtb));
+      }
+      delta[lc] = softplus_call(d);
+    }
+    consumers_sync();
     {
+      constexpr int kPerRound = kConsumers / 16;  // channels of one item index
       const int n = ct % 16;
-      for (int64_t base = 0; base < nc; base += kConsumers / 16) {
-        const int64_t lc = base + ct / 16, c = c0 + lc;
-        const bool ok = lc < nc && n < N;
-        float p = 0.0f;
-        if (ok) {
-          const float u = __fmul_rn(static_cast<float>(ucode[lc]), L.s_u);
-          float d = __fmul_rn(static_cast<float>(dtcode[lc]), L.s_dt);
-          if (L.dt_bias != nullptr) {
-            d = __fadd_rn(d, __fmul_rn(static_cast<float>(s_dt_bias[lc]), L.s_dtb));
-          }
-          d = softplus_call(d);
-          const float A = -exp_call(__fmul_rn(static_cast<float>(s_A_log[lc * N + n]), L.s_A));
-          const float h_old = __fmul_rn(static_cast<float>(s_ssm_state[lc * N + n]), L.s_h);
-          const float Bn = __fmul_rn(static_cast<float>(xp[R + n]), L.s_xo);
-          const float Cn = __fmul_rn(static_cast<float>(xp[R + N + n]), L.s_xo);
-          const float dA = exp_call(__fmul_rn(d, A));
-          const float dBu = __fmul_rn(__fmul_rn(d, Bn), u);
-          const float h = __fadd_rn(__fmul_rn(dA, h_old), dBu);
-          p = __fmul_rn(h, Cn);
-          const float inv_h = __frcp_rn(L.s_h);
-          L.ssm_state[c * N + n] =
-              q8_fast(h, L.s_h, inv_h, reciprocal_ok(inv_h), static_cast<Rounding>(L.round_state));
-        }
-        float y = p;
+      const float inv_h = __frcp_rn(L.s_h);
+      const bool inv_h_ok = reciprocal_ok(inv_h);
+      const float Bn = __fmul_rn(static_cast<float>(xp[R + n]), L.s_xo);
+      const float Cn = __fmul_rn(static_cast<float>(xp[R + N + n]), L.s_xo);
+      const auto scan_items = [&](auto items) {
+        constexpr int kScanItems = decltype(items)::value;
+        // The loop is the same for every thread (the shuffles need whole warps).
+        for (int64_t base = 0; base < nc; base += kScanItems * kPerRound) {
+          float h[kScanItems], y[kScanItems];
 #pragma unroll
-        for (int dist = 8; dist >= 1; dist /= 2) {
-          y = __fadd_rn(y, __shfl_xor_sync(0xffffffffu, y, dist));
+          for (int k = 0; k < kScanItems; ++k) {
+            const int64_t lc = base + k * kPerRound + ct / 16;
+            h[k] = 0.0f, y[k] = 0.0f;
+            if (lc < nc) {
+              const float u = __fmul_rn(static_cast<float>(ucode[lc]), L.s_u);
+              const float d = delta[lc];
+              const float A = -expf(__fmul_rn(static_cast<float>(s_A_log[lc * N + n]), L.s_A));
+              const float h_old = __fmul_rn(static_cast<float>(s_ssm_state[lc * N + n]), L.s_h);
+              const float dA = expf(__fmul_rn(d, A));
+              const float dBu = __fmul_rn(__fmul_rn(d, Bn), u);
+              h[k] = __fadd_rn(__fmul_rn(dA, h_old), dBu);
+              y[k] = __fmul_rn(h[k], Cn);
+            }
+          }
+          int8_t codes[kScanItems];
+          q8_fast_group<kScanItems>(h, codes, L.s_h, inv_h, inv_h_ok,
+                                    static_cast<Rounding>(L.round_state));
+#pragma unroll
+          for (int dist = 8; dist >= 1; dist /= 2) {
+#pragma unroll
+            for (int k = 0; k < kScanItems; ++k) {
+              y[k] = __fadd_rn(y[k], __shfl_xor_sync(0xffffffffu, y[k], dist));
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < kScanItems; ++k) {
+            const int64_t lc = base + k * kPerRound + ct / 16;
+            if (lc < nc) {
+              L.ssm_state[(c0 + lc) * N + n] = codes[k];
+              if (n == 0) {
+                float yc = y[k];
+                if (L.D != nullptr) yc = __fadd_rn(yc, skip[lc]);
+                y16[lc] = __float2half_rn(__fmul_rn(yc, gate[lc]));
+              }
+            }
+          }
         }
-        if (ok && n == 0) {
-          if (L.D != nullptr) y = __fadd_rn(y, skip[lc]);
-          y = __fmul_rn(y, gate[lc]);
-          y16[lc] = __float2half_rn(y);
-        }
+      };
+      // One item per thread where one round covers the block's channels (130m): there the four
+      // items' empty slots only cost their shuffles.
+      if (nc <= kPerRound) {
+        scan_items(std::integral_constant<int, 1>{});
+      } else {
+        scan_items(std::integral_constant<int, 4>{});
       }
     }
     consumers_sync();

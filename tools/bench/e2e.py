@@ -290,6 +290,11 @@ def main() -> int:
               f"{'graphed':>9} {'TPOT ms':>8} "
               f"{'floor ms':>8} {'TPOT/floor':>10} {'peak GiB':>8}")  # fmt: skip
     rows, lines = [], []
+
+    def report(line: str) -> None:  # printed now, and again in the summary at the end
+        lines.append(line)
+        print(line, flush=True)
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = [int(p) for p in args.prompts.split(",")]
@@ -339,8 +344,7 @@ def main() -> int:
                                     f"{'on' if pdl else 'off':>3} {ttft:9.2f} {ttft_graph:9.2f} "
                                     f"{tpot:8.3f} {floor:8.3f} {tpot / floor:10.2f} "
                                     f"{peak / 2**30:8.2f}")  # fmt: skip
-                            lines.append(line)
-                            print(line, flush=True)
+                            report(line)
                         quamba_kernels.set_programmatic_launch(True)
             if args.profile and size == args.sizes.split(",")[-1]:
                 profile_steps(runner, batches[0], prompts[0], cfg.vocab_size)
@@ -359,8 +363,7 @@ def main() -> int:
                                  f"W8A8 ({step_name} decode) vs FP16: prefill {f[0] / q[0]:.2f}x "
                                  f"(graphed {f[3] / q[3]:.2f}x), decode {f[1] / q[1]:.2f}x, "
                                  f"peak memory {q[2] / f[2]:.2f}x")  # fmt: skip
-                        lines.append(ratio)
-                        print(ratio, flush=True)
+                        report(ratio)
                 if len(launch_modes) == 2:
                     measured = dict.fromkeys(k[:2] for k in got if k[2:4] == (batch, prompt))
                     for kind, step_name in measured:
@@ -369,8 +372,7 @@ def main() -> int:
                         effect = (f"{size:6} {batch:3d} {prompt:6d} {kind} ({step_name} decode) "
                                   f"PDL on vs off: TPOT {off[1] / on[1]:.2f}x faster, graphed "
                                   f"prefill {off[3] / on[3]:.2f}x")  # fmt: skip
-                        lines.append(effect)
-                        print(effect, flush=True)
+                        report(effect)
     print("\n" + header)
     print("\n".join(lines))
     payload = {"device": device, "copy_GBps": bandwidth / 1e9, "new_tokens": args.new_tokens,

@@ -599,7 +599,7 @@ class QuantizedMambaLM(nn.Module):
     #: How a CUDA decode step runs: "auto" (the default: the persistent decode kernel wherever
     #: ``persistent_decode_supported`` allows it, else the per-op kernels) or "per_op" (a kernel
     #: per op, ~7 per layer). Both give the same bits; the persistent kernel is faster (2.8B
-    #: batch 1 on an H100: 1.70 against 1.87 ms per token; benchmarks/README.md, "Persistent
+    #: batch 1 on an H100: 1.45 against 1.87 ms per token; benchmarks/README.md, "Persistent
     #: decode kernel") and keeps one copy of x_proj's weight in its layout per model (~78 MB at
     #: 2.8B), built on the first persistent step.
     decode_kernel: str = "auto"

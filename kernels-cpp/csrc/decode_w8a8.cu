@@ -39,7 +39,7 @@
 // Code size matters: every layer runs the whole kernel body once, so its code must fit the SM's
 // instruction cache (see warp_dot_rows; a kernel per Hadamard base m for the same reason).
 // Status (session 23, H100): faster than the per-op kernels at every size measured (2.8B batch
-// 1: 1.45 against 1.87 ms per token; 1.4b 0.95 / 1.16; 130m 0.34 / 0.37), 1.47x its floor at
+// 1: 1.45 against 1.87 ms per token; 1.4b 0.96 / 1.15; 130m 0.34 / 0.37), 1.5x its floor at
 // 2.8B (target 1.3x). DecodeArgs::timing measures each phase (tools/bench/persistent_decode.py).
 #include <cuda_fp16.h>
 

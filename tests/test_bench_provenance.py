@@ -110,6 +110,32 @@ def test_tables_name_the_sources(with_provenance):
         assert line.startswith("Sources: not recorded")
 
 
+def test_e2e_table_compares_each_decode_step_with_fp16():
+    """e2e.py --decode-kernel both: one W8A8 row per decode step, each against the FP16 row of
+    its configuration; rows of files from before the decode field show "-"."""
+
+    def row(kind, decode, tpot):
+        r = {"model": "2.8b", "batch": 1, "prompt": 1024, "kind": kind, "programmatic_launch": True,
+             "ttft_ms": 20.0, "ttft_graph_ms": 16.0, "tpot_ms": tpot, "floor_ms": 1.0,
+             "peak_GiB": 4.0}  # fmt: skip
+        if decode is not None:
+            r["decode"] = decode
+        return r
+
+    data = {"device": "GPU", "copy_GBps": 3000.0, "new_tokens": 16,
+            "rows": [row("fp16", "per_op", 4.5), row("w8a8", "persistent", 1.5),
+                     row("w8a8", "per_op", 1.8), row("w8a8", None, 2.25)]}  # fmt: skip
+    table = tables.e2e_table(data)
+    assert "| 2.8b | 1 | 1024 | w8a8 | persistent | on | 20.00 | 16.00 | 1.500 |" in table
+    lines = table.splitlines()
+    ratios = [line for line in lines if line.endswith("x |")]
+    assert ratios == [
+        "| 2.8b | 1 | 1024 | persistent | on | 1.00x | 1.00x | 3.00x | 1.00x |",
+        "| 2.8b | 1 | 1024 | per_op | on | 1.00x | 1.00x | 2.50x | 1.00x |",
+        "| 2.8b | 1 | 1024 | - | on | 1.00x | 1.00x | 2.00x | 1.00x |",
+    ]
+
+
 def test_probe_table_rows():
     row = {"model": "2.8b", "mode": "full", "sync": "tagged", "chain": 0, "inflight": 4,
            "us_per_layer": 16.5, "floor_us": 14.0, "wait_fraction": 0.16,

@@ -595,6 +595,11 @@ def test_cached_x_slabs_share_one_copy_until_the_weight_changes():
     changed = cached_x_slabs(cache, w_x, 7, 80)
     assert torch.equal(changed, x_slabs(w_x, 7, 80)) and not torch.equal(changed, first)
     assert cached_x_slabs(cache, w_x, 7, 80) is changed
+    with torch.inference_mode():  # no version counter: built every time, never kept
+        frozen = w_x.clone()
+    entries = len(cache)
+    assert torch.equal(cached_x_slabs(cache, frozen, 7, 80), x_slabs(w_x, 7, 80))
+    assert len(cache) == entries
 
 
 def test_quantize_int8_per_sequence_checks():

@@ -313,6 +313,23 @@ def test_persistent_decode_is_the_default_and_says_why_not(model_and_quantized):
     assert torch.equal(per_op, qmodel.generate(prompt, 3))
 
 
+def test_persistent_decode_refuses_inference_tensor_weights(model_and_quantized):
+    """The persistent kernel copies x_proj's weight and follows in-place writes by the version
+    counter; a model whose weight has none (made under inference_mode) keeps the per-op step."""
+    _, qmodel = model_and_quantized
+    mixer = qmodel.mixers[0]
+    weight = mixer.x_proj_weight
+    with torch.inference_mode():
+        frozen = weight.clone()
+    mixer.x_proj_weight = frozen
+    try:
+        supported, reason = qmodel.persistent_decode_supported(1)
+        assert not supported and "inference tensor" in reason
+        assert qmodel.decode_implementation(1) == "per_op"
+    finally:
+        mixer.x_proj_weight = weight
+
+
 def test_reference_backend_seq_last_layout_is_the_transpose(model_and_quantized):
     from quamba_layers.quant.backends import reference_backend
 

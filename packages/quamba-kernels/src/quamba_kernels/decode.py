@@ -110,7 +110,10 @@ def cached_x_slabs(cache: dict, w_x, blocks: int, columns: int):
     so that every kernel object built for the same weights shares one copy. An entry serves only
     the same tensor object with the same storage, unchanged since (``w_x._version`` counts
     in-place writes; writes through ``w_x.data`` bypass it), for the same ``blocks`` and
-    ``columns``; anything else builds a new slab."""
+    ``columns``; anything else builds a new slab, and so does every call for an inference tensor
+    (one made under ``torch.inference_mode`` has no version counter)."""
+    if w_x.is_inference():  # no version counter (made under torch.inference_mode): no reuse
+        return x_slabs(w_x, blocks, columns)
     signature = (w_x.data_ptr(), w_x._version, blocks, columns)
     entry = cache.get(id(w_x))
     if entry is not None and entry[0] is w_x and entry[1] == signature:

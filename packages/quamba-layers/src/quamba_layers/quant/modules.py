@@ -620,6 +620,14 @@ class QuantizedMambaLM(nn.Module):
     def persistent_decode_supported(self, batch: int = 1) -> tuple[bool, str]:
         """(whether this model can decode ``batch`` sequences with the persistent kernel, why
         not); ``decode_kernel = "auto"`` then uses it."""
+        if any(mixer.x_proj_weight.is_inference() for mixer in self.mixers):
+            # The kernel keeps a copy of x_proj's weight and follows in-place writes to it by its
+            # version counter, which inference tensors do not have.
+            return False, (
+                "x_proj's weight is an inference tensor (made under torch.inference_mode), whose "
+                "in-place writes the persistent decode kernel's copy of it cannot follow; build or "
+                "load the model outside inference_mode to use the kernel"
+            )
         graphable, reason = self.graph_decoding_supported()
         if not graphable:
             return False, reason
